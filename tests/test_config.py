@@ -1,0 +1,71 @@
+import pytest
+
+from fedtune import config
+from fedtune.errors import ConfigError
+
+
+def test_presets_load_and_roundtrip(tmp_path):
+    for name in ("demo-fedllm", "paper-fedllm"):
+        cfg = config.load(f"configs/{name}.toml")
+        p = tmp_path / f"{name}.toml"
+        p.write_text(config.to_toml(cfg))
+        assert config.load(p) == cfg
+
+
+def test_paper_preset_matches_the_paper():
+    cfg = config.load("configs/paper-fedllm.toml")
+    assert (cfg.model.name, cfg.model.lora_alpha, cfg.model.lora_dropout) == ("gpt2", 32.0, 0.1)
+    assert (cfg.model.max_length, cfg.train.lr, cfg.train.optimizer) == (80, 1e-3, "adam")
+    assert (cfg.data.public_size, cfg.data.num_clients, cfg.data.samples_per_client) == (5002, 3, 1667)
+    assert cfg.fed.rounds == 100
+
+
+def test_overrides_are_typed():
+    cfg = config.load(None, ["train.lr=5e-4", "seed=42", "model.target_modules=q_proj,v_proj",
+                             "progress=false", "model.lora_alpha=16"])
+    assert cfg.train.lr == 5e-4 and cfg.seed == 42 and cfg.progress is False
+    assert cfg.model.target_modules == ("q_proj", "v_proj")
+    assert cfg.model.lora_alpha == 16.0 and isinstance(cfg.model.lora_alpha, float)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("train.lrr=1", "unknown config key 'train.lrr'; valid keys here: train.optimizer"),
+        ("bogus=1", "unknown config key 'bogus'"),
+        ("train.batch_size=abc", "train.batch_size: expected an integer"),
+        ("train.batch_size=0", "train.batch_size: must be >= 1"),
+        ("fed.framework=nope", "fed.framework: 'nope' is not one of"),
+        ("model.lora_dropout=1.5", "model.lora_dropout: must be in [0, 1)"),
+        ("train=3", "config key train: expected a table"),
+        ("noequals", "is not of the form key=value"),
+    ],
+)
+def test_bad_input_gives_one_line_error(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        config.load(None, [override])
+    assert fragment in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_or_invalid_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        config.load(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("seed = [")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(bad)
+
+
+def test_describe_documents_every_key():
+    text = config.describe()
+    for section in ("model", "data", "train", "fed"):
+        sub = getattr(config.RunConfig(), section)
+        for f in config.fields(sub):
+            assert f"{section}.{f.name} =" in text
+
+
+def test_configs_are_frozen():
+    cfg = config.RunConfig()
+    with pytest.raises(AttributeError):
+        cfg.seed = 3  # type: ignore[misc]
