@@ -1,9 +1,16 @@
 """Client compute accounting: FLOPs, wall seconds and peak memory of a client's own work.
 
-FLOPs are counted for *every* step (forward and backward) with ``torch.utils.flop_counter``,
-not estimated from one step. Seconds are wall-clock time of the client's work. Peak memory is
+FLOPs are measured with ``torch.utils.flop_counter`` (forward and backward), never estimated
+from parameter counts. Two exact modes (``flops`` config key):
+
+* ``all``: every op of the client's work runs under ``FlopCounterMode`` (costs ~10-30% speed
+  on CPU through Python dispatch);
+* ``shape`` (default): training/inference code wraps each step in :func:`step` with a key
+  holding the step's kind and input shape. The first step of each key is counted under
+  ``FlopCounterMode``; later steps with the same key reuse that count. A step's FLOPs depend
+  only on its shapes, so the total equals ``all`` (a test checks this) at almost no cost. Seconds are wall-clock time of the client's work. Peak memory is
 ``torch.cuda.max_memory_allocated`` on GPU; on CPU it is the process's peak resident set size
-sampled every 2 ms while the client works (it includes the shared backbone, as a real client
+sampled every 5 ms while the client works (it includes the shared backbone, as a real client
 machine would hold it).
 
 Work done on the client's behalf by someone else (the split server's half of a step, which in
@@ -13,6 +20,7 @@ the simulation runs inside the client's call) is excluded with :meth:`ComputeMet
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import threading
 import time
@@ -48,7 +56,7 @@ def _rss_bytes() -> int:
 
 
 class _RssSampler:
-    def __init__(self, interval: float = 0.002) -> None:
+    def __init__(self, interval: float = 0.005) -> None:
         self.interval, self.peak = interval, 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -71,15 +79,28 @@ class _RssSampler:
         self.peak = max(self.peak, _rss_bytes())
 
 
-class ComputeMeter:
-    """Measure one client's work: ``with meter.measure(): ...``; exclude parts with ``pause()``.
+_CURRENT: contextvars.ContextVar[ComputeMeter | None] = contextvars.ContextVar(
+    "fedtune_meter", default=None
+)
+FLOP_MODES = ("shape", "all", "off")
 
-    ``count_flops=False`` skips the FLOP counter (its per-op Python dispatch costs a few %).
+
+class ComputeMeter:
+    """Measure one party's work: ``with meter.measure(): ...``; exclude parts with ``pause()``.
+
+    ``mode`` is one of :data:`FLOP_MODES`; ``cache`` (shared by the meters of one run) maps a
+    step key to its FLOPs in ``shape`` mode.
     """
 
-    def __init__(self, device: torch.device | str = "cpu", count_flops: bool = True) -> None:
+    def __init__(
+        self, device: torch.device | str = "cpu", mode: str = "shape", cache: dict | None = None
+    ) -> None:
+        if mode not in FLOP_MODES:
+            raise ValueError(f"flops mode must be one of {FLOP_MODES}, got {mode!r}")
         self.device = torch.device(device)
-        self.count_flops = count_flops
+        self.mode = mode
+        self.count_flops = mode == "all"
+        self.cache = cache if cache is not None else {}
         self.stats = ComputeStats()
         self._flop_mode: FlopCounterMode | None = None
         self._t0 = 0.0
@@ -110,6 +131,7 @@ class ComputeMeter:
         else:
             sampler = _RssSampler()
         self._active = True
+        token = _CURRENT.set(self)
         with sampler:
             self._start_segment()
             try:
@@ -117,6 +139,7 @@ class ComputeMeter:
             finally:
                 self._end_segment()
                 self._active = False
+                _CURRENT.reset(token)
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device)
         else:
@@ -130,10 +153,33 @@ class ComputeMeter:
             yield
             return
         self._end_segment()
+        token = _CURRENT.set(None)
         try:
             yield
         finally:
+            _CURRENT.reset(token)
             self._start_segment()
+
+    @contextlib.contextmanager
+    def _step(self, key: tuple):
+        if key in self.cache:
+            self.stats.flops += self.cache[key]
+            yield
+            return
+        with FlopCounterMode(display=False) as counter:
+            yield
+        self.cache[key] = int(counter.get_total_flops())
+        self.stats.flops += self.cache[key]
+
+
+def step(key: tuple):
+    """Wrap one forward(+backward) whose FLOPs depend only on ``key`` (kind + shapes).
+
+    A no-op unless the active meter counts in ``shape`` mode."""
+    meter = _CURRENT.get()
+    if meter is None or meter.mode != "shape":
+        return contextlib.nullcontext()
+    return meter._step(key)
 
 
 @contextlib.contextmanager

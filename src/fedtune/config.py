@@ -78,6 +78,13 @@ class TrainConfig:
         ("keep", "reset"),
     )
     eval_batch_size: int = opt(128, "batch size for evaluation")
+    autocast: str = opt(
+        "off", "mixed precision for forward/backward (bf16 is ~1.7x faster on AVX512-BF16 CPUs)",
+        ("off", "bf16", "fp16"),
+    )
+    group_by_length: bool = opt(
+        False, "shuffle, then sort chunks of 16 batches by length: less padding, same samples"
+    )
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,10 @@ class RunConfig:
     device: str = opt("auto", "'auto', 'cpu', 'cuda' or 'cuda:N'")
     threads: int = opt(0, "CPU threads for torch; 0 = all cores")
     flops: str = opt(
-        "all", "client FLOP counting: count every step, or off", ("all", "off")
+        "shape",
+        "FLOP counting: 'shape' counts each distinct step shape once with torch's FlopCounterMode "
+        "and reuses it (exact, fast); 'all' counts every op of every step; 'off'",
+        ("shape", "all", "off"),
     )
     progress: bool = opt(True, "show progress bars")
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ class Context:
     device: torch.device
     init_state: dict[str, torch.Tensor]
     progress: bool = False
+    flop_cache: dict = field(default_factory=dict)  # step key -> FLOPs (compute.step)
 
     def client_samples(self, cid: int) -> np.ndarray:
         return self.data.client_idx[cid]

@@ -232,11 +232,24 @@ def batches(
     batch_size: int,
     pad_id: int,
     rng: np.random.Generator | None = None,
+    group_by_length: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches over ``data[idx]``; shuffled when ``rng`` is given, in order otherwise."""
+    """Batches over ``data[idx]``; shuffled when ``rng`` is given, in order otherwise.
+
+    ``group_by_length`` (with ``rng``): after shuffling, each chunk of 16 batches is sorted by
+    length and cut into batches whose order is shuffled again, so batches pad little while
+    every sample is still seen once per pass."""
     order = rng.permutation(idx) if rng is not None else np.asarray(idx)
-    for s in range(0, len(order), batch_size):
-        b = order[s : s + batch_size]
+    groups = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    if group_by_length and rng is not None:
+        chunk = 16 * batch_size
+        groups = []
+        for c in range(0, len(order), chunk):
+            part = order[c : c + chunk]
+            part = part[np.argsort([len(data.ids[i]) for i in part], kind="stable")]
+            groups += [part[s : s + batch_size] for s in range(0, len(part), batch_size)]
+        groups = [groups[i] for i in rng.permutation(len(groups))]
+    for b in groups:
         yield collate([data.ids[i] for i in b], data.labels[b], pad_id)
 
 

@@ -92,7 +92,7 @@ def summarize(cfg: RunConfig, ctx, history: list[dict], ledger: Ledger, n_exchan
         "server_seconds_per_round": mean("server_seconds"),
         "device": str(ctx.device),
         "machine": f"{platform.node()} {platform.machine()} torch {torch.__version__}",
-        "flops_counted": cfg.flops == "all",
+        "flops_mode": cfg.flops,
         "peak_memory_method": "cuda max_memory_allocated" if ctx.device.type == "cuda"
         else "process peak RSS sampled during client work",
     }

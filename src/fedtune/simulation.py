@@ -51,8 +51,8 @@ def sample_clients(num_clients: int, fraction: float, min_clients: int, seed: in
 def run_round(ctx: Context, server, clients: dict, wire: Wire, rnd: int, sampled: list[int]):
     """One communication round. Returns ``(server_metrics, client_stats, server_stats)``."""
     cfg = ctx.cfg
-    meters = {cid: ComputeMeter(ctx.device, cfg.flops == "all") for cid in sampled}
-    server_meter = ComputeMeter(ctx.device, cfg.flops == "all")
+    meters = {cid: ComputeMeter(ctx.device, cfg.flops, ctx.flop_cache) for cid in sampled}
+    server_meter = ComputeMeter(ctx.device, cfg.flops, ctx.flop_cache)
     gen = server.round(rnd, sampled)
     with server_meter.measure():
         outgoing = next(gen)
@@ -106,7 +106,7 @@ def simulate(
             t1 = time.perf_counter()
             d = ctx.data
             ev = evaluate(ctx.model, server.eval_state(), d.test, cfg.train.eval_batch_size,
-                          d.pad_id, ctx.device)  # fmt: skip
+                          d.pad_id, ctx.device, cfg.train.autocast)  # fmt: skip
             record.update({"accuracy": ev["accuracy"], "macro_f1": ev["macro_f1"],
                            "test_loss": ev["loss"], "eval_seconds": time.perf_counter() - t1})  # fmt: skip
             if hasattr(server, "extra_eval"):

@@ -7,6 +7,7 @@ the model, so N simulated clients cost one backbone plus N small states.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
+from . import compute
 from .data import Tokenized, batches
 from .models import load_trainable_state, trainable_state
 
@@ -31,6 +33,21 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def autocast(device: torch.device, mode: str):
+    """Mixed-precision context for ``train.autocast`` ('off', 'bf16', 'fp16')."""
+    if mode == "off":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def forward_logits(model: nn.Module, batch: dict[str, torch.Tensor], amp: str) -> torch.Tensor:
+    """Classifier logits ``[B, num_labels]`` (float32) for ``input_ids [B, L]``."""
+    with autocast(batch["input_ids"].device, amp):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return out.logits.float()
 
 
 def trainable_params(model: nn.Module) -> list[nn.Parameter]:
@@ -83,12 +100,12 @@ def train_local(
     steps = samples = 0
     bar = tqdm(total=total, desc=desc, leave=False, disable=not progress, unit="step")
     while steps < total:
-        for batch in batches(data, idx, cfg.batch_size, pad_id, rng):
+        for batch in batches(data, idx, cfg.batch_size, pad_id, rng, cfg.group_by_length):
             batch = to_device(batch, device)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = F.cross_entropy(logits.float(), batch["labels"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            with compute.step(("train", cfg.autocast, *batch["input_ids"].shape)):
+                loss = F.cross_entropy(forward_logits(model, batch, cfg.autocast), batch["labels"])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
@@ -117,8 +134,11 @@ def predict_logits(
     batch_size: int,
     pad_id: int,
     device: torch.device,
+    amp: str = "off",
 ) -> torch.Tensor:
-    """Logits ``[len(idx), num_labels]`` (float32, CPU, in ``idx`` order) under ``state``."""
+    """Logits ``[len(idx), num_labels]`` (float32, CPU, in ``idx`` order) under ``state``.
+
+    Batches are formed from length-sorted samples so little compute goes to padding."""
     if state is not None:
         load_trainable_state(model, state)
     model.eval()
@@ -127,8 +147,9 @@ def predict_logits(
     out: list[torch.Tensor] = []
     for batch in batches(data, idx[order], batch_size, pad_id):
         batch = to_device(batch, device)
-        out.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
-    logits = torch.cat(out).float().cpu()
+        with compute.step(("infer", amp, *batch["input_ids"].shape)):
+            out.append(forward_logits(model, batch, amp))
+    logits = torch.cat(out).cpu()
     result = torch.empty_like(logits)
     result[torch.as_tensor(order)] = logits  # back to idx order
     model.train()
@@ -159,8 +180,9 @@ def evaluate(
     batch_size: int,
     pad_id: int,
     device: torch.device,
+    amp: str = "off",
 ) -> dict[str, float]:
     """Test metrics of ``state`` on all of ``data``."""
     idx = np.arange(len(data))
-    logits = predict_logits(model, state, data, idx, batch_size, pad_id, device)
+    logits = predict_logits(model, state, data, idx, batch_size, pad_id, device, amp)
     return classification_metrics(logits, data.labels)

@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from fedtune.config import ModelConfig
+from fedtune.errors import ModelError
+from fedtune.models import (
+    init_trainable_state, load_model, load_trainable_state, trainable_names, trainable_state,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("name, target", [("tiny-gpt2", "c_attn"), ("tiny-llama", "q_proj")])
+def test_lora_targets_and_head_are_the_only_trainable_params(name, target):
+    model, tok = load_model(ModelConfig(name=name, lora_r=4), num_labels=5)
+    names = trainable_names(model)
+    assert names and all(("lora_" in n) or ("score" in n) for n in names)
+    assert any(target in n for n in names)
+    assert any("score" in n for n in names)
+    if name == "tiny-llama":
+        assert {"q_proj", "k_proj", "v_proj"} <= {n.split(".")[-4] for n in names if "lora_A" in n}
+    assert tok.pad_token_id is not None
+    head = [n for n in names if "score" in n]
+    assert trainable_state(model)[head[0]].shape == (5, 32)
+
+
+def test_backbone_is_loaded_once_per_process():
+    cfg = ModelConfig(name="tiny-gpt2", lora_r=4)
+    a, _ = load_model(cfg, 3)
+    b, _ = load_model(cfg, 3)
+    assert a is b
+
+
+def test_state_roundtrip_and_seeded_init():
+    model, _ = load_model(ModelConfig(name="tiny-llama", lora_r=4), 3)
+    s0 = init_trainable_state(model, seed=0)
+    s0b = init_trainable_state(model, seed=0)
+    s1 = init_trainable_state(model, seed=1)
+    assert all(torch.equal(s0[k], s0b[k]) for k in s0)
+    assert any(not torch.equal(s0[k], s1[k]) for k in s0)
+    assert all(torch.count_nonzero(v) == 0 for k, v in s0.items() if "lora_B" in k)  # PEFT init
+    load_trainable_state(model, s1)
+    assert all(torch.equal(trainable_state(model)[k], s1[k]) for k in s1)
+
+
+def test_bad_state_is_refused():
+    model, _ = load_model(ModelConfig(name="tiny-gpt2", lora_r=4), 3)
+    state = trainable_state(model)
+    name = next(iter(state))
+    with pytest.raises(ModelError, match="not a trainable parameter"):
+        load_trainable_state(model, {"nope": torch.zeros(1)})
+    with pytest.raises(ModelError, match="has shape"):
+        load_trainable_state(model, {name: torch.zeros(1)})
+
+
+def test_head_can_stay_frozen():
+    model, _ = load_model(ModelConfig(name="tiny-gpt2", lora_r=2, train_head=False), 4)
+    assert all("lora_" in n for n in trainable_names(model))
+
+
+def test_unknown_model_is_a_one_line_error(tmp_path):
+    with pytest.raises(ModelError) as e:
+        load_model(ModelConfig(name=str(tmp_path / "no-such-model")), 3)
+    assert "\n" not in str(e.value)
