@@ -22,7 +22,11 @@ def test_weights_follow_sample_counts():
 
 def test_averaging_identical_adapters_is_identity():
     torch.manual_seed(0)
-    s = {"lora_A": torch.randn(8, 576), "lora_B": torch.randn(576, 8), "score": torch.randn(77, 576)}
+    s = {
+        "lora_A": torch.randn(8, 576),
+        "lora_B": torch.randn(576, 8),
+        "score": torch.randn(77, 576),
+    }
     for weights in ([1, 1, 1], [1667, 1667, 1667], [3, 1, 7]):
         out = weighted_average([s, s, s], weights)
         for k in s:

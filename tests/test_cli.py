@@ -3,19 +3,22 @@ import subprocess
 import sys
 
 from conftest import tiny_cfg
-
 from fedtune import config
 from fedtune.cli import main
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "fedtune.cli", *args], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "fedtune.cli", *args], capture_output=True, text=True
+    )
 
 
 def test_help_lists_every_key():
     r = run_cli("run", "--help")
     assert r.returncode == 0
-    assert "train.lr" in r.stdout and "data.dirichlet_alpha" in r.stdout and "fed.rounds" in r.stdout
+    assert (
+        "train.lr" in r.stdout and "data.dirichlet_alpha" in r.stdout and "fed.rounds" in r.stdout
+    )
 
 
 def test_bad_inputs_give_one_line_errors_and_no_run_dir(tmp_path, synth_dir):
@@ -43,7 +46,7 @@ def test_run_writes_the_run_directory(tmp_path, synth_dir, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["framework"] == "fedllm"
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
-    assert 'rounds = 2' in (out / "config.toml").read_text()
+    assert "rounds = 2" in (out / "config.toml").read_text()
     # refusing to overwrite a finished run
     assert main(["run", str(preset), "--out", str(out), "--no-progress"]) == 2
     assert "already holds a run" in capsys.readouterr().err

@@ -16,13 +16,25 @@ def test_paper_preset_matches_the_paper():
     cfg = config.load("configs/paper-fedllm.toml")
     assert (cfg.model.name, cfg.model.lora_alpha, cfg.model.lora_dropout) == ("gpt2", 32.0, 0.1)
     assert (cfg.model.max_length, cfg.train.lr, cfg.train.optimizer) == (80, 1e-3, "adam")
-    assert (cfg.data.public_size, cfg.data.num_clients, cfg.data.samples_per_client) == (5002, 3, 1667)
+    assert (cfg.data.public_size, cfg.data.num_clients, cfg.data.samples_per_client) == (
+        5002,
+        3,
+        1667,
+    )
     assert cfg.fed.rounds == 100
 
 
 def test_overrides_are_typed():
-    cfg = config.load(None, ["train.lr=5e-4", "seed=42", "model.target_modules=q_proj,v_proj",
-                             "progress=false", "model.lora_alpha=16"])
+    cfg = config.load(
+        None,
+        [
+            "train.lr=5e-4",
+            "seed=42",
+            "model.target_modules=q_proj,v_proj",
+            "progress=false",
+            "model.lora_alpha=16",
+        ],
+    )
     assert cfg.train.lr == 5e-4 and cfg.seed == 42 and cfg.progress is False
     assert cfg.model.target_modules == ("q_proj", "v_proj")
     assert cfg.model.lora_alpha == 16.0 and isinstance(cfg.model.lora_alpha, float)

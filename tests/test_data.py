@@ -3,8 +3,13 @@ import pytest
 
 from fedtune.config import DataConfig
 from fedtune.data import (
-    batches, collate, default_data_dir, dirichlet, load_text_classification, split_federated,
     Tokenized,
+    batches,
+    collate,
+    default_data_dir,
+    dirichlet,
+    load_text_classification,
+    split_federated,
 )  # fmt: skip
 from fedtune.errors import DataError
 
@@ -64,7 +69,10 @@ def test_group_by_length_keeps_every_sample_once():
         seen += b["labels"].tolist()
         widths.append(b["input_ids"].shape[1] * len(b["labels"]))
     assert sorted(seen) == list(range(300))
-    plain = [b["input_ids"].numel() for b in batches(data, np.arange(300), 8, 0, np.random.default_rng(1))]
+    plain = [
+        b["input_ids"].numel()
+        for b in batches(data, np.arange(300), 8, 0, np.random.default_rng(1))
+    ]
     assert sum(widths) < 0.8 * sum(plain)
 
 

@@ -1,9 +1,9 @@
 import json
 
 import torch
-from conftest import tiny_cfg
 
 import fedtune
+from conftest import tiny_cfg
 from fedtune.context import build_context
 from fedtune.messages import encoded_size
 from fedtune.models import trainable_state
@@ -43,7 +43,12 @@ def test_same_seed_same_metrics(synth_dir):
     cfg = tiny_cfg(synth_dir, model="tiny-llama")
     a = simulate(cfg, log=None)
     b = simulate(cfg, log=None)
-    keys = ("final_accuracy", "bytes_up_per_client_per_round", "client_flops_per_round", "total_bytes")
+    keys = (
+        "final_accuracy",
+        "bytes_up_per_client_per_round",
+        "client_flops_per_round",
+        "total_bytes",
+    )
     assert [a[k] for k in keys] == [b[k] for k in keys]
     c = simulate(fedtune.config.with_overrides(cfg, seed=1), log=None)
     assert c["final_accuracy"] != a["final_accuracy"] or c["total_bytes"] != a["total_bytes"]
@@ -70,5 +75,7 @@ def test_client_is_not_a_model_copy(synth_dir):
     gen = server.round(1, [0])
     msg = next(gen)[0]
     reply = client.handle(msg)
-    assert set(reply.tensors) == set(before) and reply.meta["num_samples"] == len(ctx.client_samples(0))
+    assert set(reply.tensors) == set(before) and reply.meta["num_samples"] == len(
+        ctx.client_samples(0)
+    )
     assert client.opt_state is not None  # Adam moments stay with the client (optimizer_state=keep)

@@ -6,7 +6,15 @@ import torch
 
 from fedtune.errors import MessageError
 from fedtune.messages import (
-    DOWN, LOGITS, PARAMETERS, SERVER, UP, Message, Wire, decode, encode,
+    DOWN,
+    LOGITS,
+    PARAMETERS,
+    SERVER,
+    UP,
+    Message,
+    Wire,
+    decode,
+    encode,
 )  # fmt: skip
 
 
@@ -15,7 +23,11 @@ def header_len(blob: bytes) -> int:
 
 
 def test_roundtrip_preserves_everything():
-    t = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64), "c": torch.ones(2, dtype=torch.bfloat16)}
+    t = {
+        "a": torch.randn(3, 4),
+        "b": torch.arange(5, dtype=torch.int64),
+        "c": torch.ones(2, dtype=torch.bfloat16),
+    }
     msg = Message(PARAMETERS, 7, SERVER, "client-2", t, {"num_samples": 12, "note": "x"})
     out = decode(encode(msg))
     assert (out.kind, out.round, out.sender, out.receiver) == (PARAMETERS, 7, SERVER, "client-2")
@@ -48,8 +60,14 @@ def test_wire_counts_by_round_client_direction_kind():
 
 @pytest.mark.parametrize(
     "blob",
-    [b"", b"\x00" * 7, struct.pack("<Q", 10**12) + b"{}", struct.pack("<Q", 2) + b"{}",
-     struct.pack("<Q", 4) + b"nope", b"\xff" * 100],
+    [
+        b"",
+        b"\x00" * 7,
+        struct.pack("<Q", 10**12) + b"{}",
+        struct.pack("<Q", 2) + b"{}",
+        struct.pack("<Q", 4) + b"nope",
+        b"\xff" * 100,
+    ],
 )
 def test_garbage_raises_message_error(blob):
     with pytest.raises(MessageError):

@@ -4,7 +4,11 @@ import torch
 from fedtune.config import ModelConfig
 from fedtune.errors import ModelError
 from fedtune.models import (
-    init_trainable_state, load_model, load_trainable_state, trainable_names, trainable_state,
+    init_trainable_state,
+    load_model,
+    load_trainable_state,
+    trainable_names,
+    trainable_state,
 )  # fmt: skip
 
 

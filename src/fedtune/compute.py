@@ -42,7 +42,11 @@ class ComputeStats:
         self.peak_memory_bytes = max(self.peak_memory_bytes, other.peak_memory_bytes)
 
     def as_dict(self) -> dict:
-        return {"flops": self.flops, "seconds": self.seconds, "peak_memory_bytes": self.peak_memory_bytes}
+        return {
+            "flops": self.flops,
+            "seconds": self.seconds,
+            "peak_memory_bytes": self.peak_memory_bytes,
+        }
 
 
 def _rss_bytes() -> int:

@@ -55,9 +55,7 @@ class DataConfig:
     public_size: int = opt(5002, "training samples held out as the public set (KD-FedLLM)")
     num_clients: int = opt(3, "number of clients")
     samples_per_client: int = opt(0, "samples per client; 0 = split all non-public samples")
-    partition: str = opt(
-        "iid", "how client data is drawn", ("iid", "dirichlet", "sizes")
-    )
+    partition: str = opt("iid", "how client data is drawn", ("iid", "dirichlet", "sizes"))
     dirichlet_alpha: float = opt(0.5, "label-skew concentration for partition=dirichlet")
     client_sizes: tuple[int, ...] = opt((), "explicit client sizes for partition=sizes")
     test_size: int = opt(0, "evaluate on a seeded subset of this many test samples; 0 = all")
@@ -79,7 +77,8 @@ class TrainConfig:
     )
     eval_batch_size: int = opt(128, "batch size for evaluation")
     autocast: str = opt(
-        "off", "mixed precision for forward/backward (bf16 is ~1.7x faster on AVX512-BF16 CPUs)",
+        "off",
+        "mixed precision for forward/backward (bf16 is ~1.7x faster on AVX512-BF16 CPUs)",
         ("off", "bf16", "fp16"),
     )
     group_by_length: bool = opt(
@@ -89,11 +88,148 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class FedConfig:
-    framework: str = opt("fedllm", "federated framework", ("fedllm",))
+    framework: str = opt(
+        "fedllm",
+        "federated framework: FedLLM (LoRA averaging), KD-FedLLM (logit distillation on a public "
+        "set), Split-FedLLM (SplitLoRA)",
+        ("fedllm", "kd", "split"),
+    )
     rounds: int = opt(100, "communication rounds")
     fraction_fit: float = opt(1.0, "fraction of clients sampled each round")
     min_clients: int = opt(1, "minimum clients sampled each round")
     eval_every: int = opt(1, "evaluate the global model every N rounds (and after the last)")
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    """KD-FedLLM options (section ``[kd]``); see fedtune.frameworks.kd."""
+
+    temperature: float = opt(2.0, "distillation temperature T (softmax(logits / T), loss x T^2)")
+    public_samples: int = opt(0, "use the first N samples of the public set; 0 = all of it")
+    server_epochs: int = opt(1, "server distillation epochs over the public set per round (b5)")
+    client_distill_epochs: int = opt(
+        1, "client distillation epochs over the public set per round (b8); 0 = skip b8"
+    )
+    distill_batch_size: int = opt(
+        0, "batch size of server/client distillation; 0 = train.batch_size"
+    )
+    prune: str = opt(
+        "none",
+        "keep only the most informative public samples each round, scored by the global model: "
+        "highest entropy or smallest top-1/top-2 margin",
+        ("none", "entropy", "margin"),
+    )
+    prune_keep: float = opt(0.5, "fraction of the public set kept when kd.prune is on")
+    align: str = opt(
+        "none",
+        "clients send label histograms once; the server reweights or resamples the public set "
+        "toward their aggregate label distribution (public labels: the teacher's argmax)",
+        ("none", "reweight", "resample"),
+    )
+    topk: int = opt(0, "send only the top-k logits (values + indices) per sample; 0 = all classes")
+    logit_dtype: str = opt(
+        "float32",
+        "dtype of logit values on the wire (int8: per-row scale, row offset dropped)",
+        ("float32", "float16", "int8"),
+    )
+    entropy_threshold: float = opt(
+        1.0,
+        "drop a client's prediction on a sample when its normalized entropy H / ln C is above "
+        "this; 1.0 = keep all",
+    )
+    aggregate: str = opt(
+        "mean",
+        "how client probabilities are combined: plain mean, weighted by client sample count, "
+        "or per sample by confidence (1 - H / ln C)",
+        ("mean", "samples", "confidence"),
+    )
+    server_uses_public_labels: bool = opt(
+        False, "the server also trains on the public set's true labels (cross-entropy) in b5"
+    )
+    client_eval: bool = opt(
+        True, "at evaluation rounds also test every client's local model (client_accuracy)"
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.temperature > 0, "kd.temperature", f"must be > 0, got {self.temperature}")
+        _check(self.public_samples >= 0, "kd.public_samples", "must be >= 0")
+        _check(
+            self.server_epochs >= 1, "kd.server_epochs", f"must be >= 1, got {self.server_epochs}"
+        )
+        _check(self.client_distill_epochs >= 0, "kd.client_distill_epochs", "must be >= 0")
+        _check(self.distill_batch_size >= 0, "kd.distill_batch_size", "must be >= 0")
+        _check(
+            0 < self.prune_keep <= 1, "kd.prune_keep", f"must be in (0, 1], got {self.prune_keep}"
+        )
+        _check(self.topk >= 0, "kd.topk", f"must be >= 0, got {self.topk}")
+        _check(
+            0 < self.entropy_threshold <= 1,
+            "kd.entropy_threshold",
+            f"must be in (0, 1], got {self.entropy_threshold}",
+        )
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Split-FedLLM options (section ``[split]``); see fedtune.frameworks.split."""
+
+    split_layer: int = opt(
+        2, "the client runs the embeddings and the first N transformer blocks, the server the rest"
+    )
+    client_split_layers: tuple[int, ...] = opt(
+        (), "per-client split layers (heterogeneous clients), one per client; empty = split_layer"
+    )
+    policy: str = opt(
+        "fixed",
+        "how split layers are chosen: 'fixed' (split_layer / client_split_layers) or 'budget' "
+        "(per client, the deepest layer whose estimated per-round client FLOPs and bytes fit "
+        "client_compute_budgets and client_bandwidth_budgets)",
+        ("fixed", "budget"),
+    )
+    client_compute_budgets: tuple[float, ...] = opt(
+        (),
+        "policy=budget: client FLOPs per round, one per client; a value <= 1 is a fraction of "
+        "the FLOPs of training the whole model on the client; empty = unlimited",
+    )
+    client_bandwidth_budgets: tuple[float, ...] = opt(
+        (), "policy=budget: bytes per round (up + down), one per client; empty = unlimited"
+    )
+    server_mode: str = opt(
+        "shared",
+        "server-side model: one trained on every client's batches in turn (SplitLoRA), or one "
+        "copy per client averaged by sample count after each round",
+        ("shared", "per_client"),
+    )
+    compression: str = opt(
+        "none",
+        "encoding of activations and gradients on the wire: float32, fp16, bf16, int8 (one "
+        "scale per token) or per-token top-k (values + indices)",
+        ("none", "fp16", "bf16", "int8", "topk"),
+    )
+    topk_ratio: float = opt(0.1, "compression=topk: fraction of each token's values kept")
+    u_shaped: bool = opt(
+        False, "keep the head on the client: labels never leave it (U-shaped split learning)"
+    )
+    samples_per_round: int = opt(
+        0, "training samples each client processes per round; 0 = train.local_epochs passes"
+    )
+
+    def __post_init__(self) -> None:
+        def check(cond: bool, key: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"config key split.{key}: {msg}")
+
+        check(self.split_layer >= 1, "split_layer", f"must be >= 1, got {self.split_layer}")
+        check(all(k >= 1 for k in self.client_split_layers), "client_split_layers",
+              "layers must be >= 1")  # fmt: skip
+        check(all(b > 0 for b in self.client_compute_budgets), "client_compute_budgets",
+              "budgets must be > 0")  # fmt: skip
+        check(all(b > 0 for b in self.client_bandwidth_budgets), "client_bandwidth_budgets",
+              "budgets must be > 0")  # fmt: skip
+        check(0 < self.topk_ratio <= 1, "topk_ratio", f"must be in (0, 1], got {self.topk_ratio}")
+        check(self.samples_per_round >= 0, "samples_per_round", "must be >= 0")
+        check(not (self.policy == "budget" and self.client_split_layers), "policy",
+              "'budget' chooses the layers itself; leave split.client_split_layers empty")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -113,6 +249,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FedConfig = field(default_factory=FedConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -128,7 +266,9 @@ def validate(cfg: RunConfig) -> None:
     m, d, t, f = cfg.model, cfg.data, cfg.train, cfg.fed
     _check(m.lora_r >= 1, "model.lora_r", f"must be >= 1, got {m.lora_r}")
     _check(m.lora_alpha > 0, "model.lora_alpha", f"must be > 0, got {m.lora_alpha}")
-    _check(0 <= m.lora_dropout < 1, "model.lora_dropout", f"must be in [0, 1), got {m.lora_dropout}")
+    _check(
+        0 <= m.lora_dropout < 1, "model.lora_dropout", f"must be in [0, 1), got {m.lora_dropout}"
+    )
     _check(m.max_length >= 2, "model.max_length", f"must be >= 2, got {m.max_length}")
     _check(d.public_size >= 0, "data.public_size", f"must be >= 0, got {d.public_size}")
     _check(d.num_clients >= 1, "data.num_clients", f"must be >= 1, got {d.num_clients}")
@@ -358,6 +498,8 @@ __all__ = [
     "DataConfig",
     "TrainConfig",
     "FedConfig",
+    "KDConfig",
+    "SplitConfig",
     "load",
     "from_dict",
     "to_dict",

@@ -100,7 +100,9 @@ def _load_hub(name: str, text_col: str, label_col: str):
     try:
         ds = datasets.load_dataset(name)
     except Exception as e:
-        raise DataError(f"cannot load dataset {name!r} from the hub: {str(e).splitlines()[0]}") from None
+        raise DataError(
+            f"cannot load dataset {name!r} from the hub: {str(e).splitlines()[0]}"
+        ) from None
     out = []
     for split in ("train", "test"):
         d = ds[split]
@@ -190,7 +192,9 @@ def split_federated(labels: np.ndarray, cfg: DataConfig, seed: int):
             clients = iid(pool, [per] * k, rng)
         else:
             if per * k > len(pool):
-                raise DataError(f"clients need {per * k} samples but only {len(pool)} are available")
+                raise DataError(
+                    f"clients need {per * k} samples but only {len(pool)} are available"
+                )
             sub = rng.permutation(pool)[: per * k]
             clients = dirichlet(sub, labels, k, cfg.dirichlet_alpha, rng)
     for i, c in enumerate(clients):
@@ -258,7 +262,9 @@ def prepare(cfg: DataConfig, tokenizer, max_length: int, seed: int) -> FedData:
     names, train, test = load_text_classification(cfg)
     public, clients = split_federated(train.labels, cfg, seed)
     if cfg.test_size and cfg.test_size < len(test.texts):
-        keep = np.sort(np.random.default_rng(seed + 1).permutation(len(test.texts))[: cfg.test_size])
+        keep = np.sort(
+            np.random.default_rng(seed + 1).permutation(len(test.texts))[: cfg.test_size]
+        )
         test = TextDataset([test.texts[i] for i in keep], test.labels[keep])
     return FedData(
         label_names=names,

@@ -87,12 +87,15 @@ def summarize(cfg: RunConfig, ctx, history: list[dict], ledger: Ledger, n_exchan
         "total_bytes": ledger.total(),
         "client_flops_per_round": mean("client_flops"),
         "client_seconds_per_round": mean("client_seconds"),
-        "client_peak_memory_bytes": max((r["client_peak_memory_bytes"] for r in history), default=0),
+        "client_peak_memory_bytes": max(
+            (r["client_peak_memory_bytes"] for r in history), default=0
+        ),
         "server_flops_per_round": mean("server_flops"),
         "server_seconds_per_round": mean("server_seconds"),
         "device": str(ctx.device),
         "machine": f"{platform.node()} {platform.machine()} torch {torch.__version__}",
         "flops_mode": cfg.flops,
-        "peak_memory_method": "cuda max_memory_allocated" if ctx.device.type == "cuda"
+        "peak_memory_method": "cuda max_memory_allocated"
+        if ctx.device.type == "cuda"
         else "process peak RSS sampled during client work",
     }

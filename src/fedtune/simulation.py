@@ -109,8 +109,8 @@ def simulate(
                           d.pad_id, ctx.device, cfg.train.autocast)  # fmt: skip
             record.update({"accuracy": ev["accuracy"], "macro_f1": ev["macro_f1"],
                            "test_loss": ev["loss"], "eval_seconds": time.perf_counter() - t1})  # fmt: skip
-            if hasattr(server, "extra_eval"):
-                record.update(server.extra_eval())
+            if hasattr(fw, "extra_eval"):
+                record.update(fw.extra_eval(ctx, server, clients))
         history.append(record)
         if rundir is not None:
             rundir.append_metrics(record)
@@ -119,7 +119,12 @@ def simulate(
             bar.write(line)
         elif log is not None:
             log(line)
-    summary = summarize(cfg, ctx, history, wire.ledger, num_params(server.eval_state()))
+    exchanged = (
+        server.params_exchanged()
+        if hasattr(server, "params_exchanged")
+        else num_params(server.eval_state())
+    )
+    summary = summarize(cfg, ctx, history, wire.ledger, exchanged)
     summary["load_seconds"] = load_seconds
     summary["wall_seconds"] = time.perf_counter() - t_start
     if rundir is not None:
@@ -175,4 +180,3 @@ def format_round(r: dict, rounds: int) -> str:
         f" | client {r['client_flops'] / 1e12:.3f} TFLOP {r['client_seconds']:.1f} s"
         f" | {r['round_seconds']:.1f} s"
     )
-

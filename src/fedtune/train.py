@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import TrainConfig
 from . import compute
+from .config import TrainConfig
 from .data import Tokenized, batches
 from .models import load_trainable_state, trainable_state
 

@@ -7,6 +7,10 @@
       upload and broadcast phases), and returns a dict of round metrics;
     - ``eval_state() -> dict[str, Tensor]``: the trainable state that is evaluated and saved;
     - optionally ``serve(msg) -> Message``: answers per-batch client requests (split learning);
+* optionally ``extra_eval(ctx, server, clients) -> dict``: more metrics at evaluation rounds
+  (e.g. KD's mean client accuracy);
+* optionally ``Server.params_exchanged() -> int`` for ``summary.json`` (default: the size of
+  ``eval_state()``);
 * ``Client(ctx, cid)`` with ``handle(msg, link) -> Message | None``; ``link.call(msg)`` reaches
   ``Server.serve`` through the counted wire.
 
@@ -21,7 +25,11 @@ from types import ModuleType
 
 from ..errors import ConfigError
 
-REGISTRY = {"fedllm": "fedtune.frameworks.fedllm"}
+REGISTRY = {
+    "fedllm": "fedtune.frameworks.fedllm",
+    "kd": "fedtune.frameworks.kd",
+    "split": "fedtune.frameworks.split",
+}
 
 
 def get(name: str) -> ModuleType:
