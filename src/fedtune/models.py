@@ -63,12 +63,16 @@ def _quiet_transformers():
     import transformers
 
     old = transformers.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         yield
     finally:
         transformers.logging.set_verbosity(old)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
 
 
 # ----------------------------------------------------------------------------- sources

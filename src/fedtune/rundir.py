@@ -34,11 +34,16 @@ class RunDir:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    @classmethod
-    def create(cls, out: str | Path, cfg: RunConfig) -> RunDir:
+    @staticmethod
+    def check(out: str | Path) -> None:
         path = Path(out)
         if (path / "summary.json").exists() or (path / "metrics.jsonl").exists():
             raise ConfigError(f"run directory {path} already holds a run; choose another --out")
+
+    @classmethod
+    def create(cls, out: str | Path, cfg: RunConfig) -> RunDir:
+        cls.check(out)
+        path = Path(out)
         path.mkdir(parents=True, exist_ok=True)
         atomic_write(path / "config.toml", to_toml(cfg))
         return cls(path)

@@ -86,8 +86,10 @@ def simulate(
     ``ctx`` lets a caller reuse a prepared context (custom data or model)."""
     t_start = time.perf_counter()
     fw = frameworks.get(cfg.fed.framework)
-    rundir = RunDir.create(out, cfg) if out is not None else None
+    if out is not None:
+        RunDir.check(out)  # refuse to mix with a finished run before the slow model load
     ctx = ctx or build_context(cfg)
+    rundir = RunDir.create(out, cfg) if out is not None else None  # only once inputs are valid
     server = fw.Server(ctx)
     clients = {cid: fw.Client(ctx, cid) for cid in range(len(ctx.data.client_idx))}
     wire = Wire()
