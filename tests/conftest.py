@@ -44,6 +44,7 @@ def tiny_cfg(data_dir: Path, model: str = "tiny-gpt2", **sections) -> config.Run
     base = {
         "seed": 0,
         "device": "cpu",
+        "threads": 1,  # tiny models gain nothing from 2 threads and suffer when the box is busy
         "progress": False,
         "model": {"name": model, "lora_r": 4, "max_length": 32},
         "data": {"path": str(data_dir), "public_size": 60, "num_clients": 3},

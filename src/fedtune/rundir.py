@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .config import RunConfig, to_toml
+from .data import default_data_dir
 from .errors import ConfigError
 from .messages import DOWN, UP, Ledger
 from .models import load_trainable_state
@@ -74,7 +75,7 @@ def summarize(cfg: RunConfig, ctx, history: list[dict], ledger: Ledger, n_exchan
     return {
         "framework": cfg.fed.framework,
         "model": cfg.model.name,
-        "dataset": cfg.data.path or cfg.data.hub_name,
+        "dataset": cfg.data.path or str(default_data_dir() or cfg.data.hub_name),
         "num_clients": len(ctx.data.client_idx),
         "samples_per_client": [len(c) for c in ctx.data.client_idx],
         "public_size": len(ctx.data.public_idx),

@@ -26,16 +26,23 @@ from .train import evaluate
 class Link:
     """A client's handle on the server for per-batch requests (split learning).
 
-    ``call`` sends through the wire, pauses the client's meter while the server works, and
-    returns the server's reply as received over the wire."""
+    ``call`` sends through the wire, pauses the client's meter while the server works (that
+    work is metered as the server's), and returns the server's reply as received over the wire."""
 
-    def __init__(self, wire: Wire, server, meter: ComputeMeter | None) -> None:
-        self.wire, self.server, self.meter = wire, server, meter
+    def __init__(
+        self, wire: Wire, server, meter: ComputeMeter | None, server_meter: ComputeMeter | None
+    ) -> None:
+        self.wire, self.server = wire, server
+        self.meter, self.server_meter = meter, server_meter
 
     def call(self, msg: Message) -> Message:
         msg = self.wire.transfer(msg)
         with paused(self.meter):
-            reply = self.server.serve(msg)
+            if self.server_meter is None:
+                reply = self.server.serve(msg)
+            else:
+                with self.server_meter.measure():
+                    reply = self.server.serve(msg)
         return self.wire.transfer(reply)
 
 
@@ -60,7 +67,7 @@ def run_round(ctx: Context, server, clients: dict, wire: Wire, rnd: int, sampled
         replies: dict[int, Message] = {}
         for cid, msg in outgoing.items():
             received = wire.transfer(msg)
-            link = Link(wire, server, meters[cid])
+            link = Link(wire, server, meters[cid], server_meter)
             with meters[cid].measure():
                 reply = clients[cid].handle(received, link)
             if reply is not None:

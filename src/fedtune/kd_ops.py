@@ -1,0 +1,242 @@
+"""Knowledge-distillation building blocks for KD-FedLLM (plain functions, no state).
+
+* logit compression for the wire: :func:`pack_logits` / :func:`unpack_logits`;
+* knowledge processing: :func:`aggregate_knowledge` (entropy filter + mean / sample-count /
+  confidence weighting of softened client probabilities);
+* public-set selection: :func:`prune_public` (entropy or margin of the global model) and
+  :func:`alignment_weights` (toward the clients' aggregate label histogram);
+* the loss :func:`kd_loss` and the training loop :func:`distill` (server b5, client b8).
+
+Shapes: ``S`` public samples in this round's selection, ``C`` classes, ``K`` clients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import compute
+from .config import TrainConfig
+from .data import Tokenized, batches
+from .models import load_trainable_state, trainable_state
+from .train import LocalResult, forward_logits, make_optimizer, to_device, trainable_params
+
+# ----------------------------------------------------------------------------- wire format
+
+
+def index_dtype(num_classes: int) -> torch.dtype:
+    """Smallest integer dtype that holds a class index (uint8 for Banking77's 77 classes)."""
+    if num_classes <= 256:
+        return torch.uint8
+    return torch.int16 if num_classes <= 32767 else torch.int32
+
+
+def pack_logits(
+    logits: torch.Tensor, topk: int = 0, dtype: str = "float32"
+) -> dict[str, torch.Tensor]:
+    """Compress logits ``[S, C]`` into the tensors that go on the wire.
+
+    * ``topk > 0``: only the k largest logits per row are kept, ``values [S, k]`` and their
+      class ``indices [S, k]`` (uint8 when C <= 256);
+    * ``dtype='float16'``: values are cast to fp16;
+    * ``dtype='int8'``: each row is centred at its mid-range and scaled to [-127, 127];
+      ``scale [S]`` (fp32) is sent, the row offset is not: softmax is shift-invariant, so a
+      per-row constant carries no knowledge. Error per value <= scale / 2.
+    """
+    values, out = logits.float(), {}
+    if topk:
+        values, idx = values.topk(topk, dim=-1)  # [S, k], sorted descending
+        out["indices"] = idx.to(index_dtype(logits.shape[-1]))
+    if dtype == "int8":
+        hi, lo = values.amax(-1, keepdim=True), values.amin(-1, keepdim=True)
+        scale = ((hi - lo) / 254).clamp(min=1e-8)  # [S, 1]: 2 * 127 steps span the row
+        out["values"] = torch.round((values - (hi + lo) / 2) / scale).to(torch.int8)
+        out["scale"] = scale.squeeze(-1)
+    else:
+        out["values"] = values.to(torch.float16 if dtype == "float16" else torch.float32)
+    return out
+
+
+def unpack_logits(tensors: dict[str, torch.Tensor], num_classes: int) -> torch.Tensor:
+    """Inverse of :func:`pack_logits`: float32 logits ``[S, C]`` (up to a per-row constant).
+
+    With top-k the missing classes are ``-inf``: ``softmax`` gives them exactly 0 and
+    renormalises the kept probability mass (the teacher says nothing about the tail)."""
+    values = tensors["values"].float()
+    if "scale" in tensors:
+        values = values * tensors["scale"].float().unsqueeze(-1)
+    if "indices" not in tensors:
+        return values
+    full = torch.full((values.shape[0], num_classes), float("-inf"))
+    return full.scatter_(1, tensors["indices"].long(), values)
+
+
+# ----------------------------------------------------------------------------- knowledge
+
+
+def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """``H(softmax(logits)) / ln C`` in [0, 1] per row: ``[S, C] -> [S]`` (-inf entries ok)."""
+    p = logits.float().softmax(-1)
+    return -torch.special.xlogy(p, p).sum(-1) / math.log(logits.shape[-1])
+
+
+def aggregate_knowledge(
+    client_logits: list[torch.Tensor],
+    temperature: float,
+    how: str = "mean",
+    num_samples: list[int] | None = None,
+    entropy_threshold: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global knowledge (b4): a weighted mean of softened client probabilities.
+
+    ``client_logits``: K tensors ``[S, C]``. A client's prediction on a sample is dropped when
+    its normalized entropy (at T = 1, i.e. the client's own confidence) exceeds
+    ``entropy_threshold``. Weights: 1 (``mean``), the client's sample count (``samples``) or
+    ``1 - H / ln C`` per sample (``confidence``).
+
+    Returns ``teacher [S, C]`` (rows sum to 1; uniform where every client was dropped) and
+    ``kept [S]`` (bool: at least one client survived the filter)."""
+    logits = torch.stack([x.float() for x in client_logits])  # [K, S, C]
+    probs = (logits / temperature).softmax(-1)
+    ent = torch.stack([normalized_entropy(x) for x in logits])  # [K, S]
+    w = torch.ones_like(ent)
+    if how == "samples":
+        w = w * torch.tensor(num_samples, dtype=torch.float32).unsqueeze(-1)
+    elif how == "confidence":
+        w = (1 - ent).clamp(min=1e-6)
+    w = w * (ent <= entropy_threshold + 1e-6)  # entropy filter (the epsilon keeps ties)
+    total = w.sum(0)  # [S]
+    kept = total > 0
+    teacher = (w.unsqueeze(-1) * probs).sum(0) / total.clamp(min=1e-12).unsqueeze(-1)
+    teacher[~kept] = 1.0 / logits.shape[-1]
+    return teacher, kept
+
+
+def prune_public(global_logits: torch.Tensor, method: str, keep: float) -> np.ndarray:
+    """Positions (sorted) of the ``ceil(keep * N)`` most informative rows of ``[N, C]`` logits:
+    highest entropy or smallest margin between the global model's top-2 probabilities."""
+    n = global_logits.shape[0]
+    if method == "none":
+        return np.arange(n)
+    if method == "entropy":
+        score = normalized_entropy(global_logits)
+    else:
+        top2 = global_logits.float().softmax(-1).topk(2, dim=-1).values
+        score = -(top2[:, 0] - top2[:, 1])  # small margin = informative
+    k = max(1, math.ceil(keep * n))
+    order = torch.argsort(score, descending=True, stable=True)[:k]
+    return np.sort(order.numpy())
+
+
+def label_distribution(labels: np.ndarray, num_classes: int, weights=None) -> np.ndarray:
+    """Normalized (weighted) class histogram ``[C]``."""
+    h = np.bincount(labels, weights=weights, minlength=num_classes).astype(np.float64)
+    return h / max(h.sum(), 1e-12)
+
+
+def tv_distance(p: np.ndarray, q: np.ndarray) -> float:
+    """Total-variation distance between two distributions ``[C]``: 0 (equal) to 1 (disjoint)."""
+    return 0.5 * float(np.abs(p - q).sum())
+
+
+def alignment_weights(labels: np.ndarray, target_hist: np.ndarray) -> np.ndarray:
+    """Per-sample weights ``[S]`` (mean 1) that move the public label distribution toward
+    ``target_hist [C]``: ``w_i = target[y_i] / public[y_i]``. Classes absent from the public set
+    cannot be created; classes absent from the clients get weight 0."""
+    c = len(target_hist)
+    target = np.asarray(target_hist, dtype=np.float64) / max(float(np.sum(target_hist)), 1e-12)
+    public = label_distribution(labels, c)
+    w = target[labels] / public[labels]
+    if w.sum() <= 0:  # no overlap at all: leave the set unchanged
+        return np.ones(len(labels))
+    return w * len(w) / w.sum()
+
+
+# ----------------------------------------------------------------------------- distillation
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    temperature: float,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``T^2 * KL(teacher || softmax(student / T))``, (weighted) mean over the batch.
+
+    ``student_logits [B, C]``, ``teacher_probs [B, C]`` (zeros allowed), ``weights [B]``.
+    The T^2 factor keeps gradient magnitudes comparable across temperatures (Hinton et al.)."""
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    kl = F.kl_div(log_q, teacher_probs, reduction="none").sum(-1)  # [B]; 0 * log 0 = 0
+    if weights is None:
+        return temperature**2 * kl.mean()
+    return temperature**2 * (weights * kl).sum() / weights.sum().clamp(min=1e-12)
+
+
+def distill(
+    model: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    opt_state: dict | None,
+    data: Tokenized,
+    idx: np.ndarray,
+    teacher: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    temperature: float,
+    epochs: int,
+    batch_size: int,
+    rng: np.random.Generator,
+    pad_id: int,
+    device: torch.device,
+    weights: np.ndarray | None = None,
+    resample: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+) -> LocalResult:
+    """Distil ``teacher [S, C]`` (probabilities on ``data[idx]``, ``idx [S]``) into ``state``.
+
+    Each epoch visits the S samples once in shuffled (length-grouped) batches, or, with
+    ``resample [S]`` probabilities, S draws with replacement. ``weights [S]`` weight the loss
+    (0 = skip the sample). ``labels [S]`` adds cross-entropy on true labels (server option)."""
+    load_trainable_state(model, state)
+    params = trainable_params(model)
+    opt = make_optimizer(params, cfg)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    model.train()
+    w = torch.ones(len(idx)) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+    # A view of the selection whose "labels" are row positions, so each batch knows its
+    # teacher rows; batches() then gives the same shuffling and length grouping as training.
+    view = Tokenized([data.ids[i] for i in idx], np.arange(len(idx)))
+    active = np.flatnonzero(w.numpy() > 0)
+    loss_sum = torch.zeros((), device=device)  # accumulated on device: no sync per step
+    steps = samples = 0
+    for _ in range(epochs if len(active) else 0):
+        pos = active if resample is None else rng.choice(len(idx), size=len(idx), p=resample)
+        for batch in batches(view, pos, batch_size, pad_id, rng, cfg.group_by_length):
+            rows = batch.pop("labels")  # [B] positions in the selection
+            batch = to_device(batch, device)
+            with compute.step(("distill", cfg.autocast, *batch["input_ids"].shape)):
+                out = forward_logits(model, batch, cfg.autocast)
+                bw = None if resample is not None else w[rows].to(device)
+                loss = kd_loss(out, teacher[rows].to(device), temperature, bw)
+                if labels is not None:
+                    loss = loss + F.cross_entropy(
+                        out, torch.as_tensor(labels[rows.numpy()]).to(device)
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            loss_sum += loss.detach()
+            steps += 1
+            samples += len(rows)
+    return LocalResult(
+        state=trainable_state(model),
+        opt_state=opt.state_dict() if cfg.optimizer_state == "keep" else None,
+        loss=float(loss_sum) / max(steps, 1),
+        steps=steps,
+        samples=samples,
+    )

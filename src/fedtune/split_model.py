@@ -1,0 +1,195 @@
+"""Cutting the shared LoRA classifier into a client part and a server part (Split-FedLLM).
+
+The cut reuses the HF model's own forward instead of re-implementing it. For a split layer
+``k`` of a model with ``n`` transformer blocks:
+
+* client part: the body (``GPT2Model`` / ``LlamaModel``) runs with its block list temporarily
+  sliced to ``blocks[:k]`` and its final norm replaced by ``nn.Identity``. The model itself
+  embeds the tokens (GPT-2 adds its position embeddings here), builds the causal + padding
+  mask and the rotary tables, and returns the hidden states after block ``k - 1``:
+  ``h [B, L, H]``.
+* server part: the body runs with ``blocks[k:]`` and its final norm. It is called with
+  ``inputs_embeds=h`` and the received attention mask, so it rebuilds the same causal +
+  padding mask and the same position ids (``arange(L)``) and rotary tables from the mask and
+  length; a forward pre-hook on block ``k`` replaces that block's input with ``h`` itself (for
+  GPT-2 the body would otherwise add position embeddings a second time).
+* pooling: like HF's sequence classifiers, each row is read at its last non-pad position,
+  derived from the attention mask (the server never sees the token ids).
+
+:func:`compress` / :func:`decompress` encode what crosses the cut (activations and their
+gradients): fp32, fp16, bf16, int8 with one scale per token, or per-token top-k.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+from .train import autocast
+
+COMPRESSIONS = ("none", "fp16", "bf16", "int8", "topk")
+_NORMS = ("ln_f", "norm", "final_layernorm", "final_layer_norm")
+
+
+@dataclass
+class Parts:
+    """The pieces of a PEFT-wrapped HF sequence classifier that the cut needs."""
+
+    body: nn.Module  # GPT2Model / LlamaModel
+    blocks_attr: str  # name of the block list on body: "h" / "layers"
+    norm_attr: str  # name of the final norm on body: "ln_f" / "norm"
+    head: nn.Module  # the classification head ("score", wrapped by PEFT)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return getattr(self.body, self.blocks_attr)
+
+
+def parts(model: nn.Module) -> Parts:
+    """Locate body, block list, final norm and head of the shared model (GPT-2, Llama, ...)."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(hf, hf.base_model_prefix, None)
+    lists = [n for n, m in (body.named_children() if body else []) if isinstance(m, nn.ModuleList)]
+    norms = [n for n in _NORMS if body is not None and hasattr(body, n)]
+    if len(lists) != 1 or not norms or not hasattr(hf, "score"):
+        raise ModelError(f"cannot split {type(hf).__name__}: need one block list, a final norm "
+                         "and a 'score' head")  # fmt: skip
+    return Parts(body, lists[0], norms[0], hf.score)
+
+
+def num_blocks(model: nn.Module) -> int:
+    return len(parts(model).blocks)
+
+
+def block_of(model: nn.Module) -> dict[str, int | None]:
+    """Trainable parameter name -> index of the block holding it (``None`` for the head)."""
+    p = parts(model)
+    where = {id(q): i for i, blk in enumerate(p.blocks) for q in blk.parameters()}
+    head = {id(q) for q in p.head.parameters()}
+    out: dict[str, int | None] = {}
+    for name, q in model.named_parameters():
+        if not q.requires_grad:
+            continue
+        if id(q) not in where and id(q) not in head:
+            raise ModelError(f"split learning needs every trainable tensor inside a transformer "
+                             f"block or the head; {name!r} is neither")  # fmt: skip
+        out[name] = where.get(id(q))
+    return out
+
+
+def part_names(model: nn.Module, k: int, side: str, u_shaped: bool = False) -> list[str]:
+    """Trainable names owned by ``side`` ('client' or 'server') at split layer ``k``.
+
+    The client owns the LoRA of blocks ``< k``, the server those of blocks ``>= k``; the head
+    goes to the server, or to the client in the U-shaped variant."""
+    owner = {}
+    for name, b in block_of(model).items():
+        if b is None:
+            owner[name] = "client" if u_shaped else "server"
+        else:
+            owner[name] = "client" if b < k else "server"
+    return [n for n, s in owner.items() if s == side]
+
+
+@contextlib.contextmanager
+def _only_blocks(p: Parts, start: int, stop: int, final_norm: bool, first_input=None):
+    """Run ``p.body`` on ``blocks[start:stop]`` only; optionally feed block ``start`` with
+    ``first_input`` instead of what the body computed from ``inputs_embeds``."""
+    full, norm = p.blocks, getattr(p.body, p.norm_attr)
+    setattr(p.body, p.blocks_attr, full[start:stop])
+    if not final_norm:
+        setattr(p.body, p.norm_attr, nn.Identity())
+    hook = None
+    if first_input is not None:
+
+        def replace_input(module, args, kwargs):
+            if args:
+                return (first_input, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": first_input}
+
+        hook = full[start].register_forward_pre_hook(replace_input, with_kwargs=True)
+    try:
+        yield
+    finally:
+        if hook is not None:
+            hook.remove()
+        setattr(p.body, p.blocks_attr, full)
+        setattr(p.body, p.norm_attr, norm)
+
+
+def last_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last non-pad token: ``[B]`` from ``mask [B, L]`` (HF's rule)."""
+    pos = torch.arange(mask.shape[-1], device=mask.device)
+    return (pos * (mask != 0)).argmax(-1)
+
+
+def client_forward(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, k: int,
+                   amp: str = "off") -> torch.Tensor:  # fmt: skip
+    """c1: embeddings and blocks ``[0, k)``. ``input_ids, mask [B, L]`` -> ``h [B, L, H]``."""
+    p = parts(model)
+    with _only_blocks(p, 0, k, final_norm=False), autocast(input_ids.device, amp):
+        return p.body(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+
+def server_forward(model: nn.Module, h: torch.Tensor, mask: torch.Tensor, k: int,
+                   amp: str = "off") -> torch.Tensor:  # fmt: skip
+    """c3: blocks ``[k, n)``, final norm and pooling. ``h [B, L, H]`` -> pooled ``[B, H]``."""
+    p = parts(model)
+    with _only_blocks(p, k, len(p.blocks), final_norm=True, first_input=h), autocast(h.device, amp):
+        out = p.body(inputs_embeds=h, attention_mask=mask, use_cache=False).last_hidden_state
+    return out[torch.arange(len(out), device=out.device), last_positions(mask)]
+
+
+def head_logits(model: nn.Module, pooled: torch.Tensor, amp: str = "off") -> torch.Tensor:
+    """The classification head on pooled states: ``[B, H]`` -> float32 logits ``[B, C]``.
+
+    HF applies the head to every position and then pools; the head is linear per position,
+    so pooling first gives the same logits."""
+    with autocast(pooled.device, amp):
+        return parts(model).head(pooled).float()
+
+
+# ----------------------------------------------------------------------------- compression
+
+
+def compress(x: torch.Tensor, mode: str, topk_ratio: float = 0.1):
+    """Encode ``x [..., H]`` for the wire. Returns ``(tensors, meta)`` for a Message.
+
+    none: float32; fp16/bf16: a cast; int8: ``q [..., H]`` int8 and one float32 scale per
+    row (``absmax / 127``), ~4x smaller than fp32; topk: per row the ``ceil(ratio * H)``
+    largest-magnitude values (float32) and their indices (int16 when ``H`` fits)."""
+    x = x.detach().float()
+    meta = {"compression": mode, "hidden": x.shape[-1]}
+    if mode == "none":
+        return {"x": x}, meta
+    if mode in ("fp16", "bf16"):
+        return {"x": x.to(torch.float16 if mode == "fp16" else torch.bfloat16)}, meta
+    if mode == "int8":
+        scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-30) / 127
+        q = (x / scale).round().clamp(-127, 127).to(torch.int8)
+        return {"q": q, "scale": scale.squeeze(-1)}, meta
+    if mode == "topk":
+        kk = max(1, math.ceil(topk_ratio * x.shape[-1]))
+        idx = x.abs().topk(kk, dim=-1).indices
+        itype = torch.int16 if x.shape[-1] <= 32767 else torch.int32
+        return {"values": x.gather(-1, idx), "indices": idx.to(itype)}, meta
+    raise ValueError(f"unknown compression {mode!r}; one of {COMPRESSIONS}")
+
+
+def decompress(tensors: dict[str, torch.Tensor], meta: dict) -> torch.Tensor:
+    """Inverse of :func:`compress`: a float32 tensor ``[..., H]``."""
+    mode = meta["compression"]
+    if mode in ("none", "fp16", "bf16"):
+        return tensors["x"].float()
+    if mode == "int8":
+        return tensors["q"].float() * tensors["scale"].unsqueeze(-1)
+    if mode == "topk":
+        v = tensors["values"]
+        out = torch.zeros(*v.shape[:-1], int(meta["hidden"]), dtype=v.dtype)
+        return out.scatter_(-1, tensors["indices"].long(), v)
+    raise ValueError(f"unknown compression {mode!r}")
