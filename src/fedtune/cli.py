@@ -1,4 +1,11 @@
-"""Command line: ``fedtune run CONFIG.toml [key=value ...] --out RUN_DIR``."""
+"""Command line.
+
+``fedtune run CONFIG.toml [key=value ...] --out RUN_DIR``: one experiment;
+``fedtune compare CONFIG.toml [key=value ...] --out DIR``: FedLLM, KD-FedLLM and Split-FedLLM on
+the same config and seeds, with report.md and plots;
+``fedtune reproduce paper --out DIR [--quick]``: the paper's case-study grid;
+``fedtune plot RUN_DIR... [--out DIR]``: report and plots from existing run directories.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +36,58 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_preset(args: argparse.Namespace) -> None:
+    """``fedtune compare key=value ...`` without a preset: the first item is an override."""
+    if args.config and "=" in args.config and not args.config.endswith(".toml"):
+        args.overrides.insert(0, args.config)
+        args.config = None
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from . import experiments
+
+    base = config.load(args.config, args.overrides)
+    base = config.with_overrides(base, progress=not args.no_progress and base.progress)
+    seeds = experiments.parse_seeds(args.seeds) if args.seeds else (base.seed,)
+    frameworks = tuple(f.strip() for f in args.frameworks.split(",") if f.strip())
+    for fw in frameworks:  # fail before any run starts
+        config.with_overrides(base, fed={"framework": fw})
+    specs = experiments.compare_specs(base, seeds, frameworks)
+    paths = experiments.run_all(specs, args.out)
+    experiments.write_outputs(paths, args.out, notes=[])
+    return 0
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from . import experiments
+
+    seeds = experiments.parse_seeds(args.seeds) if args.seeds else None
+    overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
+    specs, notes = experiments.paper_specs(args.quick, seeds, args.model, overrides)
+    if args.dry_run:
+        for spec in specs:
+            print(spec.name)
+        return 0
+    paths = experiments.run_all(specs, args.out)
+    title = "fedtune: the paper's case study" + (" (--quick)" if args.quick else "")
+    experiments.write_outputs(paths, args.out, notes=notes, title=title)
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from . import experiments
+    from .errors import ConfigError
+    from .report import find_runs
+
+    if args.out is None and len(args.run_dirs) > 1:
+        raise ConfigError("--out is required with several run directories")
+    out = args.out or args.run_dirs[0]
+    if not find_runs(args.run_dirs):
+        raise ConfigError(f"no finished run (summary.json) in {', '.join(args.run_dirs)}")
+    experiments.write_outputs(args.run_dirs, out, notes=None, title=args.title)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -46,14 +105,59 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
     r.set_defaults(func=_run)
+
+    c = sub.add_parser(
+        "compare",
+        help="FedLLM vs KD-FedLLM vs Split-FedLLM on one config: runs, report.md, plots",
+        description="Run the config under fed.framework=fedllm, kd and split for each seed "
+        "(DIR/runs/<framework>-s<seed>), then write DIR/report.md and PNG plots. Finished "
+        "runs are skipped when run again; unfinished ones are rerun.",
+    )
+    c.add_argument("config", nargs="?", help="TOML preset (defaults when omitted)")
+    c.add_argument("overrides", nargs="*", help="key=value overrides for every run")
+    c.add_argument("--out", required=True, help="output folder (runs/, report.md, *.png)")
+    c.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,42 (default: the config's)")
+    c.add_argument("--frameworks", default="fedllm,kd,split", help="default: fedllm,kd,split")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    c.set_defaults(func=_compare)
+
+    rp = sub.add_parser(
+        "reproduce",
+        help="the paper's case-study grid (FedLLM LoRA ranks, KD public set sizes, Split "
+        "samples per round), report.md and plots",
+        description="Start from configs/paper-{fedllm,kd,split}.toml and vary one factor per "
+        "framework: FedLLM model.lora_r 4,8,16; KD-FedLLM kd.public_samples 1000,2500,5002; "
+        "Split-FedLLM split.samples_per_round 500,1000,1667; seeds 0,1,42; 100 rounds. GPT-2 "
+        "when it is in the local HF cache, else the offline smollm2-135m. Resumable.",
+    )
+    rp.add_argument("study", choices=["paper"], help="the study to reproduce")
+    rp.add_argument("overrides", nargs="*", help="key=value overrides for every run")
+    rp.add_argument("--out", required=True, help="output folder (runs/, report.md, *.png)")
+    rp.add_argument("--quick", action="store_true",
+                    help="a CPU-sized grid: 2 rounds, 48 samples per client, seed 0")  # fmt: skip
+    rp.add_argument("--seeds", help="comma-separated seeds (default 0,1,42; --quick: 0)")
+    rp.add_argument("--model", help="model.name for every run (default: gpt2 if cached)")
+    rp.add_argument("--dry-run", action="store_true", help="list the runs, run nothing")
+    rp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    rp.set_defaults(func=_reproduce)
+
+    pl = sub.add_parser(
+        "plot",
+        help="redraw report.md and the plots from existing run directories",
+        description="Read finished run directories (or folders holding them, e.g. a compare "
+        "output) and write report.md and PNG plots.",
+    )
+    pl.add_argument("run_dirs", nargs="+", help="run directories or folders holding them")
+    pl.add_argument("--out", help="output folder (default: the single RUN_DIR given)")
+    pl.add_argument("--title", help="report title")
+    pl.set_defaults(func=_plot)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.config and "=" in args.config and not args.config.endswith(".toml"):
-        args.overrides.insert(0, args.config)  # `fedtune run key=value` without a preset
-        args.config = None
+    if args.command in ("run", "compare"):
+        _split_preset(args)  # `fedtune run key=value` without a preset
     try:
         return args.func(args)
     except FedtuneError as e:

@@ -30,7 +30,11 @@ class Link:
     work is metered as the server's), and returns the server's reply as received over the wire."""
 
     def __init__(
-        self, wire: Wire, server, meter: ComputeMeter | None, server_meter: ComputeMeter | None
+        self,
+        wire: Wire,
+        server,
+        meter: ComputeMeter | None = None,
+        server_meter: ComputeMeter | None = None,
     ) -> None:
         self.wire, self.server = wire, server
         self.meter, self.server_meter = meter, server_meter

@@ -1,0 +1,393 @@
+"""Reads finished run directories, aggregates them over seeds and writes ``report.md``.
+
+Pure data in, markdown out: no matplotlib here (plots live in :mod:`fedtune.plots`), so the
+report can be built and tested anywhere. The pipeline, top to bottom:
+
+1. :func:`find_runs` / :func:`load_run`: a run directory is ``config.toml`` + ``metrics.jsonl``
+   + ``summary.json`` (see :mod:`fedtune.rundir`); only finished runs (with a summary) count.
+2. :func:`group_runs`: runs of one framework that differ only in their seed form one group; the
+   config keys that differ *between* a framework's groups are its "setting" (the varied factor
+   of a sweep, e.g. ``model.lora_r``), found from the configs rather than declared anywhere.
+3. :func:`aggregate` / :func:`curve`: per group, means (and the std of accuracy) over seeds.
+4. :func:`table_one`: the paper's Table I rebuilt as ranks from the measured numbers, beside
+   the paper's claims, with a disagreement line for each rank that the claim does not allow.
+5. :func:`build_report`: the markdown.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FRAMEWORKS = ("fedllm", "kd", "split")
+TITLES = {"fedllm": "FedLLM", "kd": "KD-FedLLM", "split": "Split-FedLLM"}
+# Keys that never define a setting: the seed is what a group averages over; the rest is cosmetic.
+IGNORED_KEYS = {"seed", "name", "progress"}
+
+# The paper's Table I (arXiv 2501.04436) as ranks, 1 = best: most accurate, fewest bytes per
+# client per round, least client compute. A claim is (the paper's words, the ranks it allows):
+# "FedLLM and Split-FedLLM are both high" is a tie, so either may come first.
+CLAIMS: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {
+    "accuracy": {
+        "fedllm": ("high", (1, 2)),
+        "kd": ("lower (depends on the public data)", (3,)),
+        "split": ("high (close to FedLLM)", (1, 2)),
+    },
+    "communication": {
+        "fedllm": ("high (all LoRA parameters each round)", (2,)),
+        "kd": ("low (logits)", (1,)),
+        "split": ("highest (activations + gradients per batch)", (3,)),
+    },
+    "client compute": {
+        "fedllm": ("high (full model on the client)", (2,)),
+        "kd": ("high, plus logit generation and distillation", (3,)),
+        "split": ("low (first blocks only)", (1,)),
+    },
+}
+
+
+@dataclass
+class Run:
+    """One finished run directory: flattened config, summary and per-round metrics."""
+
+    path: Path
+    config: dict  # dotted keys: {"model.lora_r": 8, "fed.framework": "fedllm", ...}
+    summary: dict
+    metrics: list[dict]
+
+    @property
+    def framework(self) -> str:
+        return self.summary.get("framework") or self.config.get("fed.framework", "?")
+
+    @property
+    def seed(self) -> int:
+        return self.summary.get("seed", self.config.get("seed", 0))
+
+
+@dataclass
+class Group:
+    """The runs of one framework and setting (they differ only in their seed)."""
+
+    framework: str
+    setting: tuple[tuple[str, object], ...]  # ((dotted key, value), ...), may be empty
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        """``FedLLM`` or ``FedLLM lora_r=4``: the short name used in tables and legends."""
+        parts = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in self.setting]
+        return " ".join([TITLES.get(self.framework, self.framework), *parts])
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    cfg_file = path / "config.toml"
+    cfg = flatten(tomllib.loads(cfg_file.read_text())) if cfg_file.exists() else {}
+    summary = json.loads((path / "summary.json").read_text())
+    metrics_file = path / "metrics.jsonl"
+    lines = metrics_file.read_text().splitlines() if metrics_file.exists() else []
+    return Run(path, cfg, summary, [json.loads(line) for line in lines if line.strip()])
+
+
+def find_runs(paths: list[str | Path]) -> list[Run]:
+    """Finished runs at or below ``paths`` (a run directory, or a folder holding some)."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if (p / "summary.json").exists():
+            found.append(p)
+        else:
+            found += sorted(s.parent for s in p.rglob("summary.json"))
+    return [load_run(p) for p in dict.fromkeys(found)]  # dedupe, keep order
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+def _sort_key(value) -> tuple:
+    return (0, value, "") if isinstance(value, int | float) else (1, 0, str(value))
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    """Groups in framework order, settings sorted by value within a framework."""
+    groups: list[Group] = []
+    frameworks = sorted({r.framework for r in runs}, key=lambda f: (f not in FRAMEWORKS, f))
+    for fw in frameworks:
+        mine = [r for r in runs if r.framework == fw]
+        keys = sorted(
+            k
+            for k in set().union(*(r.config for r in mine))
+            if k not in IGNORED_KEYS and len({r.config.get(k) for r in mine}) > 1
+        )
+        by_setting: dict[tuple, Group] = {}
+        for r in mine:
+            setting = tuple((k, r.config.get(k)) for k in keys)
+            by_setting.setdefault(setting, Group(fw, setting)).runs.append(r)
+        for setting in sorted(by_setting, key=lambda s: [_sort_key(v) for _, v in s]):
+            group = by_setting[setting]
+            group.runs.sort(key=lambda r: r.seed)
+            groups.append(group)
+    return groups
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _std(values) -> float:
+    """Sample std over seeds (ddof=1); 0 for a single seed."""
+    values = [v for v in values if v is not None]
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def aggregate(group: Group) -> dict:
+    """One table row: means over the group's seeds (peak memory: the max)."""
+    s = [r.summary for r in group.runs]
+    acc = [x.get("final_accuracy") for x in s]
+    up = _mean(x.get("bytes_up_per_client_per_round") for x in s)
+    down = _mean(x.get("bytes_down_per_client_per_round") for x in s)
+    return {
+        "framework": group.framework,
+        "label": group.label,
+        "setting": group.setting,
+        "seeds": [r.seed for r in group.runs],
+        "rounds": _mean(x.get("rounds") for x in s),
+        "accuracy_mean": _mean(acc),
+        "accuracy_std": _std(acc),
+        "macro_f1_mean": _mean(x.get("final_macro_f1") for x in s),
+        "bytes_up": up,
+        "bytes_down": down,
+        "bytes_total": up + down,
+        "client_flops": _mean(x.get("client_flops_per_round") for x in s),
+        "client_seconds": _mean(x.get("client_seconds_per_round") for x in s),
+        "client_peak_memory": max((x.get("client_peak_memory_bytes") or 0 for x in s), default=0),
+    }
+
+
+def curve(group: Group) -> dict[str, np.ndarray]:
+    """Accuracy per evaluated round and the cumulative bytes (up + down) per client at that
+    round, both averaged over seeds on the rounds every seed evaluated."""
+    per_run = []
+    for r in group.runs:
+        total = np.cumsum(
+            [m["bytes_up_per_client"] + m["bytes_down_per_client"] for m in r.metrics]
+        )
+        per_run.append({m["round"]: (m["accuracy"], total[i])
+                        for i, m in enumerate(r.metrics) if "accuracy" in m})  # fmt: skip
+    rounds = sorted(set.intersection(*(set(p) for p in per_run)))  # a group has >= 1 run
+    acc = np.array([[p[t][0] for t in rounds] for p in per_run]).reshape(len(per_run), -1)
+    cum = np.array([[p[t][1] for t in rounds] for p in per_run]).reshape(len(per_run), -1)
+    return {
+        "round": np.array(rounds, dtype=int),
+        "accuracy": acc.mean(0),
+        "accuracy_std": acc.std(0, ddof=1) if len(per_run) > 1 else np.zeros(len(rounds)),
+        "cum_bytes": cum.mean(0),
+    }
+
+
+# ----------------------------------------------------------------------------- Table I
+
+
+def framework_means(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per framework, the three Table I quantities: the mean over its settings (each setting
+    weighted equally). Client compute is FLOPs, or seconds when FLOPs were not counted."""
+    use_flops = any(r["client_flops"] > 0 for r in rows)
+    out: dict[str, dict[str, float]] = {}
+    for fw in dict.fromkeys(r["framework"] for r in rows):
+        mine = [r for r in rows if r["framework"] == fw]
+        out[fw] = {
+            "accuracy": _mean(r["accuracy_mean"] for r in mine),
+            "communication": _mean(r["bytes_total"] for r in mine),
+            "client compute": _mean(
+                r["client_flops" if use_flops else "client_seconds"] for r in mine
+            ),  # fmt: skip
+        }
+    return out
+
+
+def rank(values: dict[str, float], higher_is_better: bool) -> dict[str, int]:
+    """Competition ranking (1 = best; equal values share a rank: 1, 1, 3)."""
+    sign = -1 if higher_is_better else 1
+    return {k: 1 + sum(sign * w < sign * v for w in values.values()) for k, v in values.items()}
+
+
+def table_one(rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """Rows ``{metric, framework, claim, claimed_ranks, value, rank, agrees}`` and one
+    disagreement line per mismatch. Needs all three frameworks (the claims rank three)."""
+    means = framework_means(rows)
+    if not set(FRAMEWORKS) <= set(means):
+        return [], []
+    table, disagreements = [], []
+    for metric, claims in CLAIMS.items():
+        values = {fw: means[fw][metric] for fw in FRAMEWORKS}
+        ranks = rank(values, higher_is_better=(metric == "accuracy"))
+        for fw in FRAMEWORKS:
+            words, allowed = claims[fw]
+            agrees = ranks[fw] in allowed
+            table.append({"metric": metric, "framework": fw, "claim": words,
+                          "claimed_ranks": allowed, "value": values[fw], "rank": ranks[fw],
+                          "agrees": agrees})  # fmt: skip
+            if not agrees:
+                disagreements.append(
+                    f"Disagreement on {metric}: {TITLES[fw]} ranks {ranks[fw]} measured, "
+                    f"the paper implies rank {_ranks(allowed)}: {words}."
+                )
+    return table, disagreements
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def _ranks(allowed: tuple[int, ...]) -> str:
+    return (
+        "-".join(str(a) for a in (allowed[0], allowed[-1])) if len(allowed) > 1 else str(allowed[0])
+    )
+
+
+def fmt_si(x: float, unit: str = "") -> str:
+    """``2.78 MB``, ``31.9 TFLOP``: three significant digits, decimal prefixes."""
+    if x is None or not np.isfinite(x):
+        return "n/a"
+    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= factor:
+            return f"{x / factor:.3g} {prefix}{unit}"
+    return f"{x:.3g} {unit}".strip()
+
+
+def fmt_acc(mean: float, std: float, n: int = 2) -> str:
+    """``0.8200 ± 0.0283``; a single seed has no spread to show."""
+    if not np.isfinite(mean):
+        return "n/a"
+    return f"{mean:.4f} ± {std:.4f}" if n > 1 else f"{mean:.4f}"
+
+
+def _metric_value(metric: str, value: float, use_flops: bool) -> str:
+    if metric == "accuracy":
+        return f"{value:.4f}"
+    if metric == "communication":
+        return fmt_si(value, "B")
+    return fmt_si(value, "FLOP") if use_flops else f"{value:.3g} s"
+
+
+def results_table(rows: list[dict]) -> list[str]:
+    head = ("| framework | seeds | final accuracy (mean ± std) | macro-F1 | bytes up / client / round "
+            "| bytes down / client / round | client FLOPs / round | client s / round "
+            "| client peak memory |")  # fmt: skip
+    lines = [head, "|" + " --- |" * 9]
+    for r in rows:
+        seeds = ",".join(str(s) for s in r["seeds"])
+        lines.append(
+            f"| {r['label']} | {seeds} | {fmt_acc(r['accuracy_mean'], r['accuracy_std'], len(r['seeds']))} "
+            f"| {r['macro_f1_mean']:.4f} | {fmt_si(r['bytes_up'], 'B')} "
+            f"| {fmt_si(r['bytes_down'], 'B')} | {fmt_si(r['client_flops'], 'FLOP')} "
+            f"| {r['client_seconds']:.3g} | {fmt_si(r['client_peak_memory'], 'B')} |"
+        )
+    return lines
+
+
+def table_one_lines(rows: list[dict]) -> list[str]:
+    table, disagreements = table_one(rows)
+    if not table:
+        return ["Table I needs runs of all three frameworks; not rebuilt."]
+    use_flops = any(r["client_flops"] > 0 for r in rows)
+    unit = "FLOPs" if use_flops else "seconds (FLOPs were not counted)"
+    lines = [
+        "Ranks: 1 = best (most accurate; fewest bytes up + down per client per round; least "
+        f"client compute per round, in {unit}). A framework with several settings is their "
+        "mean. The paper's claims are qualitative; a tie in the claim allows either rank.",
+        "",
+        "| metric | framework | paper claim | paper rank | measured | measured rank | agrees |",
+        "|" + " --- |" * 7,
+    ]
+    for t in table:
+        lines.append(
+            f"| {t['metric']} | {TITLES[t['framework']]} | {t['claim']} "
+            f"| {_ranks(t['claimed_ranks'])} | {_metric_value(t['metric'], t['value'], use_flops)} "
+            f"| {t['rank']} | {'yes' if t['agrees'] else '**no**'} |"
+        )
+    lines.append("")
+    lines += [f"- **{d}**" for d in disagreements] or ["The measured ranks agree with every claim."]
+    return lines
+
+
+def setup_lines(runs: list[Run]) -> list[str]:
+    """Model, data and scale shared by the runs (from the summaries)."""
+
+    def values(key: str) -> str:
+        vals = dict.fromkeys(json.dumps(r.summary.get(key)) for r in runs)
+        return ", ".join(v.strip('"') for v in vals)
+
+    return [
+        f"- model: {values('model')}; dataset: {values('dataset')}",
+        f"- clients: {values('num_clients')}, samples per client: {values('samples_per_client')}, "
+        f"public set: {values('public_size')}, test samples: {values('test_size')}",
+        f"- rounds: {values('rounds')}; seeds: {', '.join(str(s) for s in sorted({r.seed for r in runs}))}",
+        f"- measured on: {values('machine')} ({values('device')}); FLOPs: {values('flops_mode')}; "
+        f"peak memory: {values('peak_memory_method')}",
+    ]
+
+
+def build_report(
+    runs: list[Run],
+    plots: list[str] | tuple[str, ...] = (),
+    title: str = "fedtune: FedLLM vs KD-FedLLM vs Split-FedLLM",
+    notes: list[str] | tuple[str, ...] = (),
+) -> str:
+    """The markdown report. ``plots`` are image file names (relative to the report) to embed;
+    ``notes`` are extra lines for the setup section."""
+    if not runs:
+        return f"# {title}\n\nNo finished runs found.\n"
+    groups = group_runs(runs)
+    rows = [aggregate(g) for g in groups]
+    lines = [f"# {title}", "", "## Setup", "", *setup_lines(runs), *[f"- {n}" for n in notes]]
+    lines += ["", "## Results", "",
+              "Per framework and setting, over seeds: final test accuracy (mean ± sample std), and "
+              "per client and round: bytes on the wire (measured from the encoded messages), "
+              "client FLOPs and seconds (means) and peak memory (max).", "",
+              *results_table(rows)]  # fmt: skip
+    lines += [
+        "",
+        "## Table I: the paper's claims against the measurement",
+        "",
+        *table_one_lines(rows),
+    ]
+    if plots:
+        lines += ["", "## Plots"]
+        for p in plots:  # one paragraph each, so that they stack
+            lines += ["", f"![{Path(p).stem.replace('_', ' ')}]({p})"]
+    lines += ["", "## Runs", ""]
+    for g in groups:
+        lines.append(f"- {g.label}: {', '.join(str(r.path) for r in g.runs)}")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(runs: list[Run], out: str | Path, plots=(), **kw) -> Path:
+    """Write ``out/report.md`` (run paths relative to ``out`` where possible)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = out.resolve()
+    rel = [Run(_relative(r.path, base), r.config, r.summary, r.metrics) for r in runs]
+    path = out / "report.md"
+    path.write_text(build_report(rel, plots, **kw))
+    return path
+
+
+def _relative(path: Path, base: Path) -> Path:
+    try:
+        return path.resolve().relative_to(base)
+    except ValueError:
+        return path
