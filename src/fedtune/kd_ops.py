@@ -21,8 +21,14 @@ import torch.nn.functional as F
 from . import compute
 from .config import TrainConfig
 from .data import Tokenized, batches
-from .models import load_trainable_state, trainable_state
-from .train import LocalResult, forward_logits, make_optimizer, to_device, trainable_params
+from .train import (
+    LocalResult,
+    finish_training,
+    forward_logits,
+    optimizer_step,
+    start_training,
+    to_device,
+)
 
 # ----------------------------------------------------------------------------- wire format
 
@@ -199,12 +205,7 @@ def distill(
     Each epoch visits the S samples once in shuffled (length-grouped) batches, or, with
     ``resample [S]`` probabilities, S draws with replacement. ``weights [S]`` weight the loss
     (0 = skip the sample). ``labels [S]`` adds cross-entropy on true labels (server option)."""
-    load_trainable_state(model, state)
-    params = trainable_params(model)
-    opt = make_optimizer(params, cfg)
-    if opt_state is not None:
-        opt.load_state_dict(opt_state)
-    model.train()
+    params, opt = start_training(model, state, opt_state, cfg)
     w = torch.ones(len(idx)) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
     # A view of the selection whose "labels" are row positions, so each batch knows its
     # teacher rows; batches() then gives the same shuffling and length grouping as training.
@@ -227,16 +228,8 @@ def distill(
                     )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
+            optimizer_step(opt, params, cfg)
             loss_sum += loss.detach()
             steps += 1
             samples += len(rows)
-    return LocalResult(
-        state=trainable_state(model),
-        opt_state=opt.state_dict() if cfg.optimizer_state == "keep" else None,
-        loss=float(loss_sum) / max(steps, 1),
-        steps=steps,
-        samples=samples,
-    )
+    return finish_training(model, opt, cfg, loss_sum, steps, samples)

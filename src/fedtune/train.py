@@ -67,6 +67,36 @@ class LocalResult:
     samples: int
 
 
+def start_training(
+    model: nn.Module, state: dict[str, torch.Tensor], opt_state: dict | None, cfg: TrainConfig
+) -> tuple[list[nn.Parameter], torch.optim.Optimizer]:
+    """Load ``state`` into the shared model and rebuild the party's optimizer around it."""
+    load_trainable_state(model, state)
+    params = trainable_params(model)
+    opt = make_optimizer(params, cfg)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    model.train()
+    return params, opt
+
+
+def optimizer_step(opt: torch.optim.Optimizer, params: list, cfg: TrainConfig) -> None:
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+
+
+def finish_training(model, opt, cfg: TrainConfig, loss_sum, steps: int, samples: int):
+    """Read the trained state (and, with optimizer_state=keep, the optimizer's) back out."""
+    return LocalResult(
+        state=trainable_state(model),
+        opt_state=opt.state_dict() if cfg.optimizer_state == "keep" else None,
+        loss=float(loss_sum) / max(steps, 1),
+        steps=steps,
+        samples=samples,
+    )
+
+
 def num_local_steps(n: int, cfg: TrainConfig) -> int:
     """Optimizer steps a client with ``n`` samples takes per round."""
     return cfg.local_steps or cfg.local_epochs * -(-n // cfg.batch_size)
@@ -89,12 +119,7 @@ def train_local(
 
     Runs ``cfg.local_steps`` steps, or ``cfg.local_epochs`` passes of shuffled batches
     (``input_ids [B, L]`` dynamically padded). Returns the new state and optimizer state."""
-    load_trainable_state(model, state)
-    params = trainable_params(model)
-    opt = make_optimizer(params, cfg)
-    if opt_state is not None:
-        opt.load_state_dict(opt_state)
-    model.train()
+    params, opt = start_training(model, state, opt_state, cfg)
     total = num_local_steps(len(idx), cfg)
     loss_sum = torch.zeros((), device=device)  # accumulated on device: no sync per step
     steps = samples = 0
@@ -106,9 +131,7 @@ def train_local(
                 loss = F.cross_entropy(forward_logits(model, batch, cfg.autocast), batch["labels"])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
+            optimizer_step(opt, params, cfg)
             loss_sum += loss.detach()
             steps += 1
             samples += len(batch["labels"])
@@ -116,13 +139,7 @@ def train_local(
             if steps >= total:
                 break
     bar.close()
-    return LocalResult(
-        state=trainable_state(model),
-        opt_state=opt.state_dict() if cfg.optimizer_state == "keep" else None,
-        loss=float(loss_sum) / max(steps, 1),
-        steps=steps,
-        samples=samples,
-    )
+    return finish_training(model, opt, cfg, loss_sum, steps, samples)
 
 
 @torch.inference_mode()
