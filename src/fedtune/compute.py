@@ -103,7 +103,6 @@ class ComputeMeter:
             raise ValueError(f"flops mode must be one of {FLOP_MODES}, got {mode!r}")
         self.device = torch.device(device)
         self.mode = mode
-        self.count_flops = mode == "all"
         self.cache = cache if cache is not None else {}
         self.stats = ComputeStats()
         self._flop_mode: FlopCounterMode | None = None
@@ -111,7 +110,7 @@ class ComputeMeter:
         self._active = False
 
     def _start_segment(self) -> None:
-        if self.count_flops:
+        if self.mode == "all":
             self._flop_mode = FlopCounterMode(display=False)
             self._flop_mode.__enter__()
         self._t0 = time.perf_counter()

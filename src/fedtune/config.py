@@ -359,8 +359,6 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
                 raise ConfigError(
                     f"config key {path}: {kwargs[key]!r} is not one of {', '.join(choices)}"
                 )
-    if cls is RunConfig:
-        return cls(**kwargs)
     return cls(**kwargs)
 
 

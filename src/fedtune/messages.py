@@ -198,6 +198,5 @@ class Wire:
 
 def encoded_size(tensors: dict[str, torch.Tensor], **routing: Any) -> int:
     """Bytes :func:`encode` produces for these tensors (used by tests and planners)."""
-    msg = Message(routing.get("kind", PARAMETERS), routing.get("round", 0), "server", "client-0")
-    msg.tensors = tensors
-    return len(encode(msg))
+    kind, rnd = routing.get("kind", PARAMETERS), routing.get("round", 0)
+    return len(encode(Message(kind, rnd, SERVER, client_name(0), tensors)))
