@@ -4,7 +4,8 @@
 ``fedtune compare CONFIG.toml [key=value ...] --out DIR``: FedLLM, KD-FedLLM and Split-FedLLM on
 the same config and seeds, with report.md and plots;
 ``fedtune reproduce paper --out DIR [--quick]``: the paper's case-study grid;
-``fedtune plot RUN_DIR... [--out DIR]``: report and plots from existing run directories.
+``fedtune plot RUN_DIR... [--out DIR]``: report and plots from existing run directories;
+``fedtune flower ...``: real deployment on Flower (see :mod:`fedtune.flower.cli`).
 """
 
 from __future__ import annotations
@@ -151,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", help="output folder (default: the single RUN_DIR given)")
     pl.add_argument("--title", help="report title")
     pl.set_defaults(func=_plot)
+
+    from .flower.cli import add_parser as add_flower_parser  # imports flwr only when run
+
+    add_flower_parser(sub)
     return p
 
 

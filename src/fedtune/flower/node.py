@@ -1,0 +1,142 @@
+"""The SuperNode side: a long-lived fedtune worker that holds the model and the client's state.
+
+Flower 1.41 starts a fresh ``flwr-clientapp`` process for every message, in both isolation
+modes (``supernode/runtime/run_clientapp.py`` handles one message, then exits), so nothing a
+ClientApp loads survives to the next message. ``fedtune flower supernode`` therefore runs this
+worker inside the SuperNode's own process, on a loopback port guarded by a random token that
+only the node config carries; the ClientApp forwards each message's bytes to it. The worker
+loads the backbone once (``models.load_model`` caches it per process) and keeps each run's
+``Client`` object (optimizer moments, KD's local model, ...) across rounds, exactly like the
+in-process simulation.
+
+Data: node config ``partition-id=N`` makes the node fedtune client N. Alone, the node splits
+the run's dataset (``data.path`` of the config, present on this host) like the simulation and
+keeps partition N. With ``data-dir=/path`` the node instead uses its own folder: ``train.csv``
+(all of it private to this client) and, for KD-FedLLM, ``public.csv``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .. import config, frameworks
+from ..compute import ComputeMeter
+from ..context import Context, build_context
+from ..data import FedData, Tokenized, read_csv, tokenize
+from ..errors import ConfigError, DataError, FedtuneError, MessageError
+from ..messages import DOWN, UP, Wire, client_name
+from . import rpc
+from .split_link import RemoteLink, receive_counted
+
+log = logging.getLogger("fedtune.flower")
+
+
+def own_data(cfg: config.RunConfig, data_dir: Path, cid: int, labels: list[str], tok) -> FedData:
+    """A node's own CSV folder as :class:`FedData`: ``train.csv`` rows are client ``cid``'s
+    samples, ``public.csv`` (optional) rows the public set; ``labels`` are the run's class
+    names (from the server), so label ids agree across nodes."""
+    d = cfg.data
+    texts, names = read_csv(data_dir / "train.csv", d.text_column, d.label_column)
+    n_private = len(texts)
+    if (data_dir / "public.csv").is_file():
+        pt, pn = read_csv(data_dir / "public.csv", d.text_column, d.label_column)
+        texts, names = texts + pt, names + pn
+    index = {n: i for i, n in enumerate(labels)}
+    unknown = sorted(set(names) - set(index))
+    if unknown:
+        raise DataError(f"{data_dir}: labels not in the run's label set: {', '.join(unknown[:3])}")
+    y = np.array([index[n] for n in names], dtype=np.int64)
+    clients = [np.zeros(0, dtype=np.int64) for _ in range(cid)] + [np.arange(n_private)]
+    return FedData(
+        label_names=list(labels),
+        train=Tokenized(tokenize(tok, texts, cfg.model.max_length), y),
+        test=Tokenized([], np.zeros(0, dtype=np.int64)),
+        public_idx=np.arange(n_private, len(texts)),
+        client_idx=clients,
+        pad_id=tok.pad_token_id,
+    )
+
+
+class NodeWorker:
+    """Runs fedtune client ``partition_id`` for every run this SuperNode takes part in."""
+
+    def __init__(self, partition_id: int, data_dir: str | None = None,
+                 split_root_cert: str | None = None) -> None:  # fmt: skip
+        self.cid, self.data_dir, self.split_root_cert = partition_id, data_dir, split_root_cert
+        self.contexts: dict[str, Context] = {}  # config hash -> context (model loaded once)
+        self.clients: dict[tuple[str, str], object] = {}  # (run id, config hash) -> Client
+        self.lock = threading.Lock()  # one message at a time: the model is shared
+
+    def context(self, cfg: config.RunConfig, key: str, labels: list[str]) -> Context:
+        if key not in self.contexts:
+            data = None
+            if self.data_dir:
+                from ..models import load_tokenizer
+
+                tok = load_tokenizer(cfg.model.name)
+                data = own_data(cfg, Path(self.data_dir), self.cid, labels, tok)
+            ctx = build_context(cfg, data=data)
+            if self.cid >= len(ctx.data.client_idx):
+                raise ConfigError(f"partition-id {self.cid} but the run has "
+                                  f"{len(ctx.data.client_idx)} clients")  # fmt: skip
+            self.contexts[key] = ctx
+        return self.contexts[key]
+
+    def process(self, header: dict, blob: bytes) -> bytes:
+        """One Flower message: decode, ``Client.handle``, encode; returns a :func:`rpc.pack`
+        frame with the reply bytes, the client's compute and what this side counted."""
+        text = header["config"]
+        key = hashlib.sha256(text.encode()).hexdigest()[:16]
+        cfg = config.from_dict(tomllib.loads(text))
+        ctx = self.context(cfg, key, header.get("labels", []))
+        fw = frameworks.get(cfg.fed.framework)
+        client = self.clients.setdefault((str(header["run"]), key), fw.Client(ctx, self.cid))
+        wire = Wire()
+        msg = receive_counted(wire, blob)
+        if msg.receiver != client_name(self.cid):
+            raise MessageError(f"node {client_name(self.cid)} got a message for {msg.receiver}")
+        meter = ComputeMeter(ctx.device, cfg.flops, ctx.flop_cache)
+        split, stream = header.get("split"), None
+        try:
+            if split:
+                stream = rpc.Stream(split["address"], split["token"], root_cert=self.split_root_cert,
+                                    timeout=float(split["timeout"]), what="split server")  # fmt: skip
+            link = RemoteLink(stream, wire, meter) if stream else None
+            with meter.measure():
+                reply = client.handle(msg, link)
+        finally:
+            if stream is not None:
+                stream.close()
+        out = wire.send(reply) if reply is not None else b""
+        totals = wire.ledger.round_totals(msg.round).get(client_name(self.cid), {})
+        counted = {d: sum(totals.get(d, {}).values()) for d in (UP, DOWN)}
+        return rpc.pack({"stats": meter.stats.as_dict(), "counted": counted,
+                         "reply": reply is not None}, out)  # fmt: skip
+
+    def handle(self, requests: Iterator[bytes], context, peer: str) -> Iterator[bytes]:
+        for frame in requests:
+            with self.lock:
+                try:
+                    header, blob = rpc.unpack(frame)
+                    out = self.process(header, blob)
+                except FedtuneError as e:
+                    out = rpc.pack({"error": f"{type(e).__name__}: {e}"})
+                except Exception as e:  # report to the server as one line; keep the node up
+                    log.exception("fedtune client failed")
+                    out = rpc.pack({"error": f"{type(e).__name__} on {client_name(self.cid)}: {e}"})
+            yield out
+
+
+def start_worker(partition_id: int, token: str, *, data_dir: str | None = None,
+                 split_root_cert: str | None = None, bind: str = "127.0.0.1:0"):  # fmt: skip
+    """Start the worker on loopback; returns ``(worker, grpc_server, port)``."""
+    worker = NodeWorker(partition_id, data_dir, split_root_cert)
+    server, port = rpc.serve(worker.handle, bind, lambda: {token: "clientapp"}, workers=4)
+    return worker, server, port

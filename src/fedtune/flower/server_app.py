@@ -1,0 +1,183 @@
+"""The fedtune ServerApp: the simulation's round loop with Flower moving the messages.
+
+:func:`run_federation` is :func:`fedtune.simulation.simulate` with the in-process hop replaced
+by ``grid.send_and_receive``: each framework's ``Server.round`` generator is driven the same
+way, every fedtune :class:`~fedtune.messages.Message` is encoded once (``Wire.send``, counted)
+and travels as the ``blob`` bytes of a Flower ``ConfigRecord``; replies are decoded and counted
+on arrival. Each client counts the same bytes on its side; the two counts must agree. The run
+directory (config.toml, metrics.jsonl, summary.json, adapter/) is the simulation's.
+
+Run config (``[tool.flwr.app.config]``, written by ``fedtune flower run``): ``fedtune-config``
+(the resolved config as TOML text), ``out`` (run directory on the SuperLink host),
+``split-bind`` / ``split-host`` (where the split server listens / how clients reach it),
+``split-certfile`` / ``split-keyfile`` (TLS for that stream), ``node-timeout``,
+``round-timeout``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import tomllib
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from .. import config, frameworks
+from ..compute import ComputeMeter, ComputeStats
+from ..context import build_context
+from ..errors import ConfigError, FedtuneError, MessageError
+from ..messages import DOWN, UP, Wire, client_name
+from ..models import num_params
+from ..rundir import RunDir, summarize
+from ..simulation import format_round, round_record, sample_clients
+from ..train import evaluate
+from .client_app import RECORD
+from .split_link import receive_counted, start_split_service
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    rc = dict(context.run_config)
+    text = str(rc.get("fedtune-config", ""))
+    if not text or not rc.get("out"):
+        raise ConfigError("run config needs fedtune-config and out (use `fedtune flower run`)")
+    cfg = config.from_dict(tomllib.loads(text))
+    run_federation(grid, cfg, str(rc["out"]), rc)
+
+
+def discover(grid: Grid, n: int, timeout: float) -> dict[int, int]:
+    """Wait for ``n`` SuperNodes and ask each its partition id: ``{cid: node_id}``."""
+    deadline = time.monotonic() + timeout
+    while len(ids := list(grid.get_node_ids())) < n:
+        if time.monotonic() > deadline:
+            raise FedtuneError(f"{len(ids)} of {n} SuperNodes connected after {timeout:g} s")
+        time.sleep(0.5)
+    asks = [Message(RecordDict({RECORD: ConfigRecord({})}), dst_node_id=i, message_type="query")
+            for i in ids]  # fmt: skip
+    nodes: dict[int, int] = {}
+    for m in grid.send_and_receive(asks, timeout=timeout):
+        if m.has_error():
+            raise FedtuneError(f"SuperNode {m.metadata.src_node_id}: {m.error.reason}")
+        pid = int(m.content[RECORD]["partition-id"])
+        if pid in nodes:
+            raise ConfigError(f"two SuperNodes have partition-id {pid}")
+        nodes[pid] = m.metadata.src_node_id
+    missing = sorted(set(range(n)) - set(nodes))
+    if missing:
+        raise ConfigError(f"no SuperNode answered with partition-id {missing} (have {sorted(nodes)})")
+    return {c: nodes[c] for c in range(n)}
+
+
+def flower_round(grid, ctx, server, nodes, wire, rnd, sampled, service, header, rc):
+    """One round over Flower. Returns ``(server_metrics, client_stats, server_stats)`` like
+    :func:`fedtune.simulation.run_round`."""
+    cfg = ctx.cfg
+    server_meter = ComputeMeter(ctx.device, cfg.flops, ctx.flop_cache)
+    stats = {cid: ComputeStats() for cid in sampled}
+    counted = {cid: {UP: 0, DOWN: 0} for cid in sampled}
+    tokens = service.begin_round(rnd, sampled, server_meter) if service else {}
+    by_node = {node: cid for cid, node in nodes.items()}
+    timeout = float(rc.get("round-timeout", 3600))
+    gen = server.round(rnd, sampled)
+    with server_meter.measure():
+        outgoing = next(gen)
+    while True:
+        out = []
+        for cid, msg in outgoing.items():
+            h = dict(header)
+            if service:
+                h["split"] = {"address": service.address, "token": tokens[cid], "timeout": timeout}
+            rec = ConfigRecord({"header": json.dumps(h), "blob": wire.send(msg)})
+            out.append(Message(RecordDict({RECORD: rec}), dst_node_id=nodes[cid],
+                               message_type="train", group_id=str(rnd)))  # fmt: skip
+        got: dict[int, Message | None] = {}
+        for m in grid.send_and_receive(out, timeout=timeout):
+            cid = by_node.get(m.metadata.src_node_id)
+            if cid is None or cid not in outgoing:
+                continue
+            if m.has_error():
+                raise FedtuneError(f"{client_name(cid)} failed in round {rnd}: {m.error.reason}")
+            rec = m.content[RECORD]
+            h = json.loads(str(rec["header"]))
+            stats[cid].add(ComputeStats(**h["stats"]))
+            for d in (UP, DOWN):
+                counted[cid][d] += int(h["counted"][d])
+            got[cid] = receive_counted(wire, bytes(rec["blob"])) if h["reply"] else None
+        missing = [c for c in outgoing if c not in got]
+        if missing:
+            raise FedtuneError(f"round {rnd}: no reply from clients {missing} in {timeout:g} s")
+        # in the sending order, like the simulation (float sums depend on the order)
+        replies = {c: got[c] for c in outgoing if got[c] is not None}
+        try:
+            with server_meter.measure():
+                outgoing = gen.send(replies)
+        except StopIteration as stop:
+            metrics = stop.value or {}
+            break
+    totals = wire.ledger.round_totals(rnd)
+    for cid in sampled:
+        mine = {d: sum(totals.get(client_name(cid), {}).get(d, {}).values()) for d in (UP, DOWN)}
+        if mine != counted[cid]:
+            raise MessageError(f"round {rnd}: server counted {mine} bytes for "
+                               f"{client_name(cid)}, the client {counted[cid]}")  # fmt: skip
+    return metrics, stats, server_meter.stats
+
+
+def run_federation(grid: Grid, cfg: config.RunConfig, out: str, rc: dict, log=print) -> dict:
+    """Run ``cfg`` on the SuperNodes of ``grid``; writes ``out`` like the simulation."""
+    t_start = time.perf_counter()
+    fw = frameworks.get(cfg.fed.framework)
+    RunDir.check(out)
+    ctx = build_context(cfg)
+    rundir = RunDir.create(out, cfg)
+    server = fw.Server(ctx)
+    wire = Wire()
+    n = len(ctx.data.client_idx)
+    nodes = discover(grid, n, float(rc.get("node-timeout", 120)))
+    log(f"fedtune: {n} SuperNodes: " + ", ".join(f"{c}->{nodes[c]}" for c in nodes))
+    service = grpc_server = None
+    if fw.NAME == "split":
+        service, grpc_server, port = start_split_service(
+            server, wire, str(rc.get("split-bind", "0.0.0.0:0")),
+            certfile=str(rc.get("split-certfile", "")) or None,
+            keyfile=str(rc.get("split-keyfile", "")) or None, workers=n + 4,
+        )  # fmt: skip
+        service.address = f"{rc.get('split-host', '127.0.0.1')}:{port}"
+        log(f"fedtune: split server listening on port {port}, clients use {service.address}")
+    header = {"config": config.to_toml(cfg), "labels": ctx.data.label_names,
+              "timeout": float(rc.get("round-timeout", 3600))}  # fmt: skip
+    history: list[dict] = []
+    load_seconds = time.perf_counter() - t_start
+    try:
+        for rnd in range(1, cfg.fed.rounds + 1):
+            t0 = time.perf_counter()
+            sampled = sample_clients(n, cfg.fed.fraction_fit, cfg.fed.min_clients, cfg.seed, rnd)
+            metrics, client_stats, server_stats = flower_round(
+                grid, ctx, server, nodes, wire, rnd, sampled, service, header, rc
+            )
+            record = round_record(rnd, sampled, metrics, client_stats, server_stats, wire)
+            record["round_seconds"] = time.perf_counter() - t0
+            if rnd % cfg.fed.eval_every == 0 or rnd == cfg.fed.rounds:
+                t1 = time.perf_counter()
+                d = ctx.data
+                ev = evaluate(ctx.model, server.eval_state(), d.test, cfg.train.eval_batch_size,
+                              d.pad_id, ctx.device, cfg.train.autocast)  # fmt: skip
+                record.update({"accuracy": ev["accuracy"], "macro_f1": ev["macro_f1"],
+                               "test_loss": ev["loss"], "eval_seconds": time.perf_counter() - t1})  # fmt: skip
+            history.append(record)
+            rundir.append_metrics(record)
+            log(format_round(record, cfg.fed.rounds))
+    finally:
+        if grpc_server is not None:
+            grpc_server.stop(grace=1)
+    exchanged = (server.params_exchanged() if hasattr(server, "params_exchanged")
+                 else num_params(server.eval_state()))  # fmt: skip
+    summary = summarize(cfg, ctx, history, wire.ledger, exchanged)
+    summary.update(load_seconds=load_seconds, wall_seconds=time.perf_counter() - t_start,
+                   runtime="flower", nodes={str(c): str(v) for c, v in nodes.items()})  # fmt: skip
+    rundir.finish(summary, ctx.model, server.eval_state())
+    log(f"fedtune: run written to {out}")
+    return summary

@@ -1,0 +1,110 @@
+"""Split-FedLLM's per-batch exchange over a direct gRPC stream, outside Flower's round messages.
+
+The ServerApp runs :class:`SplitService` next to the framework's ``Server``; each client's
+``link.call(msg)`` is :class:`RemoteLink`, one bidirectional stream per client and round. Every
+frame is an encoded :class:`~fedtune.messages.Message`, counted on both ends like the
+simulation's ``Link`` counts it.
+
+Clients are served one whole stream at a time, in the round's sampling order: the server-side
+model (and, by default, its one shared server half) is updated by every batch, so the order of
+updates is part of the result. This order is the simulation's, which makes a Flower run
+reproduce the simulation's numbers, and lets all clients be sent their round message at once.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Iterator
+
+import grpc
+
+from ..compute import ComputeMeter, paused
+from ..errors import MessageError
+from ..messages import Message, Wire, client_name
+from . import rpc
+
+
+def receive_counted(wire: Wire, data: bytes) -> Message:
+    """Decode bytes that arrived from the other side and count them in ``wire``'s ledger
+    (``Wire.send`` counts what this side sends; this counts what it receives)."""
+    msg = wire.receive(data)
+    wire.ledger.record(msg, len(data))
+    return msg
+
+
+class SplitService:
+    """Answers ``Server.serve`` requests over :mod:`fedtune.flower.rpc` streams."""
+
+    def __init__(self, server, wire: Wire, *, turn_timeout: float = 600.0) -> None:
+        self.server, self.wire, self.turn_timeout = server, wire, turn_timeout
+        self.address = ""  # host:port the clients dial, set once the server listens
+        self.tokens: dict[str, str] = {}  # token -> client name, one secret per client and round
+        self.order: list[str] = []
+        self.done: set[str] = set()
+        self.round = 0
+        self.meter: ComputeMeter | None = None
+        self.cond = threading.Condition()
+        self.lock = threading.Lock()  # Server.serve uses the one shared model
+
+    def begin_round(self, rnd: int, clients: list[int], meter: ComputeMeter) -> dict[int, str]:
+        """Open round ``rnd`` for ``clients`` (served in this order); returns their tokens."""
+        with self.cond:
+            self.round, self.meter, self.done = rnd, meter, set()
+            self.order = [client_name(c) for c in clients]
+            self.tokens = {secrets.token_urlsafe(24): client_name(c) for c in clients}
+            return {int(n.split("-")[1]): t for t, n in self.tokens.items()}
+
+    def _wait_turn(self, me: str) -> None:
+        with self.cond:
+            if me not in self.order or me in self.done:
+                raise MessageError(f"{me} is not expected on the split link in round {self.round}")
+            ahead = self.order[: self.order.index(me)]
+            if not self.cond.wait_for(lambda: self.done.issuperset(ahead), self.turn_timeout):
+                raise MessageError(f"{me} waited {self.turn_timeout:g} s for its turn")
+
+    def _finish(self, me: str) -> None:
+        with self.cond:
+            self.done.add(me)
+            self.cond.notify_all()
+
+    def handle(self, requests: Iterator[bytes], context, me: str) -> Iterator[bytes]:
+        try:
+            self._wait_turn(me)
+            for data in requests:
+                msg = receive_counted(self.wire, data)
+                if msg.sender != me or msg.round != self.round:
+                    raise MessageError(f"split link of {me} got a message from {msg.sender} "
+                                       f"for round {msg.round} in round {self.round}")  # fmt: skip
+                with self.lock, self.meter.measure():
+                    reply = self.server.serve(msg)
+                yield self.wire.send(reply)
+        except MessageError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        finally:
+            self._finish(me)
+
+
+def start_split_service(server, wire: Wire, bind: str, *, certfile=None, keyfile=None,
+                        max_bytes=rpc.DEFAULT_MAX_BYTES, workers=8):  # fmt: skip
+    """Start the split server's stream endpoint; returns ``(service, grpc_server, port)``."""
+    service = SplitService(server, wire)
+    grpc_server, port = rpc.serve(
+        service.handle, bind, lambda: service.tokens, certfile=certfile, keyfile=keyfile,
+        max_bytes=max_bytes, workers=workers,
+    )  # fmt: skip
+    return service, grpc_server, port
+
+
+class RemoteLink:
+    """The client's ``link`` in Flower: ``call`` goes to the split server over the stream,
+    counted in the client's ``wire``; the client's compute meter is paused while it waits."""
+
+    def __init__(self, stream: rpc.Stream, wire: Wire, meter: ComputeMeter | None) -> None:
+        self.stream, self.wire, self.meter = stream, wire, meter
+
+    def call(self, msg: Message) -> Message:
+        data = self.wire.send(msg)
+        with paused(self.meter):
+            answer = self.stream.call(data)
+        return receive_counted(self.wire, answer)
