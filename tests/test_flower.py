@@ -20,7 +20,6 @@ import pytest
 pytest.importorskip("flwr")
 
 from conftest import tiny_cfg, write_synthetic  # noqa: E402
-
 from fedtune import config  # noqa: E402
 from fedtune.errors import MessageError  # noqa: E402
 from fedtune.flower import rpc  # noqa: E402
@@ -130,8 +129,7 @@ def test_split_stream_refuses_and_reports_a_vanished_server(tmp_path):
     """Wrong token: refused; a server that goes away mid-stream: one-line MessageError."""
 
     def echo(requests, context, peer):
-        for frame in requests:
-            yield frame
+        yield from requests
 
     server, port = rpc.serve(echo, "127.0.0.1:0", lambda: {"good": "client-0"})
     try:
@@ -151,3 +149,24 @@ def test_split_stream_refuses_and_reports_a_vanished_server(tmp_path):
         rpc.Stream(f"127.0.0.1:{port}", "good", connect_timeout=0.5)
     with pytest.raises(MessageError, match="frame header"):
         rpc.unpack(b"\x10\x00\x00\x00{}")
+
+
+def test_own_data_folder(tmp_path):
+    """``--data-dir``: train.csv is all this client's, public.csv the public set; the run's
+    label names fix the label ids; an unknown label is a one-line DataError."""
+    from fedtune.errors import DataError
+    from fedtune.flower.node import own_data
+    from fedtune.models import load_tokenizer
+
+    folder = tmp_path / "node"
+    folder.mkdir()
+    (folder / "train.csv").write_text("text,category\nmy card,card\nsend it,transfer\natm,cash\n")
+    (folder / "public.csv").write_text("text,category\nfee please,fee\n")
+    cfg = tiny_cfg(tmp_path)
+    labels = ["card", "cash", "fee", "transfer"]
+    d = own_data(cfg, folder, 2, labels, load_tokenizer("tiny-gpt2"))
+    assert [len(c) for c in d.client_idx] == [0, 0, 3]
+    assert d.train.labels.tolist() == [0, 3, 1, 2] and d.public_idx.tolist() == [3]
+    assert d.num_labels == 4 and len(d.test) == 0
+    with pytest.raises(DataError, match="not in the run's label set: fee"):
+        own_data(cfg, folder, 0, ["card", "cash", "transfer"], load_tokenizer("tiny-gpt2"))

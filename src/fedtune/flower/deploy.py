@@ -75,8 +75,16 @@ def flower_env(flwr_home: str | Path, base: dict | None = None) -> dict[str, str
 
 def write_connection(flwr_home: str | Path, name: str, address: str, root_cert: str | None) -> None:
     """The ``flwr`` CLI's connection ``name`` to the SuperLink at ``address`` (FLWR_HOME)."""
-    lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]", f'address = "{address}"']
-    lines.append(f'root-certificates = "{Path(root_cert).resolve()}"' if root_cert else "insecure = true")
+    lines = [
+        "[superlink]",
+        f'default = "{name}"',
+        "",
+        f"[superlink.{name}]",
+        f'address = "{address}"',
+    ]
+    lines.append(
+        f'root-certificates = "{Path(root_cert).resolve()}"' if root_cert else "insecure = true"
+    )
     Path(flwr_home).mkdir(parents=True, exist_ok=True)
     (Path(flwr_home) / "config.toml").write_text("\n".join(lines) + "\n")
 
@@ -166,7 +174,9 @@ def _bin(name: str) -> str:
     return found
 
 
-def superlink_cmd(host: str, port: int, *, tls: dict | None = None, auth: bool = False) -> list[str]:
+def superlink_cmd(
+    host: str, port: int, *, tls: dict | None = None, auth: bool = False
+) -> list[str]:
     """``flower-superlink`` on ``host:port`` (Fleet, Control and Runtime APIs share it)."""
     cmd = [_bin("flower-superlink"), "--host", host, "--port", str(port),
            "--disable-runtime-dependency-installation"]  # fmt: skip
@@ -209,7 +219,11 @@ def run_supernode(args) -> int:
     node_config = f"partition-id={args.partition_id} fedtune-worker='127.0.0.1:{port}' fedtune-token='{token}'"
     argv = ["flower-supernode", "--superlink", args.superlink, "--node-config", node_config,
             "--port", str(args.port), "--isolation", "subprocess"]  # fmt: skip
-    argv += ["--root-certificates", args.root_certificates] if args.root_certificates else ["--insecure"]
+    argv += (
+        ["--root-certificates", args.root_certificates]
+        if args.root_certificates
+        else ["--insecure"]
+    )
     if args.auth_supernode_private_key:
         argv += ["--auth-supernode-private-key", args.auth_supernode_private_key]
     if args.max_retries is not None:

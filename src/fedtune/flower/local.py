@@ -7,6 +7,7 @@ tracked by PID and stopped by :meth:`LocalFederation.stop`, with the processes t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -114,7 +115,9 @@ class LocalFederation:
         r = subprocess.run(deploy.flwr_cmd(*args), capture_output=True, text=True,
                            timeout=timeout, env=deploy.flower_env(self.cli_home))  # fmt: skip
         if r.returncode != 0:
-            raise FedtuneError(f"flwr {' '.join(args[:2])} failed: {(r.stdout + r.stderr).strip()[-400:]}")
+            raise FedtuneError(
+                f"flwr {' '.join(args[:2])} failed: {(r.stdout + r.stderr).strip()[-400:]}"
+            )
         return r.stdout
 
     def _wait(self, cond, timeout: float, what: str) -> None:
@@ -132,7 +135,9 @@ class LocalFederation:
             self.spawned |= children(p.pid)
 
     # ------------------------------------------------------------------ runs
-    def run(self, cfg: config.RunConfig, out: str | Path, *, timeout: float = 600, **settings) -> dict:
+    def run(
+        self, cfg: config.RunConfig, out: str | Path, *, timeout: float = 600, **settings
+    ) -> dict:
         """``flwr run`` ``cfg`` on this federation; returns the run's ``summary.json``."""
         app = deploy.write_app(self.folder / "app")
         out = Path(out).resolve()
@@ -166,7 +171,9 @@ class LocalFederation:
         ports = set(self.ports)
         for path in (self.folder / "logs").glob("*.log"):
             text = path.read_text(errors="replace")
-            ports |= {int(p) for p in re.findall(r"(?:worker|split server) listening on port (\d+)", text)}
+            ports |= {
+                int(p) for p in re.findall(r"(?:worker|split server) listening on port (\d+)", text)
+            }
         return ports
 
     def stop(self) -> None:
@@ -177,10 +184,8 @@ class LocalFederation:
             time.sleep(0.2)
         for pid in self.spawned:
             if alive(pid):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
 
     def __enter__(self) -> LocalFederation:
         return self.start()

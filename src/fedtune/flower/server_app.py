@@ -81,7 +81,9 @@ def discover(grid: Grid, n: int, timeout: float) -> dict[int, int]:
         nodes[pid] = m.metadata.src_node_id
     missing = sorted(set(range(n)) - set(nodes))
     if missing:
-        raise ConfigError(f"no SuperNode answered with partition-id {missing} (have {sorted(nodes)})")
+        raise ConfigError(
+            f"no SuperNode answered with partition-id {missing} (have {sorted(nodes)})"
+        )
     return {c: nodes[c] for c in range(n)}
 
 
