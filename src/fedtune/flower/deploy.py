@@ -192,7 +192,8 @@ def superlink_cmd(
 
 def supernode_cmd(superlink: str, partition_id: int, runtime_port: int, *,
                   root_cert: str | None = None, auth_key: str | None = None,
-                  data_dir: str | None = None) -> list[str]:  # fmt: skip
+                  data_dir: str | None = None,
+                  split_root_cert: str | None = None) -> list[str]:  # fmt: skip
     """``fedtune flower supernode`` (the fedtune worker + ``flower-supernode`` in one process)."""
     cmd = [_bin("fedtune"), "flower", "supernode", "--superlink", superlink,
            "--partition-id", str(partition_id), "--port", str(runtime_port)]  # fmt: skip
@@ -201,6 +202,8 @@ def supernode_cmd(superlink: str, partition_id: int, runtime_port: int, *,
         cmd += ["--auth-supernode-private-key", str(auth_key)]
     if data_dir:
         cmd += ["--data-dir", str(data_dir)]
+    if split_root_cert:
+        cmd += ["--split-root-certificates", str(split_root_cert)]
     return cmd
 
 

@@ -102,9 +102,10 @@ class LocalFederation:
         runtime = deploy.free_port()
         self.ports.add(runtime)
         data_dir = self.data_dirs[partition_id] if self.data_dirs else None
-        cmd = deploy.supernode_cmd(self.address, partition_id, runtime,
-                                   root_cert=str(self.certs["ca"]) if self.certs else None,
-                                   auth_key=str(key) if key else None, data_dir=data_dir)  # fmt: skip
+        ca = str(self.certs["ca"]) if self.certs else None
+        cmd = deploy.supernode_cmd(self.address, partition_id, runtime, root_cert=ca,
+                                   auth_key=str(key) if key else None, data_dir=data_dir,
+                                   split_root_cert=ca)  # fmt: skip
         for k, v in kw.items():
             cmd += [f"--{k.replace('_', '-')}", str(v)]
         p = self._popen(cmd, f"node-{partition_id}-{len(self.procs)}", f"node-{partition_id}")

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .. import config, frameworks
 from ..compute import ComputeMeter
@@ -96,8 +98,14 @@ class NodeWorker:
         key = hashlib.sha256(text.encode()).hexdigest()[:16]
         cfg = config.from_dict(tomllib.loads(text))
         ctx = self.context(cfg, key, header.get("labels", []))
+        # OpenMP keeps the thread count per OS thread and gRPC serves from a pool: set it here
+        torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
         fw = frameworks.get(cfg.fed.framework)
-        client = self.clients.setdefault((str(header["run"]), key), fw.Client(ctx, self.cid))
+        run = (str(header["run"]), key)
+        if run not in self.clients:  # a new run: forget the client state of earlier runs
+            self.clients = {k: v for k, v in self.clients.items() if k[0] == run[0]}
+            self.clients[run] = fw.Client(ctx, self.cid)
+        client = self.clients[run]
         wire = Wire()
         msg = receive_counted(wire, blob)
         if msg.receiver != client_name(self.cid):

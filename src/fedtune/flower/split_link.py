@@ -13,11 +13,13 @@ reproduce the simulation's numbers, and lets all clients be sent their round mes
 
 from __future__ import annotations
 
+import os
 import secrets
 import threading
 from collections.abc import Iterator
 
 import grpc
+import torch
 
 from ..compute import ComputeMeter, paused
 from ..errors import MessageError
@@ -69,6 +71,8 @@ class SplitService:
             self.cond.notify_all()
 
     def handle(self, requests: Iterator[bytes], context, me: str) -> Iterator[bytes]:
+        cfg = self.server.ctx.cfg
+        torch.set_num_threads(cfg.threads or os.cpu_count() or 1)  # per OS thread (OpenMP)
         try:
             self._wait_turn(me)
             for data in requests:
