@@ -24,7 +24,7 @@ from fedtune import config  # noqa: E402
 from fedtune.errors import MessageError  # noqa: E402
 from fedtune.flower import rpc  # noqa: E402
 from fedtune.flower.deploy import port_open  # noqa: E402
-from fedtune.flower.local import LocalFederation, alive  # noqa: E402
+from fedtune.flower.local import LocalFederation  # noqa: E402
 from fedtune.simulation import simulate  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -74,7 +74,7 @@ def assert_stopped(fed: LocalFederation) -> None:
     """Every process the test started is gone, with what it spawned, and no port is open."""
     assert fed.procs and all(p.poll() is not None for p in fed.procs)
     assert fed.spawned, "the SuperLink and SuperNodes spawned their app processes"
-    assert not [pid for pid in fed.spawned if alive(pid)]
+    assert not fed.leftovers()
     ports = fed.listening_ports()
     assert len(ports) >= 1 + 2 * 3  # SuperLink, 3 runtime APIs, 3 fedtune workers
     assert not [p for p in ports if port_open(p)]

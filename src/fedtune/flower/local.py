@@ -21,29 +21,35 @@ from ..errors import FedtuneError
 from . import deploy
 
 
-def children(pid: int) -> set[int]:
-    """All descendants of ``pid`` (from ``/proc``)."""
+def _stat(pid: int) -> list[str] | None:
+    """Fields of ``/proc/PID/stat`` after the command name (state first), or None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def children(pid: int) -> dict[int, str]:
+    """All descendants of ``pid`` (from ``/proc``) with their start times (PIDs get reused)."""
     parents: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = set(), [pid]
+        fields = _stat(int(stat.parent.name))
+        if fields:
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = {}, [pid]
     while todo:
         for c in parents.get(todo.pop(), []):
-            out.add(c)
-            todo.append(c)
+            fields = _stat(c)
+            if fields:
+                out[c] = fields[19]
+                todo.append(c)
     return out
 
 
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+def alive(pid: int, start: str | None = None) -> bool:
+    """``pid`` runs (not a zombie) and, given ``start``, is the process that started then."""
+    fields = _stat(pid)
+    return bool(fields) and fields[0] != "Z" and (start is None or fields[19] == start)
 
 
 class LocalFederation:
@@ -57,7 +63,7 @@ class LocalFederation:
         self.data_dirs = data_dirs
         self.procs: list[subprocess.Popen] = []
         self.nodes: list[subprocess.Popen] = []
-        self.spawned: set[int] = set()  # descendants seen while running
+        self.spawned: dict[int, str] = {}  # descendants seen while running -> start time
         self.ports: set[int] = set()
         self.certs: dict | None = None
         self.cli_home = self.folder / "flwr" / "cli"
@@ -133,7 +139,7 @@ class LocalFederation:
     def track(self) -> None:
         """Remember the processes the SuperLink and SuperNodes spawned (to stop them too)."""
         for p in self.procs:
-            self.spawned |= children(p.pid)
+            self.spawned.update(children(p.pid))
 
     # ------------------------------------------------------------------ runs
     def run(
@@ -181,12 +187,18 @@ class LocalFederation:
         self.track()
         deploy.stop(list(reversed(self.procs)))
         deadline = time.monotonic() + 10  # spawned processes exit when their parent is gone
-        while any(alive(p) for p in self.spawned) and time.monotonic() < deadline:
+        while self.leftovers() and time.monotonic() < deadline:
             time.sleep(0.2)
-        for pid in self.spawned:
-            if alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        for pid in self.leftovers():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while self.leftovers() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def leftovers(self) -> list[int]:
+        """Spawned processes still running."""
+        return [pid for pid, start in self.spawned.items() if alive(pid, start)]
 
     def __enter__(self) -> LocalFederation:
         return self.start()
