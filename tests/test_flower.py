@@ -170,3 +170,51 @@ def test_own_data_folder(tmp_path):
     assert d.num_labels == 4 and len(d.test) == 0
     with pytest.raises(DataError, match="not in the run's label set: fee"):
         own_data(cfg, folder, 0, ["card", "cash", "transfer"], load_tokenizer("tiny-gpt2"))
+
+
+def test_split_service_serves_whole_streams_in_sampling_order():
+    """Client 1 connects first but waits until client 0's stream is done (the simulation's
+    order of server-model updates); bytes are counted on both ends; a forged sender fails."""
+    import threading
+    from types import SimpleNamespace
+
+    from fedtune.compute import ComputeMeter
+    from fedtune.flower.split_link import RemoteLink, start_split_service
+    from fedtune.messages import LABELS, METADATA, SERVER, Message, Wire, client_name
+
+    class Echo:
+        ctx = SimpleNamespace(cfg=SimpleNamespace(threads=1))
+        seen: list[str] = []
+
+        def serve(self, msg):
+            self.seen.append(msg.sender)
+            return Message(METADATA, msg.round, SERVER, msg.sender, meta={"n": len(self.seen)})
+
+    server, wire = Echo(), Wire()
+    service, grpc_server, port = start_split_service(server, wire, "127.0.0.1:0")
+    tokens = service.begin_round(1, [0, 1], ComputeMeter())
+    wires = {0: Wire(), 1: Wire()}
+
+    def client(cid: int, sender: str | None = None) -> None:
+        with rpc.Stream(f"127.0.0.1:{port}", tokens[cid], timeout=20) as s:
+            link = RemoteLink(s, wires[cid], None)
+            for _ in range(2):
+                link.call(Message(LABELS, 1, sender or client_name(cid), SERVER, meta={"x": 1}))
+
+    try:
+        late = threading.Thread(target=client, args=(1,))
+        late.start()
+        time.sleep(1.0)
+        assert server.seen == []  # client 1 waits for its turn
+        client(0)
+        late.join(20)
+        assert server.seen == ["client-0"] * 2 + ["client-1"] * 2
+        for cid in (0, 1):
+            name = client_name(cid)
+            assert wire.ledger.round_totals(1)[name] == wires[cid].ledger.round_totals(1)[name]
+        tokens = service.begin_round(1, [0], ComputeMeter())
+        with pytest.raises(MessageError, match="got a message from client-5"):
+            client(0, sender="client-5")
+    finally:
+        service.close()
+        grpc_server.stop(grace=None).wait()

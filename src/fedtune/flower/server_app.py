@@ -17,6 +17,7 @@ Run config (``[tool.flwr.app.config]``, written by ``fedtune flower run``): ``fe
 from __future__ import annotations
 
 import json
+import re
 import time
 import tomllib
 
@@ -57,9 +58,17 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, poll: float = 
         got = list(grid.pull_messages(pending))
         out += got
         pending -= {m.metadata.reply_to_message_id for m in got}
+        if any(m.has_error() for m in got):
+            break  # the caller reports it; waiting for the others would only delay that
         if pending:
             time.sleep(poll)
     return out
+
+
+def reason(m: Message) -> str:
+    """The one-line cause in a Flower error reply (``"<class 'X'>:<'text'>"`` -> ``text``)."""
+    found = re.fullmatch(r"<class '[\w.]+'>:<'(.*)'>", m.error.reason, re.S)
+    return found.group(1) if found else m.error.reason
 
 
 def discover(grid: Grid, n: int, timeout: float) -> dict[int, int]:
@@ -74,7 +83,7 @@ def discover(grid: Grid, n: int, timeout: float) -> dict[int, int]:
     nodes: dict[int, int] = {}
     for m in exchange(grid, asks, timeout):
         if m.has_error():
-            raise FedtuneError(f"SuperNode {m.metadata.src_node_id}: {m.error.reason}")
+            raise FedtuneError(f"SuperNode {m.metadata.src_node_id}: {reason(m)}")
         pid = int(m.content[RECORD]["partition-id"])
         if pid in nodes:
             raise ConfigError(f"two SuperNodes have partition-id {pid}")
@@ -115,7 +124,7 @@ def flower_round(grid, ctx, server, nodes, wire, rnd, sampled, service, header, 
             if cid is None or cid not in outgoing:
                 continue
             if m.has_error():
-                raise FedtuneError(f"{client_name(cid)} failed in round {rnd}: {m.error.reason}")
+                raise FedtuneError(f"{client_name(cid)} failed in round {rnd}: {reason(m)}")
             rec = m.content[RECORD]
             h = json.loads(str(rec["header"]))
             stats[cid].add(ComputeStats(**h["stats"]))
@@ -188,6 +197,7 @@ def run_federation(grid: Grid, cfg: config.RunConfig, out: str, rc: dict, log=pr
             log(format_round(record, cfg.fed.rounds))
     finally:
         if grpc_server is not None:
+            service.close()
             grpc_server.stop(grace=1)
     exchanged = (server.params_exchanged() if hasattr(server, "params_exchanged")
                  else num_params(server.eval_state()))  # fmt: skip

@@ -45,6 +45,7 @@ class SplitService:
         self.order: list[str] = []
         self.done: set[str] = set()
         self.round = 0
+        self.closed = False
         self.meter: ComputeMeter | None = None
         self.cond = threading.Condition()
         self.lock = threading.Lock()  # Server.serve uses the one shared model
@@ -62,8 +63,17 @@ class SplitService:
             if me not in self.order or me in self.done:
                 raise MessageError(f"{me} is not expected on the split link in round {self.round}")
             ahead = self.order[: self.order.index(me)]
-            if not self.cond.wait_for(lambda: self.done.issuperset(ahead), self.turn_timeout):
+            ready = lambda: self.closed or self.done.issuperset(ahead)  # noqa: E731
+            if not self.cond.wait_for(ready, self.turn_timeout):
                 raise MessageError(f"{me} waited {self.turn_timeout:g} s for its turn")
+            if self.closed:
+                raise MessageError("the split server is shutting down")
+
+    def close(self) -> None:
+        """Release every stream still waiting for its turn (the run is ending)."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
 
     def _finish(self, me: str) -> None:
         with self.cond:
