@@ -89,6 +89,12 @@ def run_and_compare(fed: LocalFederation, tmp: Path, data: Path, frameworks) -> 
         seconds[fw] = time.perf_counter() - t0
         simulate(cfg, tmp / f"sim-{fw}", log=None)
         assert_same(tmp / f"sim-{fw}", tmp / f"flower-{fw}")
+        rounds = {k: [f"{r['round_seconds']:.1f}" for r in metrics(tmp / f"{k}-{fw}")]
+                  for k in ("sim", "flower")}  # fmt: skip
+        print(
+            f"{fw}: seconds per round: simulation {rounds['sim']}, Flower {rounds['flower']};"
+            f" Flower run {seconds[fw]:.1f} s"
+        )  # shown with pytest -s
     return seconds
 
 
