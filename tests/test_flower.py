@@ -104,6 +104,8 @@ def test_flower_matches_simulation(tmp_path):
     try:
         fed.start()
         run_and_compare(fed, tmp_path, data, ("fedllm", "kd", "split"))
+        for home in ("superlink", "node-0", "node-1", "node-2"):  # FLWR_HOME in the run folder
+            assert list((tmp_path / "fed" / "flwr" / home / "apps").glob("fedtune.*")), home
     finally:
         fed.stop()
     assert_stopped(fed)

@@ -41,6 +41,11 @@ def _node_key(args) -> int:
     return 0
 
 
+def _home(args, role: str) -> str:
+    """FLWR_HOME: ``--home``, else the environment's, else ``./flwr-home/ROLE``."""
+    return args.home or os.environ.get("FLWR_HOME") or f"flwr-home/{role}"
+
+
 def _superlink(args) -> int:
     _need_flwr()
     from . import deploy
@@ -50,14 +55,16 @@ def _superlink(args) -> int:
         d = Path(args.certs)
         tls = {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key"}
     cmd = deploy.superlink_cmd(args.host, args.port, tls=tls, auth=args.auth)
-    os.execve(cmd[0], cmd, deploy.flower_env(args.home))  # replaces this process: one PID
+    os.execve(
+        cmd[0], cmd, deploy.flower_env(_home(args, "superlink"))
+    )  # replaces this process: one PID
 
 
 def _supernode(args) -> int:
     _need_flwr()
     from . import deploy
 
-    os.environ.update(deploy.flower_env(args.home))
+    os.environ.update(deploy.flower_env(_home(args, "supernode")))
     return deploy.run_supernode(args)
 
 
@@ -118,7 +125,7 @@ def add_parser(sub) -> None:
     sl.add_argument("--port", type=int, default=9093)
     sl.add_argument("--certs", help="folder from `fedtune flower certs` (TLS); else insecure")
     sl.add_argument("--auth", action="store_true", help="accept registered SuperNodes only")
-    sl.add_argument("--home", default="flwr-home/superlink", help="FLWR_HOME")
+    sl.add_argument("--home", help="FLWR_HOME (default: $FLWR_HOME or ./flwr-home/superlink)")
     sl.set_defaults(func=_superlink)
 
     sn = fs.add_parser("supernode", help="start a SuperNode with its fedtune worker")
@@ -131,7 +138,7 @@ def add_parser(sub) -> None:
     sn.add_argument("--split-root-certificates", help="CA of the split server's certificate")
     sn.add_argument("--port", type=int, default=9094, help="local Runtime API port")
     sn.add_argument("--max-retries", type=int, help="reconnect attempts before giving up")
-    sn.add_argument("--home", default="flwr-home/supernode", help="FLWR_HOME")
+    sn.add_argument("--home", help="FLWR_HOME (default: $FLWR_HOME or ./flwr-home/supernode)")
     sn.set_defaults(func=_supernode)
 
     r = fs.add_parser("run", help="run a fedtune config on a running federation")
