@@ -78,6 +78,19 @@ def test_alignment_moves_public_labels_toward_the_clients():
     assert tv_distance(label_distribution(public[draws], 4), goal) < before / 4
 
 
+def test_public_subset_is_a_seeded_nested_sample_not_a_prefix():
+    # A class-grouped file (as Banking77's train.csv is): a prefix would hold one class.
+    labels = np.repeat(np.arange(10), 50)  # [500], sorted by class
+    pub = np.arange(0, 500, 2)  # 250 public indices, sorted
+    small, large = kd.public_subset(pub, 20, seed=0), kd.public_subset(pub, 100, seed=0)
+    assert len(np.unique(labels[pub[:20]])) == 1  # what "the first 20" used to give
+    assert len(np.unique(labels[small])) >= 6 and len(np.unique(labels[large])) == 10
+    assert set(small) <= set(large) <= set(pub) and np.all(np.diff(large) > 0)
+    assert np.array_equal(small, kd.public_subset(pub, 20, seed=0))
+    assert not np.array_equal(small, kd.public_subset(pub, 20, seed=1))
+    assert np.array_equal(kd.public_subset(pub, 0, seed=0), pub)
+
+
 def test_int8_quantization_error_is_within_half_a_step():
     torch.manual_seed(0)
     x = torch.randn(50, 77) * 5

@@ -105,7 +105,9 @@ class KDConfig:
     """KD-FedLLM options (section ``[kd]``); see fedtune.frameworks.kd."""
 
     temperature: float = opt(2.0, "distillation temperature T (softmax(logits / T), loss x T^2)")
-    public_samples: int = opt(0, "use the first N samples of the public set; 0 = all of it")
+    public_samples: int = opt(
+        0, "use a seeded random subset of N public samples (nested across N); 0 = all of it"
+    )
     server_epochs: int = opt(1, "server distillation epochs over the public set per round (b5)")
     client_distill_epochs: int = opt(
         1, "client distillation epochs over the public set per round (b8); 0 = skip b8"

@@ -1,7 +1,7 @@
 """KD-FedLLM: federated knowledge distillation through logits on a shared public set.
 
 Every party keeps its own model (a trainable state: LoRA + head); only logits on the public
-set (``ctx.data.public_idx``, the first ``kd.public_samples`` of it) cross the wire.
+set (``ctx.data.public_idx``, or a seeded subset of ``kd.public_samples``) cross the wire.
 
 b1  each client fine-tunes its persistent local model on its private data;
 b2  each client computes its logits on the public selection (public labels are never used);
@@ -53,13 +53,25 @@ SERVER_STREAM = 1_000_003  # seed stream of the server's dropout and batch order
 
 
 def public_candidates(ctx: Context) -> np.ndarray:
-    """Indices into ``ctx.data.train`` of the public samples in use (``[N]``)."""
+    """Indices into ``ctx.data.train`` of the public samples in use (``[N]``, sorted)."""
     pub, n = ctx.data.public_idx, ctx.cfg.kd.public_samples
     if len(pub) == 0:
         raise ConfigError("config key data.public_size: KD-FedLLM needs a public set (> 0)")
     if n > len(pub):
         raise ConfigError(f"config key kd.public_samples: {n} > public set size {len(pub)}")
-    return pub[:n] if n else pub
+    return public_subset(pub, n, ctx.cfg.seed)
+
+
+def public_subset(public_idx: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """A seeded uniform subset of ``n`` public indices (``[n]``, sorted); 0 = all of them.
+
+    Not the first ``n``: dataset files are often grouped by class (Banking77's train.csv is),
+    so a prefix would hold a handful of classes. The subsets are nested (the first ``n`` of
+    one seeded permutation), so a public-size sweep compares growing sets, not different ones."""
+    if n == 0 or n >= len(public_idx):
+        return np.asarray(public_idx)
+    order = np.random.default_rng([seed, 4243]).permutation(len(public_idx))
+    return np.sort(np.asarray(public_idx)[order[:n]])
 
 
 def distill_batch_size(ctx: Context) -> int:
