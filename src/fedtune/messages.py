@@ -113,7 +113,8 @@ def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
         raise MessageError(f"message has unknown kind {routing['kind']!r} or bad metadata")
     _check_tensor_header(header, len(data) - 8 - n)
     try:
-        tensors = st_load(data) if header else {}
+        loaded = st_load(data) if header else {}
+        tensors = {name: loaded[name] for name in header}  # header order, not hash order
     except Exception as e:  # safetensors raises its own SafetensorError types
         raise MessageError(f"message tensors are corrupted: {e}") from None
     return Message(

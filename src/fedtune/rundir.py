@@ -6,6 +6,7 @@ Layout::
     RUN_DIR/metrics.jsonl      one JSON line per round
     RUN_DIR/summary.json       written last and atomically: its presence marks a complete run
     RUN_DIR/adapter/           global LoRA + head as safetensors (PEFT format, loadable by PEFT)
+    RUN_DIR/checkpoint/        the last round's full state, for ``fedtune run --resume RUN_DIR``
 """
 
 from __future__ import annotations
@@ -38,8 +39,19 @@ class RunDir:
     @staticmethod
     def check(out: str | Path) -> None:
         path = Path(out)
-        if (path / "summary.json").exists() or (path / "metrics.jsonl").exists():
+        if (path / "summary.json").exists():
             raise ConfigError(f"run directory {path} already holds a run; choose another --out")
+        if (path / "metrics.jsonl").exists() or (path / "config.toml").exists():
+            raise ConfigError(f"run directory {path} holds an unfinished run; continue it with "
+                              f"--resume {path}, or choose another --out")  # fmt: skip
+
+    @staticmethod
+    def check_resumable(out: str | Path) -> None:
+        path = Path(out)
+        if not (path / "config.toml").is_file():
+            raise ConfigError(f"cannot resume {path}: no config.toml (not a run directory)")
+        if (path / "summary.json").exists():
+            raise ConfigError(f"cannot resume {path}: the run has finished (summary.json)")
 
     @classmethod
     def create(cls, out: str | Path, cfg: RunConfig) -> RunDir:
@@ -52,6 +64,10 @@ class RunDir:
     def append_metrics(self, record: dict) -> None:
         with (self.path / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def rewrite_metrics(self, history: list[dict]) -> None:
+        """Replace ``metrics.jsonl`` with ``history`` (on resume: the checkpoint's rounds)."""
+        atomic_write(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
 
     def finish(self, summary: dict, model, state: dict[str, torch.Tensor]) -> None:
         load_trainable_state(model, state)
