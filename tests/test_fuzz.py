@@ -37,7 +37,9 @@ VALID = [
 ]  # fmt: skip
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -152,15 +154,27 @@ def test_targeted_pathological_inputs():
         join_header({"__metadata__": {**header["__metadata__"], "round": "9" * 5000}}, b""),
         join_header({"__metadata__": {**header["__metadata__"], "round": "Infinity"}}, b""),
         join_header({**header, "__metadata__": {**header["__metadata__"], "kind": 1}}, rest),
-        join_header({"__metadata__": header["__metadata__"],
-                     "x": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 16]}},
-                    b"\x00" * 16),  # fmt: skip
-        join_header({"__metadata__": header["__metadata__"],
-                     "x": {"dtype": "F32", "shape": [4], "data_offsets": ["0", 16]}},
-                    b"\x00" * 16),  # fmt: skip
-        join_header({"__metadata__": header["__metadata__"],
-                     "x": {"dtype": "F32", "shape": [True] * 100, "data_offsets": [0, 4]}},
-                    b"\x00" * 4),  # fmt: skip
+        join_header(
+            {
+                "__metadata__": header["__metadata__"],
+                "x": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 16]},
+            },
+            b"\x00" * 16,
+        ),  # fmt: skip
+        join_header(
+            {
+                "__metadata__": header["__metadata__"],
+                "x": {"dtype": "F32", "shape": [4], "data_offsets": ["0", 16]},
+            },
+            b"\x00" * 16,
+        ),  # fmt: skip
+        join_header(
+            {
+                "__metadata__": header["__metadata__"],
+                "x": {"dtype": "F32", "shape": [True] * 100, "data_offsets": [0, 4]},
+            },
+            b"\x00" * 4,
+        ),  # fmt: skip
         b"\xff" * 64,
         blob[:8] + blob[8:].replace(b'"F32"', b'"F64"'),
     ]

@@ -377,8 +377,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is tuple:
         (inner, _ellipsis) = typing.get_args(tp)
-        if isinstance(value, str):
-            value = [v for v in (s.strip() for s in value.split(",")) if v]
+        if isinstance(value, str):  # "1,2" from the command line: numbers read as numbers
+            value = [v if inner is str else _literal(v)
+                     for v in (s.strip() for s in value.split(",")) if v]  # fmt: skip
         elif not isinstance(value, list | tuple):
             value = [value]
         return tuple(_coerce(v, inner, key) for v in value)
@@ -405,6 +406,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"config key {key}: expected a string, got {value!r}")
     raise ConfigError(f"config key {key}: unsupported type {tp}")  # pragma: no cover
+
+
+def _literal(raw: str) -> Any:
+    """A TOML literal (number, boolean), else the string itself."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
