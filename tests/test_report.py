@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 
 import pytest
 
@@ -165,6 +166,8 @@ def test_run_all_skips_finished_and_reruns_unfinished(tmp_path, monkeypatch, syn
     def fake_simulate(cfg, out, log=None, resume=False):  # writes what a finished run leaves
         calls.append(out.name)
         resumed.append(resume)
+        if resume:  # the fake rewrites the whole directory
+            shutil.rmtree(out)
         write_run(out, cfg.fed.framework, cfg.seed, 0.5, 1.0, 1.0, 1.0)
         (out / "config.toml").write_text(config.to_toml(cfg))
         return {"final_accuracy": 0.5, "wall_seconds": 0.0}
