@@ -113,6 +113,10 @@ def summarize(cfg: RunConfig, ctx, history: list[dict], ledger: Ledger, n_exchan
             (r["client_peak_memory_bytes"] for r in history), default=0
         ),
         "server_flops_per_round": mean("server_flops"),
+        "clients_dropped": sum(len(r.get("dropped", [])) for r in history),
+        "clients_late": sum(len(r.get("late", [])) for r in history),
+        "updates_rejected": sum(r.get("rejected", 0) for r in history),
+        "rounds_skipped": sum(bool(r.get("skipped")) for r in history),
         "server_seconds_per_round": mean("server_seconds"),
         "device": str(ctx.device),
         "machine": f"{platform.node()} {platform.machine()} torch {torch.__version__}",
