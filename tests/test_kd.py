@@ -243,3 +243,23 @@ def test_kd_learns_and_is_deterministic(synth_dir, tmp_path):
             "bytes_up_per_client", "bytes_down_per_client", "client_flops", "server_flops")  # fmt: skip
     assert [[r[k] for k in keys] for r in a_lines[:2]] == [[r[k] for k in keys] for r in b_lines]
     assert 0 <= a_lines[-1]["client_accuracy"] <= 1
+
+
+def test_median_knowledge_hand_computed():
+    from fedtune.kd_ops import aggregate_knowledge
+
+    # T = 1, three clients, one sample, two classes; log-probabilities give exact softmaxes
+    probs = [[0.8, 0.2], [0.6, 0.4], [0.01, 0.99]]  # the third client is an outlier
+    logits = [torch.tensor([p]).log() for p in probs]
+    teacher, kept = aggregate_knowledge(logits, 1.0, "median")
+    # per class medians 0.6 and 0.4 already sum to 1
+    assert torch.allclose(teacher, torch.tensor([[0.6, 0.4]]), atol=1e-6) and kept.all()
+    # two clients: mean of the two middle values -> (0.7, 0.3)
+    teacher, _ = aggregate_knowledge(logits[:2], 1.0, "median")
+    assert torch.allclose(teacher, torch.tensor([[0.7, 0.3]]), atol=1e-6)
+    # the entropy filter drops the unsure client (normalized entropy of (0.6, 0.4) = 0.971)
+    teacher, kept = aggregate_knowledge(logits, 1.0, "median", entropy_threshold=0.9)
+    assert torch.allclose(teacher, torch.tensor([[0.405, 0.595]]), atol=1e-6) and kept.all()
+    # nobody survives: uniform and not kept
+    teacher, kept = aggregate_knowledge(logits, 1.0, "median", entropy_threshold=0.01)
+    assert torch.equal(teacher, torch.tensor([[0.5, 0.5]])) and not kept.any()
