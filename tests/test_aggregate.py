@@ -52,3 +52,62 @@ def test_check_update_rejects_bad_updates():
     ]:
         with pytest.raises(MessageError, match=why):
             check_update(bad, ref, "client-0")
+
+
+# ----------------------------------------------------------------------------- robust aggregation
+
+
+def test_hand_computed_median_and_trimmed_mean():
+    from fedtune.aggregate import aggregate, coordinate_median, trimmed_mean
+
+    states = [{"w": torch.tensor([1.0, 10.0])}, {"w": torch.tensor([2.0, 20.0])},
+              {"w": torch.tensor([300.0, -5.0])}, {"w": torch.tensor([4.0, 0.0])}]  # fmt: skip
+    # per coordinate sorted: [1, 2, 4, 300] -> median (2 + 4) / 2 = 3; [-5, 0, 10, 20] -> 5
+    assert torch.equal(coordinate_median(states)["w"], torch.tensor([3.0, 5.0]))
+    assert torch.equal(coordinate_median(states[:3])["w"], torch.tensor([2.0, 10.0]))
+    # trim 0.25 of 4 = 1 value each end: mean(2, 4) = 3, mean(0, 10) = 5
+    assert torch.equal(trimmed_mean(states, 0.25)["w"], torch.tensor([3.0, 5.0]))
+    # trim 0.2 of 4 = 0 values: the plain mean (1 + 2 + 300 + 4) / 4, (10 + 20 - 5 + 0) / 4
+    assert torch.equal(trimmed_mean(states, 0.2)["w"], torch.tensor([76.75, 6.25]))
+    # the robust ones ignore sample-count weights; FedAvg uses them
+    assert torch.equal(aggregate(states[:2], [1, 3], "median")["w"], torch.tensor([1.5, 15.0]))
+    assert torch.equal(aggregate(states[:2], [1, 3], "fedavg")["w"], torch.tensor([1.75, 17.5]))
+    assert aggregate(states, [1] * 4, "trimmed_mean", 0.25)["w"].dtype == torch.float32
+    with pytest.raises(ValueError):
+        aggregate(states, [1] * 4, "krum")
+
+
+def test_one_outlier_moves_the_mean_not_the_median():
+    from fedtune.aggregate import aggregate
+
+    honest = [{"w": torch.full((3,), v)} for v in (1.0, 1.1, 0.9, 1.0)]
+    poisoned = honest + [{"w": torch.full((3,), 1e4)}]
+    assert aggregate(poisoned, [1] * 5, "fedavg")["w"][0] > 1000
+    assert aggregate(poisoned, [1] * 5, "median")["w"][0] == pytest.approx(1.0)
+    # sorted 0.9, 1, 1, 1.1, 1e4; one trimmed at each end: (1 + 1 + 1.1) / 3
+    assert aggregate(poisoned, [1] * 5, "trimmed_mean", 0.2)["w"][0] == pytest.approx(3.1 / 3)
+
+
+def test_update_problem_reasons_and_norm_bound():
+    from fedtune.aggregate import meta_problem, screen_updates, update_norm, update_problem
+
+    ref = {"a": torch.zeros(2, 2), "b": torch.zeros(3)}
+    ok = {"a": torch.full((2, 2), 1.0), "b": torch.tensor([0.0, 0.0, 1.0])}
+    assert update_norm(ok, ref) == pytest.approx(5**0.5)  # sqrt(4 * 1 + 1)
+    assert update_problem(ok, ref) is None
+    assert update_problem(ok, ref, max_norm=2.3) is None  # sqrt(5) = 2.236
+    assert "exceeds fed.max_update_norm" in update_problem(ok, ref, max_norm=2.2)
+    assert "unknown tensors ['c']" in update_problem({**ok, "c": torch.zeros(1)}, ref)
+    assert "missing tensors ['b']" in update_problem({"a": ok["a"]}, ref)
+    assert "Inf" in update_problem({**ok, "b": torch.tensor([0, float("inf"), 0])}, ref)
+    assert "expected torch.float32[3]" in update_problem({**ok, "b": torch.zeros(3).half()}, ref)
+    assert meta_problem({"num_samples": 5, "loss": "1.5e+00"}) is None
+    assert meta_problem({"num_samples": 0, "loss": 1.0}) is not None
+    assert meta_problem({"loss": 1.0}) is not None
+    assert meta_problem({"num_samples": 3, "loss": float("nan")}) is not None
+    accepted, rejected = screen_updates(
+        {0: ok, 1: {"a": ok["a"]}, 2: ok}, {0: ref, 1: ref, 2: ref}, 0.0,
+        {0: {"num_samples": 1, "loss": 1}, 1: {"num_samples": 1, "loss": 1},
+         2: {"num_samples": -1, "loss": 1}},
+    )  # fmt: skip
+    assert accepted == [0] and set(rejected) == {"1", "2"}

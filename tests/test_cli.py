@@ -50,3 +50,54 @@ def test_run_writes_the_run_directory(tmp_path, synth_dir, capsys):
     # refusing to overwrite a finished run
     assert main(["run", str(preset), "--out", str(out), "--no-progress"]) == 2
     assert "already holds a run" in capsys.readouterr().err
+
+
+def test_more_bad_inputs_through_the_cli(tmp_path, synth_dir):
+    """Config types and ranges, data problems and --resume misuse: exit 2, one line on stderr,
+    no traceback, and no run directory (or at least no summary.json) left behind."""
+    import shutil
+
+    from conftest import tiny_cfg
+
+    preset = tmp_path / "tiny.toml"
+    preset.write_text(config.to_toml(tiny_cfg(synth_dir, fed={"rounds": 1})))
+    only_train = tmp_path / "only_train"
+    only_train.mkdir()
+    shutil.copy(synth_dir / "train.csv", only_train / "train.csv")
+    odd_labels = tmp_path / "odd_labels"
+    odd_labels.mkdir()
+    shutil.copy(synth_dir / "train.csv", odd_labels / "train.csv")
+    (odd_labels / "test.csv").write_text("text,category\nhello,mortgage\n")
+    finished = tmp_path / "finished"
+    assert main(["run", str(preset), "--out", str(finished), "--no-progress"]) == 0
+    p = str(preset)
+    cases = [
+        ([p, "fed.dropout=abc"], "fed.dropout: expected a number"),
+        ([p, "fed.dropout=1.5"], "fed.dropout: must be in [0, 1)"),
+        ([p, "fed.aggregator=krum"], "fed.aggregator: 'krum' is not one of fedavg, median"),
+        ([p, "fed.trim_ratio=0.5"], "fed.trim_ratio: must be in [0, 0.5)"),
+        ([p, "fed.client_slowdown=1,2"], "fed.client_slowdown: needs 3 factors"),
+        ([p, "fed.poison_clients=7"], "fed.poison_clients: client ids must be in [0, 2]"),
+        ([p, "fed.max_message_bytes=10"], "fed.max_message_bytes: must be >= 1024"),
+        ([p, "fed.drop=0.1"], "unknown config key 'fed.drop'; valid keys here: fed.framework"),
+        ([p, f"data.path={only_train}"], "data file not found"),
+        ([p, f"data.path={odd_labels}"], "test labels unseen in training: mortgage"),
+        ([p, "data.label_column=intent"], "no column 'intent'"),
+        (["--resume", str(tmp_path / "nowhere")], "no config.toml"),
+        (["--resume", str(finished)], "the run has finished"),
+        ([p, "--resume", str(finished)], "--resume RUN_DIR reads RUN_DIR/config.toml"),
+    ]
+    procs = []
+    for i, (args, _) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        extra = [] if "--resume" in args else ["--out", str(out)]
+        cmd = [sys.executable, "-m", "fedtune.cli", "run", *args, *extra, "--no-progress"]
+        procs.append((out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                            text=True)))  # fmt: skip
+    for (args, fragment), (out, proc) in zip(cases, procs, strict=True):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, (args, err)
+        assert fragment in err and "Traceback" not in err, (args, err)
+        assert len(err.strip().splitlines()) == 1, (args, err)
+        assert not out.exists(), args
+    assert (finished / "summary.json").exists()  # the finished run was left alone

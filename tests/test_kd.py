@@ -78,6 +78,19 @@ def test_alignment_moves_public_labels_toward_the_clients():
     assert tv_distance(label_distribution(public[draws], 4), goal) < before / 4
 
 
+def test_public_subset_is_a_seeded_nested_sample_not_a_prefix():
+    # A class-grouped file (as Banking77's train.csv is): a prefix would hold one class.
+    labels = np.repeat(np.arange(10), 50)  # [500], sorted by class
+    pub = np.arange(0, 500, 2)  # 250 public indices, sorted
+    small, large = kd.public_subset(pub, 20, seed=0), kd.public_subset(pub, 100, seed=0)
+    assert len(np.unique(labels[pub[:20]])) == 1  # what "the first 20" used to give
+    assert len(np.unique(labels[small])) >= 6 and len(np.unique(labels[large])) == 10
+    assert set(small) <= set(large) <= set(pub) and np.all(np.diff(large) > 0)
+    assert np.array_equal(small, kd.public_subset(pub, 20, seed=0))
+    assert not np.array_equal(small, kd.public_subset(pub, 20, seed=1))
+    assert np.array_equal(kd.public_subset(pub, 0, seed=0), pub)
+
+
 def test_int8_quantization_error_is_within_half_a_step():
     torch.manual_seed(0)
     x = torch.randn(50, 77) * 5
@@ -230,3 +243,23 @@ def test_kd_learns_and_is_deterministic(synth_dir, tmp_path):
             "bytes_up_per_client", "bytes_down_per_client", "client_flops", "server_flops")  # fmt: skip
     assert [[r[k] for k in keys] for r in a_lines[:2]] == [[r[k] for k in keys] for r in b_lines]
     assert 0 <= a_lines[-1]["client_accuracy"] <= 1
+
+
+def test_median_knowledge_hand_computed():
+    from fedtune.kd_ops import aggregate_knowledge
+
+    # T = 1, three clients, one sample, two classes; log-probabilities give exact softmaxes
+    probs = [[0.8, 0.2], [0.6, 0.4], [0.01, 0.99]]  # the third client is an outlier
+    logits = [torch.tensor([p]).log() for p in probs]
+    teacher, kept = aggregate_knowledge(logits, 1.0, "median")
+    # per class medians 0.6 and 0.4 already sum to 1
+    assert torch.allclose(teacher, torch.tensor([[0.6, 0.4]]), atol=1e-6) and kept.all()
+    # two clients: mean of the two middle values -> (0.7, 0.3)
+    teacher, _ = aggregate_knowledge(logits[:2], 1.0, "median")
+    assert torch.allclose(teacher, torch.tensor([[0.7, 0.3]]), atol=1e-6)
+    # the entropy filter drops the unsure client (normalized entropy of (0.6, 0.4) = 0.971)
+    teacher, kept = aggregate_knowledge(logits, 1.0, "median", entropy_threshold=0.9)
+    assert torch.allclose(teacher, torch.tensor([[0.405, 0.595]]), atol=1e-6) and kept.all()
+    # nobody survives: uniform and not kept
+    teacher, kept = aggregate_knowledge(logits, 1.0, "median", entropy_threshold=0.01)
+    assert torch.equal(teacher, torch.tensor([[0.5, 0.5]])) and not kept.any()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 
 import pytest
 
@@ -160,10 +161,13 @@ def test_paper_grid(tmp_path):
 def test_run_all_skips_finished_and_reruns_unfinished(tmp_path, monkeypatch, synth_dir):
     from conftest import tiny_cfg
 
-    calls = []
+    calls, resumed = [], []
 
-    def fake_simulate(cfg, out, log=None):  # writes what a finished run leaves behind
+    def fake_simulate(cfg, out, log=None, resume=False):  # writes what a finished run leaves
         calls.append(out.name)
+        resumed.append(resume)
+        if resume:  # the fake rewrites the whole directory
+            shutil.rmtree(out)
         write_run(out, cfg.fed.framework, cfg.seed, 0.5, 1.0, 1.0, 1.0)
         (out / "config.toml").write_text(config.to_toml(cfg))
         return {"final_accuracy": 0.5, "wall_seconds": 0.0}
@@ -175,7 +179,7 @@ def test_run_all_skips_finished_and_reruns_unfinished(tmp_path, monkeypatch, syn
     (tmp_path / "runs" / "kd-s0" / "summary.json").unlink()  # interrupted
     calls.clear()
     experiments.run_all(specs, tmp_path, log=lambda *_: None)
-    assert calls == ["kd-s0"]
+    assert calls == ["kd-s0"] and resumed[-1]  # same config: resumed from its checkpoint
     other = experiments.compare_specs(tiny_cfg(synth_dir, train={"lr": 0.1}), (0,), ("fedllm",))
     with pytest.raises(config.ConfigError, match="another config"):
         experiments.run_all(other, tmp_path, log=lambda *_: None)

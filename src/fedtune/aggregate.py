@@ -1,7 +1,15 @@
-"""Server-side aggregation of client tensors (plain functions, shared by all frameworks)."""
+"""Server-side aggregation of client tensors (plain functions, shared by all frameworks and runtimes).
+
+* :func:`weighted_average` (FedAvg), :func:`coordinate_median`, :func:`trimmed_mean`, and
+  :func:`aggregate` which picks one by the ``fed.aggregator`` name;
+* update validation: :func:`update_problem` says why an update must be rejected (names, shapes,
+  dtypes, NaN/Inf, ``||update - global||`` above a bound), :func:`screen_updates` applies it to
+  a round's replies, :func:`check_update` raises instead.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -32,23 +40,134 @@ def weighted_average(
     return out
 
 
-def check_update(
-    update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], sender: str
-) -> None:
-    """Reject an update whose tensor names, shapes or dtypes differ from ``reference``,
-    or that holds NaN/Inf. Raises MessageError naming the sender and the problem."""
+def _stack(states: Sequence[dict[str, torch.Tensor]], name: str) -> torch.Tensor:
+    """``[K, *shape]`` float64 stack of one tensor across K states (on the first one's device)."""
+    dev = states[0][name].device
+    return torch.stack([s[name].to(dev, torch.float64) for s in states])
+
+
+def coordinate_median(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Coordinate-wise median over K states (unweighted; for even K the mean of the two middle
+    values, so that it is symmetric). Tolerates up to ``ceil(K/2) - 1`` arbitrary states."""
+    if not states:
+        raise ValueError("coordinate_median needs at least one state")
+    out = {}
+    for name, ref in states[0].items():
+        x = _stack(states, name).sort(dim=0).values  # [K, ...]
+        k = x.shape[0]
+        out[name] = ((x[(k - 1) // 2] + x[k // 2]) / 2).to(ref.dtype)
+    return out
+
+
+def trimmed_mean(
+    states: Sequence[dict[str, torch.Tensor]], trim_ratio: float
+) -> dict[str, torch.Tensor]:
+    """Coordinate-wise trimmed mean: per coordinate drop the ``floor(trim_ratio * K)`` largest
+    and smallest of the K values and average the rest (unweighted). ``trim_ratio`` in [0, 0.5)."""
+    if not states:
+        raise ValueError("trimmed_mean needs at least one state")
+    if not 0 <= trim_ratio < 0.5:
+        raise ValueError(f"trim_ratio must be in [0, 0.5), got {trim_ratio}")
+    k = len(states)
+    cut = int(trim_ratio * k)
+    out = {}
+    for name, ref in states[0].items():
+        x = _stack(states, name).sort(dim=0).values
+        out[name] = x[cut : k - cut].mean(0).to(ref.dtype)
+    return out
+
+
+AGGREGATORS = ("fedavg", "median", "trimmed_mean")
+
+
+def aggregate(
+    states: Sequence[dict[str, torch.Tensor]],
+    weights: Sequence[float],
+    how: str = "fedavg",
+    trim_ratio: float = 0.2,
+) -> dict[str, torch.Tensor]:
+    """Combine client states with ``fed.aggregator``: ``fedavg`` (weighted by ``weights``, e.g.
+    sample counts), ``median`` or ``trimmed_mean`` (robust, unweighted)."""
+    if how == "fedavg":
+        return weighted_average(states, weights)
+    if how == "median":
+        return coordinate_median(states)
+    if how == "trimmed_mean":
+        return trimmed_mean(states, trim_ratio)
+    raise ValueError(f"unknown aggregator {how!r}; available: {', '.join(AGGREGATORS)}")
+
+
+def update_norm(update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    """L2 norm of ``update - reference`` over all tensors (float64)."""
+    total = 0.0
+    for name, ref in reference.items():
+        d = update[name].to(torch.float64) - ref.to(update[name].device, torch.float64)
+        total += float((d * d).sum())
+    return total**0.5
+
+
+def update_problem(
+    update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], max_norm: float = 0.0
+) -> str | None:
+    """Why ``update`` must be rejected against the global ``reference``, or None if it is fine.
+
+    Checked in order: missing / unknown tensor names, shapes, dtypes, NaN/Inf, and (when
+    ``max_norm > 0``) ``||update - reference||_2 > max_norm``. The reason is one short line."""
     missing = sorted(set(reference) - set(update))
     unknown = sorted(set(update) - set(reference))
     if missing or unknown:
-        raise MessageError(
-            f"update from {sender}: missing tensors {missing[:3]}, unknown tensors {unknown[:3]}"
-        )
+        return f"missing tensors {missing[:3]}, unknown tensors {unknown[:3]}"
     for name, ref in reference.items():
         t = update[name]
         if t.shape != ref.shape or t.dtype != ref.dtype:
-            raise MessageError(
-                f"update from {sender}: tensor {name!r} is {t.dtype}{list(t.shape)}, "
-                f"expected {ref.dtype}{list(ref.shape)}"
-            )
+            return f"tensor {name!r} is {t.dtype}{list(t.shape)}, expected {ref.dtype}{list(ref.shape)}"
         if not torch.isfinite(t).all():
-            raise MessageError(f"update from {sender}: tensor {name!r} holds NaN or Inf")
+            return f"tensor {name!r} holds NaN or Inf"
+    if max_norm > 0:
+        norm = update_norm(update, reference)
+        if norm > max_norm:
+            return f"update norm {norm:.4g} exceeds fed.max_update_norm={max_norm:.4g}"
+    return None
+
+
+def meta_problem(meta: dict) -> str | None:
+    """Why a reply's metadata is unusable: ``num_samples`` must be a number > 0 (the FedAvg
+    weight) and ``loss`` a finite number (or its decimal string); None when fine."""
+    try:
+        n, loss = float(meta["num_samples"]), float(meta["loss"])
+    except (KeyError, TypeError, ValueError):
+        return "metadata lacks a numeric num_samples or loss"
+    if not (math.isfinite(n) and n > 0 and math.isfinite(loss)):
+        return f"metadata num_samples={n} / loss={loss} out of range"
+    return None
+
+
+def screen_updates(
+    updates: dict[int, dict[str, torch.Tensor]],
+    references: dict[int, dict[str, torch.Tensor]],
+    max_norm: float = 0.0,
+    metas: dict[int, dict] | None = None,
+) -> tuple[list[int], dict[str, str]]:
+    """Validate each client's update against its reference (what the server sent it) and,
+    when given, its reply metadata (:func:`meta_problem`).
+
+    Returns ``(accepted client ids (sorted), {client id as str: reason} of the rejected)``."""
+    accepted, rejected = [], {}
+    for cid in sorted(updates):
+        why = meta_problem(metas[cid]) if metas is not None else None
+        why = why or update_problem(updates[cid], references[cid], max_norm)
+        if why is None:
+            accepted.append(cid)
+        else:
+            rejected[str(cid)] = why
+    return accepted, rejected
+
+
+def check_update(
+    update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], sender: str
+) -> None:
+    """Like :func:`update_problem` without a norm bound, but raises MessageError naming the
+    sender and the problem."""
+    why = update_problem(update, reference)
+    if why is not None:
+        raise MessageError(f"update from {sender}: {why}")

@@ -19,6 +19,18 @@ from .errors import FedtuneError
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.resume:
+        from pathlib import Path
+
+        from .errors import ConfigError
+
+        if args.config or args.overrides or (args.out and args.out != args.resume):
+            raise ConfigError("--resume RUN_DIR reads RUN_DIR/config.toml: give no preset, "
+                              "overrides or other --out")  # fmt: skip
+        preset = Path(args.resume) / "config.toml"
+        if not preset.is_file():
+            raise ConfigError(f"cannot resume {args.resume}: no config.toml (not a run directory)")
+        args.config, args.out = str(preset), args.resume
     cfg = config.load(args.config, args.overrides)
     if args.no_progress:
         cfg = config.with_overrides(cfg, progress=False)
@@ -27,7 +39,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     from .simulation import simulate
 
-    summary = simulate(cfg, args.out)
+    summary = simulate(cfg, args.out, resume=bool(args.resume))
     keys = ("framework", "final_accuracy", "best_accuracy", "bytes_up_per_client_per_round",
             "bytes_down_per_client_per_round", "client_flops_per_round",
             "client_seconds_per_round", "wall_seconds")  # fmt: skip
@@ -103,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", nargs="?", help="TOML preset (defaults when omitted)")
     r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. fed.rounds=3")
     r.add_argument("--out", help="run directory to write (config, metrics.jsonl, summary.json)")
+    r.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run from its last checkpoint (RUN_DIR/checkpoint)")  # fmt: skip
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
     r.set_defaults(func=_run)

@@ -98,6 +98,53 @@ class FedConfig:
     fraction_fit: float = opt(1.0, "fraction of clients sampled each round")
     min_clients: int = opt(1, "minimum clients sampled each round")
     eval_every: int = opt(1, "evaluate the global model every N rounds (and after the last)")
+    checkpoint_every: int = opt(
+        1, "write RUN_DIR/checkpoint/ every N rounds (and after the last), for --resume; 0 = off"
+    )
+    # Client faults (simulation): see fedtune.faults.
+    dropout: float = opt(
+        0.0, "probability that a sampled client drops out of a round (seeded per seed/round/client)"
+    )
+    deadline_s: float = opt(
+        0.0,
+        "straggler deadline: a client whose compute seconds in a round (measured, times its "
+        "fed.client_slowdown) exceed it is treated as lost; 0 = no deadline",
+    )
+    client_slowdown: tuple[float, ...] = opt(
+        (), "per-client factors applied to measured compute seconds (simulated slow devices)"
+    )
+    on_too_few: str = opt(
+        "retry",
+        "when fewer than fed.min_clients clients reply: rerun the round with a new sample "
+        "(up to fed.max_retries times, then skip it) or skip it (the global state is unchanged)",
+        ("retry", "skip"),
+    )
+    max_retries: int = opt(3, "fed.on_too_few=retry: attempts after the first before skipping")
+    # Update validation and robust aggregation: see fedtune.aggregate.
+    max_update_norm: float = opt(
+        0.0, "reject a client update whose L2 norm ||update - global|| exceeds this; 0 = no bound"
+    )
+    aggregator: str = opt(
+        "fedavg",
+        "how client updates are combined (FedLLM, Split-FedLLM): sample-weighted mean, "
+        "coordinate-wise median, or coordinate-wise trimmed mean",
+        ("fedavg", "median", "trimmed_mean"),
+    )
+    trim_ratio: float = opt(
+        0.2, "aggregator=trimmed_mean: fraction of values dropped at each end, per coordinate"
+    )
+    max_message_bytes: int = opt(
+        2 * 1024**3, "refuse any message larger than this many bytes before parsing it"
+    )
+    # Attack simulation for robustness research (never on by default).
+    poison_clients: tuple[int, ...] = opt(
+        (), "attack simulation: these client ids send poisoned updates (see fed.poison_scale)"
+    )
+    poison_scale: float = opt(
+        100.0,
+        "attack simulation: a poisoned client sends global + scale * (its update - global) "
+        "(logits: scale * logits)",
+    )
 
 
 @dataclass(frozen=True)
@@ -105,7 +152,9 @@ class KDConfig:
     """KD-FedLLM options (section ``[kd]``); see fedtune.frameworks.kd."""
 
     temperature: float = opt(2.0, "distillation temperature T (softmax(logits / T), loss x T^2)")
-    public_samples: int = opt(0, "use the first N samples of the public set; 0 = all of it")
+    public_samples: int = opt(
+        0, "use a seeded random subset of N public samples (nested across N); 0 = all of it"
+    )
     server_epochs: int = opt(1, "server distillation epochs over the public set per round (b5)")
     client_distill_epochs: int = opt(
         1, "client distillation epochs over the public set per round (b8); 0 = skip b8"
@@ -140,8 +189,9 @@ class KDConfig:
     aggregate: str = opt(
         "mean",
         "how client probabilities are combined: plain mean, weighted by client sample count, "
-        "or per sample by confidence (1 - H / ln C)",
-        ("mean", "samples", "confidence"),
+        "per sample by confidence (1 - H / ln C), or the coordinate-wise median (robust to a "
+        "few malicious clients; rows renormalized)",
+        ("mean", "samples", "confidence", "median"),
     )
     server_uses_public_labels: bool = opt(
         False, "the server also trains on the public set's true labels (cross-entropy) in b5"
@@ -293,6 +343,25 @@ def validate(cfg: RunConfig) -> None:
     _check(0 < f.fraction_fit <= 1, "fed.fraction_fit", "must be in (0, 1]")
     _check(f.min_clients >= 1, "fed.min_clients", "must be >= 1")
     _check(f.eval_every >= 1, "fed.eval_every", "must be >= 1")
+    _check(f.checkpoint_every >= 0, "fed.checkpoint_every", "must be >= 0")
+    _check(0 <= f.dropout < 1, "fed.dropout", f"must be in [0, 1), got {f.dropout}")
+    _check(f.deadline_s >= 0, "fed.deadline_s", f"must be >= 0, got {f.deadline_s}")
+    _check(all(x > 0 for x in f.client_slowdown), "fed.client_slowdown", "factors must be > 0")
+    _check(
+        not f.client_slowdown or len(f.client_slowdown) == d.num_clients,
+        "fed.client_slowdown",
+        f"needs {d.num_clients} factors (data.num_clients), got {len(f.client_slowdown)}",
+    )
+    _check(f.max_retries >= 0, "fed.max_retries", "must be >= 0")
+    _check(f.max_update_norm >= 0, "fed.max_update_norm", "must be >= 0")
+    _check(0 <= f.trim_ratio < 0.5, "fed.trim_ratio", f"must be in [0, 0.5), got {f.trim_ratio}")
+    _check(f.max_message_bytes >= 1024, "fed.max_message_bytes", "must be >= 1024")
+    _check(
+        all(0 <= c < d.num_clients for c in f.poison_clients),
+        "fed.poison_clients",
+        f"client ids must be in [0, {d.num_clients - 1}]",
+    )
+    _check(f.poison_scale != 0, "fed.poison_scale", "must be != 0")
     _check(cfg.threads >= 0, "threads", "must be >= 0")
 
 
@@ -308,8 +377,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is tuple:
         (inner, _ellipsis) = typing.get_args(tp)
-        if isinstance(value, str):
-            value = [v for v in (s.strip() for s in value.split(",")) if v]
+        if isinstance(value, str):  # "1,2" from the command line: numbers read as numbers
+            value = [v if inner is str else _literal(v)
+                     for v in (s.strip() for s in value.split(",")) if v]  # fmt: skip
         elif not isinstance(value, list | tuple):
             value = [value]
         return tuple(_coerce(v, inner, key) for v in value)
@@ -336,6 +406,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"config key {key}: expected a string, got {value!r}")
     raise ConfigError(f"config key {key}: unsupported type {tp}")  # pragma: no cover
+
+
+def _literal(raw: str) -> Any:
+    """A TOML literal (number, boolean), else the string itself."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:

@@ -169,7 +169,8 @@ def same_config(path: Path, cfg: RunConfig) -> bool:
 def run_all(specs: list[RunSpec], out: str | Path, log=print) -> list[Path]:
     """Run every spec into ``out/runs/<name>``, skipping finished runs. Returns the run dirs.
 
-    A finished run with a different config is an error rather than silently reused."""
+    An unfinished run with the same config is resumed from its checkpoint (``--resume``);
+    a finished run with a different config is an error rather than silently reused."""
     from .simulation import simulate  # torch and transformers only when something runs
 
     root = Path(out) / "runs"
@@ -185,11 +186,14 @@ def run_all(specs: list[RunSpec], out: str | Path, log=print) -> list[Path]:
                                   "use another --out")  # fmt: skip
             log(f"{head}: finished earlier, skipped")
             continue
-        if path.exists():
+        resume = (path / "config.toml").is_file() and same_config(path, spec.cfg)
+        if resume:
+            log(f"{head}: unfinished run, resumed from its last checkpoint")
+        elif path.exists():
             log(f"{head}: unfinished run directory, deleted and rerun")
             shutil.rmtree(path)
         log(f"{head}: running ({time.perf_counter() - t0:.0f} s elapsed)")
-        summary = simulate(spec.cfg, path, log=log)
+        summary = simulate(spec.cfg, path, log=log, resume=resume)
         log(f"{head}: accuracy {summary['final_accuracy']:.4f} in {summary['wall_seconds']:.0f} s")
     log(f"{len(specs)} runs done in {time.perf_counter() - t0:.0f} s")
     return paths

@@ -101,13 +101,17 @@ def aggregate_knowledge(
     ``client_logits``: K tensors ``[S, C]``. A client's prediction on a sample is dropped when
     its normalized entropy (at T = 1, i.e. the client's own confidence) exceeds
     ``entropy_threshold``. Weights: 1 (``mean``), the client's sample count (``samples``) or
-    ``1 - H / ln C`` per sample (``confidence``).
+    ``1 - H / ln C`` per sample (``confidence``). ``median``: per sample and class the median
+    probability of the surviving clients (mean of the two middle ones for an even count), rows
+    renormalized to sum 1: a minority of malicious clients cannot move it far.
 
     Returns ``teacher [S, C]`` (rows sum to 1; uniform where every client was dropped) and
     ``kept [S]`` (bool: at least one client survived the filter)."""
     logits = torch.stack([x.float() for x in client_logits])  # [K, S, C]
     probs = (logits / temperature).softmax(-1)
     ent = torch.stack([normalized_entropy(x) for x in logits])  # [K, S]
+    if how == "median":
+        return median_knowledge(probs, ent <= entropy_threshold + 1e-6)
     w = torch.ones_like(ent)
     if how == "samples":
         w = w * torch.tensor(num_samples, dtype=torch.float32).unsqueeze(-1)
@@ -118,6 +122,24 @@ def aggregate_knowledge(
     kept = total > 0
     teacher = (w.unsqueeze(-1) * probs).sum(0) / total.clamp(min=1e-12).unsqueeze(-1)
     teacher[~kept] = 1.0 / logits.shape[-1]
+    return teacher, kept
+
+
+def median_knowledge(probs: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coordinate-wise median of ``probs [K, S, C]`` over the clients where ``keep [K, S]``,
+    renormalized per row. Returns ``teacher [S, C]`` and ``kept [S]`` as
+    :func:`aggregate_knowledge`; a row with no surviving client (or all-zero medians, possible
+    with top-k logits) is uniform and not kept."""
+    k, _, c = probs.shape
+    x = probs.masked_fill(~keep.unsqueeze(-1), math.inf).sort(dim=0).values  # dropped ones last
+    n = keep.sum(0)  # [S] surviving clients per sample
+    lo = ((n - 1).clamp(min=0) // 2).view(1, -1, 1).expand(1, -1, c)
+    hi = (n // 2).clamp(max=k - 1).view(1, -1, 1).expand(1, -1, c)
+    med = (x.gather(0, lo) + x.gather(0, hi)).squeeze(0) / 2  # [S, C]
+    total = med.sum(-1)
+    kept = (n > 0) & torch.isfinite(total) & (total > 0)
+    teacher = torch.where(kept.unsqueeze(-1), med / total.clamp(min=1e-12).unsqueeze(-1),
+                          torch.full_like(med, 1.0 / c))  # fmt: skip
     return teacher, kept
 
 

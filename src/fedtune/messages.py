@@ -102,18 +102,22 @@ def decode(data: bytes, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
     if n > _MAX_HEADER_BYTES or 8 + n > len(data):
         raise MessageError(f"message header length {n} is invalid for {len(data)} bytes")
     try:
+        # RecursionError: deeply nested JSON; ValueError covers bad UTF-8 and huge integers.
         header = json.loads(data[8 : 8 + n])
         meta_raw = header.pop("__metadata__")
+        if not all(isinstance(meta_raw[k], str) for k in (*_ROUTING, "meta")):
+            raise TypeError("routing fields must be strings")
         routing = {k: meta_raw[k] for k in _ROUTING}
         meta = json.loads(meta_raw["meta"])
         rnd = int(routing["round"])
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise MessageError(f"message header is corrupted: {type(e).__name__}") from None
     if routing["kind"] not in KINDS or not isinstance(meta, dict):
         raise MessageError(f"message has unknown kind {routing['kind']!r} or bad metadata")
     _check_tensor_header(header, len(data) - 8 - n)
     try:
-        tensors = st_load(data) if header else {}
+        loaded = st_load(data) if header else {}
+        tensors = {name: loaded[name] for name in header}  # header order, not hash order
     except Exception as e:  # safetensors raises its own SafetensorError types
         raise MessageError(f"message tensors are corrupted: {e}") from None
     return Message(
@@ -133,10 +137,13 @@ def _check_tensor_header(header: dict, payload: int) -> None:
         try:
             dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
             size = _DTYPE_SIZES[dtype]
+            if not isinstance(shape, list) or len(shape) > 64:
+                raise ValueError
             numel = 1
-            for s in shape:
-                if not isinstance(s, int) or s < 0:
+            for s in (*shape, start, end):
+                if not isinstance(s, int) or isinstance(s, bool) or s < 0:
                     raise ValueError
+            for s in shape:
                 numel *= s
         except (KeyError, TypeError, ValueError):
             raise MessageError(f"message tensor {name!r} has a corrupted header") from None
@@ -175,7 +182,8 @@ class Ledger:
 
 class Wire:
     """The counting boundary. Runtimes call :meth:`send` to produce bytes and :meth:`receive`
-    to parse them; :meth:`transfer` does both for an in-process hop."""
+    to parse them; :meth:`transfer` does both for an in-process hop. Messages larger than
+    ``max_bytes`` (``fed.max_message_bytes``) are refused on both ends."""
 
     def __init__(self, ledger: Ledger | None = None, max_bytes: int = MAX_MESSAGE_BYTES) -> None:
         self.ledger = ledger if ledger is not None else Ledger()

@@ -6,6 +6,7 @@ Layout::
     RUN_DIR/metrics.jsonl      one JSON line per round
     RUN_DIR/summary.json       written last and atomically: its presence marks a complete run
     RUN_DIR/adapter/           global LoRA + head as safetensors (PEFT format, loadable by PEFT)
+    RUN_DIR/checkpoint/        the last round's full state, for ``fedtune run --resume RUN_DIR``
 """
 
 from __future__ import annotations
@@ -38,8 +39,19 @@ class RunDir:
     @staticmethod
     def check(out: str | Path) -> None:
         path = Path(out)
-        if (path / "summary.json").exists() or (path / "metrics.jsonl").exists():
+        if (path / "summary.json").exists():
             raise ConfigError(f"run directory {path} already holds a run; choose another --out")
+        if (path / "metrics.jsonl").exists() or (path / "config.toml").exists():
+            raise ConfigError(f"run directory {path} holds an unfinished run; continue it with "
+                              f"--resume {path}, or choose another --out")  # fmt: skip
+
+    @staticmethod
+    def check_resumable(out: str | Path) -> None:
+        path = Path(out)
+        if not (path / "config.toml").is_file():
+            raise ConfigError(f"cannot resume {path}: no config.toml (not a run directory)")
+        if (path / "summary.json").exists():
+            raise ConfigError(f"cannot resume {path}: the run has finished (summary.json)")
 
     @classmethod
     def create(cls, out: str | Path, cfg: RunConfig) -> RunDir:
@@ -52,6 +64,10 @@ class RunDir:
     def append_metrics(self, record: dict) -> None:
         with (self.path / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def rewrite_metrics(self, history: list[dict]) -> None:
+        """Replace ``metrics.jsonl`` with ``history`` (on resume: the checkpoint's rounds)."""
+        atomic_write(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
 
     def finish(self, summary: dict, model, state: dict[str, torch.Tensor]) -> None:
         load_trainable_state(model, state)
@@ -97,6 +113,10 @@ def summarize(cfg: RunConfig, ctx, history: list[dict], ledger: Ledger, n_exchan
             (r["client_peak_memory_bytes"] for r in history), default=0
         ),
         "server_flops_per_round": mean("server_flops"),
+        "clients_dropped": sum(len(r.get("dropped", [])) for r in history),
+        "clients_late": sum(len(r.get("late", [])) for r in history),
+        "updates_rejected": sum(r.get("rejected", 0) for r in history),
+        "rounds_skipped": sum(bool(r.get("skipped")) for r in history),
         "server_seconds_per_round": mean("server_seconds"),
         "device": str(ctx.device),
         "machine": f"{platform.node()} {platform.machine()} torch {torch.__version__}",

@@ -12,7 +12,15 @@
 * optionally ``Server.params_exchanged() -> int`` for ``summary.json`` (default: the size of
   ``eval_state()``);
 * ``Client(ctx, cid)`` with ``handle(msg, link) -> Message | None``; ``link.call(msg)`` reaches
-  ``Server.serve`` through the counted wire.
+  ``Server.serve`` through the counted wire;
+* ``Server.state_dict()`` / ``load_state_dict(d)`` and the same on ``Client``: everything needed
+  to resume after a round, as a tree of dicts / lists / tensors / small JSON-able values
+  (checkpointed by :mod:`fedtune.checkpoint`).
+
+Faults: the replies a ``round`` generator receives may be any subset of the clients it sent to
+(dropout, deadline); it aggregates what it got and reports ``rejected`` / ``rejected_reasons``
+for replies that fail validation (:func:`fedtune.aggregate.screen_updates`) instead of raising.
+A runtime may also abandon a round (``gen.close()``) when too few clients are left.
 
 The runtime (in-process simulation, Flower) drives these objects and moves every message through
 :class:`fedtune.messages.Wire`, so bytes are counted in one place for every runtime.

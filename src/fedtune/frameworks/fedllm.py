@@ -3,7 +3,10 @@
 a1  the server sends the global LoRA + head tensors to each sampled client;
 a2  each client fine-tunes them on its private data (Adam, lr 1e-3 by default);
 a3  each client uploads its updated tensors and its sample count;
-a4  the server averages the uploads weighted by sample count.
+a4  the server checks every upload (names, shapes, dtypes, NaN/Inf, ``fed.max_update_norm``),
+    drops the invalid ones and combines the rest with ``fed.aggregator`` (FedAvg weighted by
+    sample count by default; coordinate-wise median or trimmed mean against poisoned clients).
+    Clients that did not reply (dropout, deadline) are simply absent from the replies.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Generator
 import numpy as np
 import torch
 
-from ..aggregate import check_update, weighted_average
+from ..aggregate import aggregate, screen_updates
 from ..context import Context
 from ..messages import PARAMETERS, SERVER, Message, client_name
 from ..train import seed_everything, train_local
@@ -34,16 +37,29 @@ class Server:
             cid: Message(PARAMETERS, rnd, SERVER, client_name(cid), self.global_state)
             for cid in clients
         }
-        # a4: sample-weighted FedAvg of the uploads (a3), after checking each one.
-        for cid, msg in replies.items():
-            check_update(msg.tensors, self.global_state, client_name(cid))
-        weights = [float(m.meta["num_samples"]) for m in replies.values()]
-        self.global_state = weighted_average([m.tensors for m in replies.values()], weights)
-        losses = [float(m.meta["loss"]) for m in replies.values()]
-        return {"train_loss": float(np.average(losses, weights=weights))}
+        # a4: validate the uploads (a3), then aggregate the accepted ones.
+        fed = self.ctx.cfg.fed
+        sent = {cid: self.global_state for cid in replies}
+        ok, rejected = screen_updates({c: m.tensors for c, m in replies.items()}, sent,
+                                      fed.max_update_norm, {c: m.meta for c, m in replies.items()})  # fmt: skip
+        metrics: dict = {"rejected": len(rejected), "rejected_reasons": rejected}
+        if not ok:  # nothing usable: the global state stays as it was
+            return metrics
+        weights = [float(replies[c].meta["num_samples"]) for c in ok]
+        self.global_state = aggregate([replies[c].tensors for c in ok], weights, fed.aggregator,
+                                      fed.trim_ratio)  # fmt: skip
+        losses = [float(replies[c].meta["loss"]) for c in ok]
+        return {"train_loss": float(np.average(losses, weights=weights)), **metrics}
 
     def eval_state(self) -> dict[str, torch.Tensor]:
         return self.global_state
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must hold to resume (tensors and small JSON-able values)."""
+        return {"global_state": self.global_state}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.global_state = {k: v.to(self.ctx.device) for k, v in d["global_state"].items()}
 
 
 class Client:
@@ -52,6 +68,12 @@ class Client:
     def __init__(self, ctx: Context, cid: int) -> None:
         self.ctx, self.cid = ctx, cid
         self.opt_state: dict | None = None
+
+    def state_dict(self) -> dict:
+        return {"opt_state": self.opt_state}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.opt_state = d["opt_state"]
 
     def handle(self, msg: Message, link=None) -> Message:
         ctx, rnd = self.ctx, msg.round

@@ -1,7 +1,7 @@
 """KD-FedLLM: federated knowledge distillation through logits on a shared public set.
 
 Every party keeps its own model (a trainable state: LoRA + head); only logits on the public
-set (``ctx.data.public_idx``, the first ``kd.public_samples`` of it) cross the wire.
+set (``ctx.data.public_idx``, or a seeded subset of ``kd.public_samples``) cross the wire.
 
 b1  each client fine-tunes its persistent local model on its private data;
 b2  each client computes its logits on the public selection (public labels are never used);
@@ -33,6 +33,7 @@ from collections.abc import Generator
 import numpy as np
 import torch
 
+from ..aggregate import meta_problem
 from ..context import Context
 from ..errors import ConfigError, MessageError
 from ..kd_ops import (
@@ -53,13 +54,25 @@ SERVER_STREAM = 1_000_003  # seed stream of the server's dropout and batch order
 
 
 def public_candidates(ctx: Context) -> np.ndarray:
-    """Indices into ``ctx.data.train`` of the public samples in use (``[N]``)."""
+    """Indices into ``ctx.data.train`` of the public samples in use (``[N]``, sorted)."""
     pub, n = ctx.data.public_idx, ctx.cfg.kd.public_samples
     if len(pub) == 0:
         raise ConfigError("config key data.public_size: KD-FedLLM needs a public set (> 0)")
     if n > len(pub):
         raise ConfigError(f"config key kd.public_samples: {n} > public set size {len(pub)}")
-    return pub[:n] if n else pub
+    return public_subset(pub, n, ctx.cfg.seed)
+
+
+def public_subset(public_idx: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """A seeded uniform subset of ``n`` public indices (``[n]``, sorted); 0 = all of them.
+
+    Not the first ``n``: dataset files are often grouped by class (Banking77's train.csv is),
+    so a prefix would hold a handful of classes. The subsets are nested (the first ``n`` of
+    one seeded permutation), so a public-size sweep compares growing sets, not different ones."""
+    if n == 0 or n >= len(public_idx):
+        return np.asarray(public_idx)
+    order = np.random.default_rng([seed, 4243]).permutation(len(public_idx))
+    return np.sort(np.asarray(public_idx)[order[:n]])
 
 
 def distill_batch_size(ctx: Context) -> int:
@@ -104,6 +117,7 @@ class Server:
         ctx, kd = self.ctx, self.ctx.cfg.kd
         c, n = ctx.data.num_labels, len(self.candidates)
         metrics: dict = {}
+        rejected: dict[str, str] = {}  # client id -> why its reply was not used
         # Alignment: ask each client for its label histogram the first time it is sampled.
         missing = [cid for cid in clients if cid not in self.histograms]
         if kd.align != "none" and missing:
@@ -112,10 +126,12 @@ class Server:
                 for cid in missing
             }
             for cid, msg in replies.items():
-                hist = msg.tensors.get("histogram", torch.zeros(0)).numpy().astype(np.int64)
+                t = msg.tensors.get("histogram", torch.zeros(0))
+                hist = np.zeros(0) if t.is_floating_point() else t.numpy().astype(np.int64)
                 if hist.shape != (c,) or (hist < 0).any() or hist.sum() == 0:
-                    raise MessageError(f"label histogram from {client_name(cid)} is malformed")
-                self.histograms[cid] = hist
+                    rejected[str(cid)] = "malformed label histogram"  # asked again next round
+                else:
+                    self.histograms[cid] = hist
         # Pruning: this round's selection by the global model's logits (the initial model's in
         # round 1, computed here); clients learn it from a bitmask in the start message.
         start: dict[str, torch.Tensor] = {}
@@ -134,10 +150,23 @@ class Server:
             cid: Message(METADATA, rnd, SERVER, client_name(cid), start, {"step": "start"})
             for cid in clients
         }
-        # b4: global knowledge = weighted mean of the clients' softened probabilities.
-        cids = sorted(replies)
-        logits = [received_logits(replies[i], len(sel), c, client_name(i)) for i in cids]
-        sizes = [int(replies[i].meta["num_samples"]) for i in cids]
+        # b4: global knowledge = weighted mean of the clients' softened probabilities, over the
+        # clients that replied (dropout, deadline) with valid logits and metadata.
+        logits, cids = [], []
+        for i in sorted(replies):
+            try:
+                if why := meta_problem(replies[i].meta):
+                    raise MessageError(why)
+                if kd.align != "none" and i not in self.histograms:
+                    raise MessageError("no valid label histogram")
+                logits.append(received_logits(replies[i], len(sel), c, client_name(i)))
+                cids.append(i)
+            except MessageError as e:
+                rejected[str(i)] = str(e)
+        metrics.update(rejected=len(rejected), rejected_reasons=rejected)
+        if not cids:  # nothing usable: the global model stays as it was
+            return metrics
+        sizes = [int(float(replies[i].meta["num_samples"])) for i in cids]
         teacher, kept = aggregate_knowledge(
             logits, kd.temperature, kd.aggregate, sizes, kd.entropy_threshold
         )
@@ -172,11 +201,21 @@ class Server:
         self.global_logits = public_logits(ctx, self.state, self.candidates)
         # b7: broadcast them on this round's selection; b8 happens in Client.handle.
         down = pack_logits(self.global_logits[sel], kd.topk, kd.logit_dtype)
-        yield {cid: Message(LOGITS, rnd, SERVER, client_name(cid), down) for cid in clients}
+        yield {cid: Message(LOGITS, rnd, SERVER, client_name(cid), down) for cid in replies}
         return metrics
 
     def eval_state(self) -> dict[str, torch.Tensor]:
         return self.state
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must hold to resume (tensors and small JSON-able values)."""
+        return {"state": self.state, "opt_state": self.opt_state,
+                "global_logits": self.global_logits, "histograms": self.histograms}  # fmt: skip
+
+    def load_state_dict(self, d: dict) -> None:
+        self.state = {k: v.to(self.ctx.device) for k, v in d["state"].items()}
+        self.opt_state, self.global_logits = d["opt_state"], d["global_logits"]
+        self.histograms = {int(k): np.asarray(v) for k, v in d["histograms"].items()}
 
     def params_exchanged(self) -> int:
         return 0  # only logits travel; see the module docstring
@@ -192,6 +231,13 @@ class Client:
         self.opt_state: dict | None = None
         self.candidates = public_candidates(ctx)
         self.selection = self.candidates  # indices into train of this round's public samples
+
+    def state_dict(self) -> dict:
+        return {"state": self.state, "opt_state": self.opt_state, "selection": self.selection}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.state = {k: v.to(self.ctx.device) for k, v in d["state"].items()}
+        self.opt_state, self.selection = d["opt_state"], np.asarray(d["selection"])
 
     def handle(self, msg: Message, link=None) -> Message | None:
         if msg.kind == METADATA and msg.meta.get("request") == "labels":

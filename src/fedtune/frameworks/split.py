@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from .. import compute
-from ..aggregate import check_update, weighted_average
+from ..aggregate import aggregate, screen_updates
 from ..context import Context
 from ..data import batches
 from ..errors import ConfigError, MessageError
@@ -188,6 +188,17 @@ class Server:
         self.labels: dict[int, torch.Tensor] = {}  # cid -> this round's labels not yet used
         self.pending: dict[int, tuple] = {}  # U-shaped: cid -> (h, pooled) between two calls
         self.serve_seconds = 0.0
+        self.saved_opts: dict = {}  # slot -> optimizer state from a checkpoint, loaded lazily
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must hold to resume: the global state and the server-side
+        optimizer states (the per-round server copies start from the global state)."""
+        opts = {**self.saved_opts, **{s: o.state_dict() for s, o in self.opts.items()}}
+        return {"global_state": self.global_state, "opts": opts}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.global_state = {k: v.to(self.ctx.device) for k, v in d["global_state"].items()}
+        self.opts, self.saved_opts = {}, dict(d["opts"])
 
     def slot(self, cid: int):
         return "shared" if self.s.server_mode == "shared" else cid
@@ -196,6 +207,7 @@ class Server:
         self.serve_seconds = 0.0
         if self.ctx.cfg.train.optimizer_state == "reset":
             self.opts.clear()
+            self.saved_opts.clear()
         everyone = range(len(self.layers))
         for cid in clients:  # server-side model(s) start the round from the global state
             keys = [
@@ -211,12 +223,21 @@ class Server:
                          {"split_layer": self.layers[cid]})
             for cid in clients
         }  # fmt: skip
-        # cc4: per tensor, sample-weighted average over every party that trained it (cc3 uploads).
+        # cc4: validate the uploads (cc3); per tensor, combine (fed.aggregator, FedAvg by
+        # sample count by default) over every party that trained it. Clients that did not reply
+        # (dropout, deadline) or were rejected contribute no adapter.
+        fed = self.ctx.cfg.fed
+        sent = {c: {n: self.global_state[n] for n in self.client_keys[c]} for c in replies}
+        ok, rejected = screen_updates({c: m.tensors for c, m in replies.items()}, sent,
+                                      fed.max_update_norm, {c: m.meta for c, m in replies.items()})  # fmt: skip
+        metrics: dict = {"rejected": len(rejected), "rejected_reasons": rejected,
+                         "split_layers": [self.layers[c] for c in clients],
+                         "server_serve_seconds": self.serve_seconds}  # fmt: skip
+        if not ok:  # nothing usable: the global state stays as it was
+            return metrics
         sums: dict[str, list] = {}
-        for cid, msg in replies.items():
-            check_update(msg.tensors, {n: self.global_state[n] for n in self.client_keys[cid]},
-                         client_name(cid))  # fmt: skip
-            w = float(msg.meta["num_samples"])
+        for cid in ok:
+            msg, w = replies[cid], float(replies[cid].meta["num_samples"])
             for n, t in msg.tensors.items():
                 sums.setdefault(n, []).append((t, w))
             for n in self.server_keys[cid]:
@@ -228,12 +249,11 @@ class Server:
                 merged.setdefault(id(t), [t, 0.0])[1] += w
             ts, ws = zip(*merged.values(), strict=True)
             dev = self.global_state[n].device  # uploads arrive on the CPU, server copies on device
-            self.global_state[n] = weighted_average([{n: t.to(dev)} for t in ts], ws)[n]
-        weights = [float(m.meta["num_samples"]) for m in replies.values()]
-        losses = [float(m.meta["loss"]) for m in replies.values()]
-        return {"train_loss": float(np.average(losses, weights=weights)),
-                "split_layers": [self.layers[c] for c in clients],
-                "server_serve_seconds": self.serve_seconds}  # fmt: skip
+            self.global_state[n] = aggregate([{n: t.to(dev)} for t in ts], ws, fed.aggregator,
+                                             fed.trim_ratio)[n]  # fmt: skip
+        weights = [float(replies[c].meta["num_samples"]) for c in ok]
+        losses = [float(replies[c].meta["loss"]) for c in ok]
+        return {"train_loss": float(np.average(losses, weights=weights)), **metrics}
 
     def serve(self, msg: Message) -> Message:
         """Answer one client request: LABELS (c2), ACTIVATIONS (c3) or, U-shaped, GRADIENTS."""
@@ -288,6 +308,8 @@ class Server:
         params = dict(ctx.model.named_parameters())
         if slot not in self.opts:
             self.opts[slot] = make_optimizer([params[n] for n in self.states[slot]], ctx.cfg.train)
+            if slot in self.saved_opts:  # resumed from a checkpoint
+                self.opts[slot].load_state_dict(self.saved_opts.pop(slot))
         opt = self.opts[slot]
         opt.zero_grad(set_to_none=True)  # right before backward: no other party's grads leak in
         out.backward(grad)
@@ -316,6 +338,13 @@ class Client:
     def __init__(self, ctx: Context, cid: int) -> None:
         self.ctx, self.cid = ctx, cid
         self.opt: torch.optim.Optimizer | None = None
+        self.saved_opt: dict | None = None  # optimizer state from a checkpoint, loaded lazily
+
+    def state_dict(self) -> dict:
+        return {"opt": self.opt.state_dict() if self.opt is not None else self.saved_opt}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.opt, self.saved_opt = None, d["opt"]
 
     def handle(self, msg: Message, link) -> Message:
         ctx, rnd, me = self.ctx, msg.round, client_name(self.cid)
@@ -327,6 +356,9 @@ class Client:
         mine = [params[n] for n in msg.tensors]
         if self.opt is None or t.optimizer_state == "reset":
             self.opt = make_optimizer(mine, t)
+            if self.saved_opt is not None and t.optimizer_state == "keep":
+                self.opt.load_state_dict(self.saved_opt)  # resumed from a checkpoint
+            self.saved_opt = None
         ctx.model.train()
         idx = round_samples(ctx, self.cid, rnd)
         rng = np.random.default_rng([ctx.cfg.seed, rnd, self.cid])
