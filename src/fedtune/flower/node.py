@@ -106,7 +106,7 @@ class NodeWorker:
             self.clients = {k: v for k, v in self.clients.items() if k[0] == run[0]}
             self.clients[run] = fw.Client(ctx, self.cid)
         client = self.clients[run]
-        wire = Wire()
+        wire = Wire(max_bytes=cfg.fed.max_message_bytes)
         msg = receive_counted(wire, blob)
         if msg.receiver != client_name(self.cid):
             raise MessageError(f"node {client_name(self.cid)} got a message for {msg.receiver}")

@@ -24,14 +24,14 @@ import tomllib
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from .. import config, frameworks
+from .. import config, faults, frameworks
 from ..compute import ComputeMeter, ComputeStats
 from ..context import build_context
 from ..errors import ConfigError, FedtuneError, MessageError
 from ..messages import DOWN, UP, Wire, client_name
 from ..models import num_params
 from ..rundir import RunDir, summarize
-from ..simulation import format_round, round_record, sample_clients
+from ..simulation import RoundResult, format_round, round_record, sample_clients
 from ..train import evaluate
 from .client_app import RECORD
 from .split_link import receive_counted, start_split_service
@@ -97,8 +97,11 @@ def discover(grid: Grid, n: int, timeout: float) -> dict[int, int]:
 
 
 def flower_round(grid, ctx, server, nodes, wire, rnd, sampled, service, header, rc):
-    """One round over Flower. Returns ``(server_metrics, client_stats, server_stats)`` like
-    :func:`fedtune.simulation.run_round`."""
+    """One round over Flower; returns a :class:`~fedtune.simulation.RoundResult` like
+    :func:`fedtune.simulation.run_round`. A client that does not answer within
+    ``round-timeout`` is lost for the round (``dropout``: it got its download and never
+    answered); the server aggregates the others, or abandons the round when fewer than
+    ``fed.min_clients`` are left. A client that answers with an error stops the run."""
     cfg = ctx.cfg
     server_meter = ComputeMeter(ctx.device, cfg.flops, ctx.flop_cache)
     stats = {cid: ComputeStats() for cid in sampled}
@@ -106,10 +109,12 @@ def flower_round(grid, ctx, server, nodes, wire, rnd, sampled, service, header, 
     tokens = service.begin_round(rnd, sampled, server_meter) if service else {}
     by_node = {node: cid for cid, node in nodes.items()}
     timeout = float(rc.get("round-timeout", 3600))
+    lost: dict[int, str] = {}
     gen = server.round(rnd, sampled)
     with server_meter.measure():
         outgoing = next(gen)
     while True:
+        outgoing = {c: m for c, m in outgoing.items() if c not in lost}
         out = []
         for cid, msg in outgoing.items():
             h = dict(header)
@@ -131,11 +136,12 @@ def flower_round(grid, ctx, server, nodes, wire, rnd, sampled, service, header, 
             for d in (UP, DOWN):
                 counted[cid][d] += int(h["counted"][d])
             got[cid] = receive_counted(wire, bytes(rec["blob"])) if h["reply"] else None
-        missing = [c for c in outgoing if c not in got]
-        if missing:
-            raise FedtuneError(f"round {rnd}: no reply from clients {missing} in {timeout:g} s")
+        lost.update({c: "dropout" for c in outgoing if c not in got})
+        if faults.too_few(len(sampled) - len(lost), cfg.fed.min_clients):
+            gen.close()
+            return RoundResult(sampled, {}, stats, server_meter.stats, lost, completed=False)
         # in the sending order, like the simulation (float sums depend on the order)
-        replies = {c: got[c] for c in outgoing if got[c] is not None}
+        replies = {c: got[c] for c in outgoing if got.get(c) is not None}
         try:
             with server_meter.measure():
                 outgoing = gen.send(replies)
@@ -143,12 +149,12 @@ def flower_round(grid, ctx, server, nodes, wire, rnd, sampled, service, header, 
             metrics = stop.value or {}
             break
     totals = wire.ledger.round_totals(rnd)
-    for cid in sampled:
+    for cid in (c for c in sampled if c not in lost):
         mine = {d: sum(totals.get(client_name(cid), {}).get(d, {}).values()) for d in (UP, DOWN)}
         if mine != counted[cid]:
             raise MessageError(f"round {rnd}: server counted {mine} bytes for "
                                f"{client_name(cid)}, the client {counted[cid]}")  # fmt: skip
-    return metrics, stats, server_meter.stats
+    return RoundResult(sampled, metrics, stats, server_meter.stats, lost)
 
 
 def run_federation(grid: Grid, cfg: config.RunConfig, out: str, rc: dict, log=print) -> dict:
@@ -159,7 +165,7 @@ def run_federation(grid: Grid, cfg: config.RunConfig, out: str, rc: dict, log=pr
     ctx = build_context(cfg)
     rundir = RunDir.create(out, cfg)
     server = fw.Server(ctx)
-    wire = Wire()
+    wire = Wire(max_bytes=cfg.fed.max_message_bytes)
     n = len(ctx.data.client_idx)
     nodes = discover(grid, n, float(rc.get("node-timeout", 120)))
     log(f"fedtune: {n} SuperNodes: " + ", ".join(f"{c}->{nodes[c]}" for c in nodes))
@@ -180,11 +186,13 @@ def run_federation(grid: Grid, cfg: config.RunConfig, out: str, rc: dict, log=pr
         for rnd in range(1, cfg.fed.rounds + 1):
             t0 = time.perf_counter()
             sampled = sample_clients(n, cfg.fed.fraction_fit, cfg.fed.min_clients, cfg.seed, rnd)
-            metrics, client_stats, server_stats = flower_round(
-                grid, ctx, server, nodes, wire, rnd, sampled, service, header, rc
-            )
-            record = round_record(rnd, sampled, metrics, client_stats, server_stats, wire)
-            record["round_seconds"] = time.perf_counter() - t0
+            result = flower_round(grid, ctx, server, nodes, wire, rnd, sampled, service,
+                                  header, rc)  # fmt: skip
+            if not result.completed:
+                log(f"round {rnd}: only {len(sampled) - len(result.lost)} of {len(sampled)} "
+                    f"clients answered, fewer than fed.min_clients; skipping the round")  # fmt: skip
+            record = round_record(rnd, result, wire)
+            record.update(attempts=1, round_seconds=time.perf_counter() - t0)
             if rnd % cfg.fed.eval_every == 0 or rnd == cfg.fed.rounds:
                 t1 = time.perf_counter()
                 d = ctx.data
