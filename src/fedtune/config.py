@@ -98,6 +98,16 @@ class FedConfig:
     fraction_fit: float = opt(1.0, "fraction of clients sampled each round")
     min_clients: int = opt(1, "minimum clients sampled each round")
     eval_every: int = opt(1, "evaluate the global model every N rounds (and after the last)")
+    engine: str = opt(
+        "sequential",
+        "simulation engine: clients train one after another, or 'batched': the local steps of "
+        "all sampled clients run as one forward/backward through the shared backbone, each row "
+        "with its own client's adapter (same updates; FedLLM and KD's local training)",
+        ("sequential", "batched"),
+    )
+    concurrent_clients: int = opt(
+        0, "engine=batched: at most this many clients per fused step (memory); 0 = all sampled"
+    )
 
 
 @dataclass(frozen=True)
@@ -293,6 +303,7 @@ def validate(cfg: RunConfig) -> None:
     _check(0 < f.fraction_fit <= 1, "fed.fraction_fit", "must be in (0, 1]")
     _check(f.min_clients >= 1, "fed.min_clients", "must be >= 1")
     _check(f.eval_every >= 1, "fed.eval_every", "must be >= 1")
+    _check(f.concurrent_clients >= 0, "fed.concurrent_clients", "must be >= 0")
     _check(cfg.threads >= 0, "threads", "must be >= 0")
 
 

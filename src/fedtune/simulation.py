@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import frameworks
+from . import engine, frameworks
 from .compute import ComputeMeter, ComputeStats, paused
 from .config import RunConfig
 from .context import Context, build_context
@@ -67,8 +67,12 @@ def run_round(ctx: Context, server, clients: dict, wire: Wire, rnd: int, sampled
     gen = server.round(rnd, sampled)
     with server_meter.measure():
         outgoing = next(gen)
+    fw = frameworks.get(cfg.fed.framework)
     while True:
         replies: dict[int, Message] = {}
+        if many := engine.batched_handler(ctx, fw, outgoing):  # fed.engine=batched
+            replies = engine.deliver(ctx, many, clients, outgoing, wire, meters)
+            outgoing = {}
         for cid, msg in outgoing.items():
             received = wire.transfer(msg)
             link = Link(wire, server, meters[cid], server_meter)

@@ -1,0 +1,321 @@
+"""Batched simulation engine: the local steps of many clients as one step of one network.
+
+``fed.engine = "batched"`` makes the in-process runtime hand all of a round's client messages
+to the framework's ``handle_many`` at once (FedLLM's a2, KD's b1/b2). Step ``t`` of the fused
+loop concatenates step ``t``'s batch of every client that still has steps, runs ONE
+forward/backward through the shared backbone with each row using its own client's adapter
+(:mod:`fedtune.multilora`), and applies every client's optimizer step at once:
+
+* the loss is the SUM over clients of each client's mean loss, so the gradient reaching client
+  ``n``'s adapter is exactly its solo gradient (rows never interact in a transformer);
+* Adam/AdamW/SGD are elementwise, so one update over the stacked ``[N, ...]`` tensors equals N
+  separate updates, given a per-client step counter (clients may have different histories) and
+  a per-client mask (a client with fewer local steps stops early: its tensors are untouched);
+* gradient clipping uses each client's own norm.
+
+So batched training equals training the clients one after another (tests/test_engine.py), up
+to float rounding and the dropout RNG stream. Each client's batches are drawn by the same
+:func:`fedtune.data.batches` calls with the same seeded generator as the sequential path.
+No host synchronisation happens inside a step (losses accumulate on the device).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import compute, multilora
+from .compute import ComputeMeter, ComputeStats
+from .config import TrainConfig
+from .data import Tokenized, batches
+from .train import LocalResult, autocast, make_optimizer, num_local_steps, trainable_params
+
+_NETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # peft model -> MultiNet
+
+
+def multinet(model, n: int) -> multilora.MultiNet:
+    """The cached multi-client network of ``model`` with at least ``n`` slots."""
+    net = _NETS.get(model)
+    if net is None or net.n < n:
+        with torch.inference_mode(False):  # its tensors are trained later: never inference tensors
+            net = multilora.build(model, n)
+        _NETS[model] = net
+    return net
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+class StackedOptimizer:
+    """N clients' Adam / AdamW / SGD (as :func:`fedtune.train.make_optimizer` builds them) over
+    stacked parameters ``[N, ...]``, with per-client step counts, masks and grad clipping.
+
+    Optimizer state converts to and from torch's ``state_dict()`` format per client, so a
+    client's saved optimizer state is the same whichever engine trained it."""
+
+    def __init__(self, params: list[torch.nn.Parameter], cfg: TrainConfig, template: dict):
+        self.params, self.cfg, self.template = params, cfg, template
+        group = template["param_groups"][0]
+        self.lr, self.wd = cfg.lr, cfg.weight_decay
+        self.betas, self.eps = group.get("betas", (0.9, 0.999)), group.get("eps", 1e-8)
+        n, dev = params[0].shape[0], params[0].device
+        self.adam = cfg.optimizer in ("adam", "adamw")
+        self.m = [torch.zeros_like(p) for p in params] if self.adam else []
+        self.v = [torch.zeros_like(p) for p in params] if self.adam else []
+        self.steps = torch.zeros(n, dtype=torch.float64, device=dev)
+
+    @torch.no_grad()
+    def load(self, slot: int, opt_state: dict | None) -> None:
+        """Set slot ``slot`` from a torch optimizer ``state_dict()`` (None = fresh)."""
+        st = (opt_state or {}).get("state", {})
+        self.steps[slot] = float(st[0]["step"]) if self.adam and 0 in st else 0.0
+        for i in range(len(self.m)):
+            s = st.get(i)
+            self.m[i][slot] = s["exp_avg"] if s else 0.0
+            self.v[i][slot] = s["exp_avg_sq"] if s else 0.0
+
+    @torch.no_grad()
+    def state_dict(self, slot: int) -> dict:
+        """Slot ``slot`` in torch's optimizer ``state_dict()`` format."""
+        state = {}
+        if self.adam:
+            step = torch.tensor(float(self.steps[slot]), dtype=torch.float32)
+            state = {
+                i: {"step": step.clone(), "exp_avg": self.m[i][slot].clone(),
+                    "exp_avg_sq": self.v[i][slot].clone()}
+                for i in range(len(self.params))
+            }  # fmt: skip
+        groups = [dict(g, params=list(range(len(self.params)))) for g in self.template["param_groups"]]
+        return {"state": state, "param_groups": groups}
+
+    @torch.no_grad()
+    def step(self, active: torch.Tensor) -> None:
+        """One update of every client whose ``active [N]`` (bool) is set; others are untouched."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        if self.cfg.grad_clip > 0:  # torch.nn.utils.clip_grad_norm_, per client
+            sq = sum(g.float().pow(2).flatten(1).sum(1) for g in grads)
+            coef = (self.cfg.grad_clip / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+            grads = [g * coef.view(-1, *[1] * (g.dim() - 1)).to(g.dtype) for g in grads]
+        self.steps += active.to(self.steps.dtype)
+        for i, (p, g) in enumerate(zip(self.params, grads, strict=True)):
+            mask = active.view(-1, *[1] * (p.dim() - 1))
+            shape = (-1, *[1] * (p.dim() - 1))
+            if not self.adam:  # plain SGD (make_optimizer builds it without momentum)
+                new = p - self.lr * (g + self.wd * p if self.wd else g)
+                p.copy_(torch.where(mask, new, p))
+                continue
+            b1, b2 = self.betas
+            if self.cfg.optimizer == "adam" and self.wd:
+                g = g + self.wd * p
+            base = p * (1 - self.lr * self.wd) if self.cfg.optimizer == "adamw" else p
+            m = torch.where(mask, torch.lerp(self.m[i], g, 1 - b1), self.m[i])
+            v = torch.where(mask, self.v[i] * b2 + (1 - b2) * g * g, self.v[i])
+            t = self.steps.clamp(min=1)
+            step_size = (self.lr / (1 - b1**t)).to(p.dtype).view(shape)
+            bc2_sqrt = (1 - b2**t).sqrt().to(p.dtype).view(shape)
+            new = base - step_size * m / (v.sqrt() / bc2_sqrt + self.eps)
+            self.m[i].copy_(m)
+            self.v[i].copy_(v)
+            p.copy_(torch.where(mask, new, p))
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+def optimizer_template(model, cfg: TrainConfig) -> dict:
+    """``state_dict()`` of a fresh torch optimizer over ``model``'s trainable parameters (its
+    ``param_groups`` are copied into every saved client state)."""
+    return make_optimizer(trainable_params(model), cfg).state_dict()
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class ClientJob:
+    """One client's local training: its state, optimizer state, sample indices and batch RNG."""
+
+    state: dict[str, torch.Tensor]
+    opt_state: dict | None
+    idx: np.ndarray
+    rng: np.random.Generator
+
+
+def _client_batches(data: Tokenized, job: ClientJob, cfg: TrainConfig, pad_id: int):
+    """Exactly the batch sequence :func:`fedtune.train.train_local` draws for this client."""
+    total, steps = num_local_steps(len(job.idx), cfg), 0
+    while steps < total:
+        for batch in batches(data, job.idx, cfg.batch_size, pad_id, job.rng, cfg.group_by_length):
+            yield batch
+            steps += 1
+            if steps >= total:
+                return
+
+
+def fuse(parts: list[tuple[int, dict]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Concatenate per-client batches ``(slot, batch)`` into one right-padded batch.
+
+    Returns ``input_ids``/``attention_mask [B, L]`` (L = longest part), ``labels [B]`` and
+    ``rows [B]`` (the slot of each row)."""
+    length = max(b["input_ids"].shape[1] for _, b in parts)
+    ids, mask = [], []
+    for _, b in parts:
+        extra = length - b["input_ids"].shape[1]
+        ids.append(F.pad(b["input_ids"], (0, extra), value=pad_id))
+        mask.append(F.pad(b["attention_mask"], (0, extra), value=0))
+    rows = [torch.full((len(b["labels"]),), slot, dtype=torch.long) for slot, b in parts]
+    return {
+        "input_ids": torch.cat(ids),
+        "attention_mask": torch.cat(mask),
+        "labels": torch.cat([b["labels"] for _, b in parts]),
+        "rows": torch.cat(rows),
+    }
+
+
+def train_many(
+    model, jobs: list[ClientJob], data: Tokenized, cfg: TrainConfig, pad_id: int, device
+) -> list[LocalResult]:
+    """Train every job's state as :func:`fedtune.train.train_local` would, all at once.
+
+    One fused step per local step index; returns one :class:`LocalResult` per job, in order."""
+    n = len(jobs)
+    mnet = multinet(model, n)
+    net = mnet.net
+    opt = StackedOptimizer(mnet.params(), cfg, optimizer_template(model, cfg))
+    for slot, job in enumerate(jobs):
+        mnet.load(slot, job.state)
+        opt.load(slot, job.opt_state if cfg.optimizer_state == "keep" else None)
+    net.train()
+    streams = [_client_batches(data, job, cfg, pad_id) for job in jobs]
+    loss_sum = torch.zeros(mnet.n, device=device)  # per-client, on device: no sync per step
+    steps, samples = [0] * n, [0] * n
+    while True:
+        parts = []
+        for slot, stream in enumerate(streams):
+            b = next(stream, None)
+            if b is not None:
+                parts.append((slot, b))
+                steps[slot] += 1
+                samples[slot] += len(b["labels"])
+        if not parts:
+            break
+        batch = {k: v.to(device, non_blocking=True) for k, v in fuse(parts, pad_id).items()}
+        rows = batch["rows"]
+        mnet.set_rows(rows)
+        counts = torch.bincount(rows, minlength=mnet.n).to(torch.float32)
+        active = counts > 0
+        key = ("train_many", cfg.autocast, len(parts), *batch["input_ids"].shape)
+        with compute.step(key):
+            with autocast(batch["input_ids"].device, cfg.autocast):
+                out = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            ce = F.cross_entropy(out.logits.float(), batch["labels"], reduction="none")
+            per_row = ce / counts[rows]  # sum over a client's rows = its mean loss
+            opt.zero_grad()
+            per_row.sum().backward()
+        opt.step(active)
+        loss_sum.index_add_(0, rows, per_row.detach())
+    mnet.set_rows(None)
+    losses = loss_sum.cpu().tolist()
+    return [
+        LocalResult(
+            state=mnet.state(slot),
+            opt_state=opt.state_dict(slot) if cfg.optimizer_state == "keep" else None,
+            loss=losses[slot] / max(steps[slot], 1),
+            steps=steps[slot],
+            samples=samples[slot],
+        )
+        for slot in range(n)
+    ]
+
+
+@torch.inference_mode()
+def predict_many(
+    model,
+    states: list[dict[str, torch.Tensor]],
+    data: Tokenized,
+    idx: np.ndarray,
+    batch_size: int,
+    pad_id: int,
+    device,
+    amp: str = "off",
+) -> list[torch.Tensor]:
+    """Every state's logits ``[len(idx), C]`` (float32, CPU, ``idx`` order) on the same
+    samples (KD's b2), computed as one pass whose batches hold ``batch_size`` samples of each
+    of up to ``len(states)`` clients (length-sorted, so little padding)."""
+    n = len(states)
+    mnet = multinet(model, n)
+    for slot, st in enumerate(states):
+        mnet.load(slot, st)
+    mnet.net.eval()
+    idx = np.asarray(idx)
+    order = np.argsort([len(data.ids[i]) for i in idx], kind="stable")
+    per = max(1, batch_size // n)  # samples per fused batch: each is repeated for n clients
+    outs: list[torch.Tensor] = []
+    for batch in batches(data, idx[order], per, pad_id):
+        b = len(batch["labels"])
+        ids = batch["input_ids"].repeat(n, 1).to(device, non_blocking=True)
+        mask = batch["attention_mask"].repeat(n, 1).to(device, non_blocking=True)
+        mnet.set_rows(torch.arange(n, device=device).repeat_interleave(b))
+        with compute.step(("infer_many", amp, n, *ids.shape)), autocast(ids.device, amp):
+            logits = mnet.net(input_ids=ids, attention_mask=mask).logits.float()
+        outs.append(logits.view(n, b, -1))
+    mnet.set_rows(None)
+    mnet.net.train()
+    logits = torch.cat(outs, dim=1).cpu()  # [n, S, C] in sorted order
+    result = torch.empty_like(logits)
+    result[:, torch.as_tensor(order)] = logits
+    return list(result.unbind(0))
+
+
+# ----------------------------------------------------------------------------- runtime hook
+
+
+def batched_handler(ctx, fw, outgoing: dict):
+    """``fw.handle_many`` when ``fed.engine`` is 'batched' and the framework accepts this
+    round's messages in one call, else None (the runtime then calls ``Client.handle``)."""
+    if ctx.cfg.fed.engine != "batched" or not hasattr(fw, "handle_many") or len(outgoing) < 1:
+        return None
+    accepts = getattr(fw, "accepts_many", lambda msgs: True)
+    return fw.handle_many if accepts(list(outgoing.values())) else None
+
+
+def deliver(ctx, handle_many, clients: dict, outgoing: dict, wire, meters: dict) -> dict:
+    """Move ``outgoing`` through the wire, let ``handle_many`` compute all replies in chunks of
+    ``fed.concurrent_clients``, move the replies back. The chunk's compute is metered once and
+    apportioned to its clients by samples trained (their meters' FLOPs, seconds; peak memory
+    is the chunk's)."""
+    received = {cid: wire.transfer(msg) for cid, msg in outgoing.items()}
+    cids = list(received)
+    size = ctx.cfg.fed.concurrent_clients or len(cids)
+    replies = {}
+    for c in range(0, len(cids), size):
+        chunk = cids[c : c + size]
+        meter = ComputeMeter(ctx.device, ctx.cfg.flops, ctx.flop_cache)
+        with meter.measure():
+            out = handle_many(ctx, [clients[cid] for cid in chunk], [received[i] for i in chunk])
+        weights = [float(len(ctx.client_samples(cid))) for cid in chunk]
+        total = sum(weights) or 1.0
+        for cid, w, reply in zip(chunk, weights, out, strict=True):
+            s = meter.stats
+            meters[cid].stats.add(ComputeStats(int(round(s.flops * w / total)),
+                                               s.seconds * w / total, s.peak_memory_bytes))  # fmt: skip
+            if reply is not None:
+                replies[cid] = wire.transfer(reply)
+    return replies
+
+
+def peak_rss_bytes() -> int:
+    """The process's lifetime peak resident set size (Linux ``ru_maxrss``)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def state_bytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
