@@ -31,12 +31,15 @@ def two_rounds(ctx, sizes, batched_rounds: tuple[bool, bool]):
     for rnd, batched in enumerate(batched_rounds, start=1):
         rngs = [np.random.default_rng([cfg.seed, rnd, c]) for c in range(len(sizes))]
         if batched:
-            jobs = [engine.ClientJob(s, o, i, r) for s, o, i, r in zip(states, opts, idx, rngs)]
+            jobs = [
+                engine.ClientJob(s, o, i, r)
+                for s, o, i, r in zip(states, opts, idx, rngs, strict=True)
+            ]
             res = engine.train_many(ctx.model, jobs, ctx.data.train, cfg.train, ctx.data.pad_id,
                                     ctx.device)  # fmt: skip
         else:
             res = [train_local(ctx.model, s, o, ctx.data.train, i, cfg.train, r, ctx.data.pad_id,
-                               ctx.device) for s, o, i, r in zip(states, opts, idx, rngs)]  # fmt: skip
+                               ctx.device) for s, o, i, r in zip(states, opts, idx, rngs, strict=True)]  # fmt: skip
         states, opts = [r.state for r in res], [r.opt_state for r in res]
     return states, opts, res
 

@@ -89,7 +89,9 @@ class StackedOptimizer:
                     "exp_avg_sq": self.v[i][slot].clone()}
                 for i in range(len(self.params))
             }  # fmt: skip
-        groups = [dict(g, params=list(range(len(self.params)))) for g in self.template["param_groups"]]
+        groups = [
+            dict(g, params=list(range(len(self.params)))) for g in self.template["param_groups"]
+        ]
         return {"state": state, "param_groups": groups}
 
     @torch.no_grad()
@@ -318,4 +320,3 @@ def peak_rss_bytes() -> int:
 
 def state_bytes(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
-
