@@ -52,80 +52,78 @@ def multinet(model, n: int) -> multilora.MultiNet:
 
 class StackedOptimizer:
     """N clients' Adam / AdamW / SGD (as :func:`fedtune.train.make_optimizer` builds them) over
-    stacked parameters ``[N, ...]``, with per-client step counts, masks and grad clipping.
+    the multi-client network's ``flat [N, P]`` buffer, with per-client step counts, masks and
+    gradient clipping: about 15 kernels per step, however many tensors a client trains.
 
     Optimizer state converts to and from torch's ``state_dict()`` format per client, so a
     client's saved optimizer state is the same whichever engine trained it."""
 
-    def __init__(self, params: list[torch.nn.Parameter], cfg: TrainConfig, template: dict):
-        self.params, self.cfg, self.template = params, cfg, template
+    def __init__(self, mnet: multilora.MultiNet, cfg: TrainConfig, template: dict) -> None:
+        self.mnet, self.cfg, self.template = mnet, cfg, template
         group = template["param_groups"][0]
         self.lr, self.wd = cfg.lr, cfg.weight_decay
         self.betas, self.eps = group.get("betas", (0.9, 0.999)), group.get("eps", 1e-8)
-        n, dev = params[0].shape[0], params[0].device
         self.adam = cfg.optimizer in ("adam", "adamw")
-        self.m = [torch.zeros_like(p) for p in params] if self.adam else []
-        self.v = [torch.zeros_like(p) for p in params] if self.adam else []
-        self.steps = torch.zeros(n, dtype=torch.float64, device=dev)
+        flat = mnet.flat
+        self.m = torch.zeros_like(flat) if self.adam else None
+        self.v = torch.zeros_like(flat) if self.adam else None
+        self.steps = torch.zeros(mnet.n, dtype=torch.float64, device=flat.device)
 
     @torch.no_grad()
     def load(self, slot: int, opt_state: dict | None) -> None:
         """Set slot ``slot`` from a torch optimizer ``state_dict()`` (None = fresh)."""
+        if not self.adam:
+            return
         st = (opt_state or {}).get("state", {})
-        self.steps[slot] = float(st[0]["step"]) if self.adam and 0 in st else 0.0
-        for i in range(len(self.m)):
+        self.steps[slot] = float(st[0]["step"]) if 0 in st else 0.0
+        for i, name in enumerate(self.mnet.layout):
             s = st.get(i)
-            self.m[i][slot] = s["exp_avg"] if s else 0.0
-            self.v[i][slot] = s["exp_avg_sq"] if s else 0.0
+            self.mnet.view(self.m, slot, name).copy_(s["exp_avg"] if s else 0.0)
+            self.mnet.view(self.v, slot, name).copy_(s["exp_avg_sq"] if s else 0.0)
 
     @torch.no_grad()
     def state_dict(self, slot: int) -> dict:
         """Slot ``slot`` in torch's optimizer ``state_dict()`` format."""
-        state = {}
+        state, names = {}, list(self.mnet.layout)
         if self.adam:
             step = torch.tensor(float(self.steps[slot]), dtype=torch.float32)
-            state = {
-                i: {"step": step.clone(), "exp_avg": self.m[i][slot].clone(),
-                    "exp_avg_sq": self.v[i][slot].clone()}
-                for i in range(len(self.params))
-            }  # fmt: skip
-        groups = [
-            dict(g, params=list(range(len(self.params)))) for g in self.template["param_groups"]
-        ]
+            for i, name in enumerate(names):
+                dtype = self.mnet.layout[name][2]
+                state[i] = {"step": step.clone(),
+                            "exp_avg": self.mnet.view(self.m, slot, name).to(dtype, copy=True),
+                            "exp_avg_sq": self.mnet.view(self.v, slot, name).to(dtype, copy=True)}  # fmt: skip
+        groups = [dict(g, params=list(range(len(names)))) for g in self.template["param_groups"]]
         return {"state": state, "param_groups": groups}
 
     @torch.no_grad()
     def step(self, active: torch.Tensor) -> None:
-        """One update of every client whose ``active [N]`` (bool) is set; others are untouched."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        if self.cfg.grad_clip > 0:  # torch.nn.utils.clip_grad_norm_, per client
-            sq = sum(g.float().pow(2).flatten(1).sum(1) for g in grads)
-            coef = (self.cfg.grad_clip / (sq.sqrt() + 1e-6)).clamp(max=1.0)
-            grads = [g * coef.view(-1, *[1] * (g.dim() - 1)).to(g.dtype) for g in grads]
+        """One update of every client whose ``active [N]`` (bool) is set; others are untouched.
+
+        Same arithmetic as torch's single-tensor Adam/AdamW/SGD and ``clip_grad_norm_``."""
+        p, g = self.mnet.flat, self.mnet.flat_grad()  # [N, P]
+        if self.cfg.grad_clip > 0:  # each client's own gradient norm
+            norm = g.pow(2).sum(1, keepdim=True).sqrt()
+            g = g * (self.cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+        mask = active.view(-1, 1)
         self.steps += active.to(self.steps.dtype)
-        for i, (p, g) in enumerate(zip(self.params, grads, strict=True)):
-            mask = active.view(-1, *[1] * (p.dim() - 1))
-            shape = (-1, *[1] * (p.dim() - 1))
-            if not self.adam:  # plain SGD (make_optimizer builds it without momentum)
-                new = p - self.lr * (g + self.wd * p if self.wd else g)
-                p.copy_(torch.where(mask, new, p))
-                continue
-            b1, b2 = self.betas
-            if self.cfg.optimizer == "adam" and self.wd:
-                g = g + self.wd * p
-            base = p * (1 - self.lr * self.wd) if self.cfg.optimizer == "adamw" else p
-            m = torch.where(mask, torch.lerp(self.m[i], g, 1 - b1), self.m[i])
-            v = torch.where(mask, self.v[i] * b2 + (1 - b2) * g * g, self.v[i])
-            t = self.steps.clamp(min=1)
-            step_size = (self.lr / (1 - b1**t)).to(p.dtype).view(shape)
-            bc2_sqrt = (1 - b2**t).sqrt().to(p.dtype).view(shape)
-            new = base - step_size * m / (v.sqrt() / bc2_sqrt + self.eps)
-            self.m[i].copy_(m)
-            self.v[i].copy_(v)
+        if not self.adam:  # plain SGD (make_optimizer builds it without momentum)
+            new = p - self.lr * (g + self.wd * p if self.wd else g)
             p.copy_(torch.where(mask, new, p))
+            return
+        b1, b2 = self.betas
+        if self.cfg.optimizer == "adam" and self.wd:
+            g = g + self.wd * p
+        base = p * (1 - self.lr * self.wd) if self.cfg.optimizer == "adamw" else p
+        self.m.copy_(torch.where(mask, torch.lerp(self.m, g, 1 - b1), self.m))
+        self.v.copy_(torch.where(mask, self.v * b2 + (1 - b2) * g * g, self.v))
+        t = self.steps.clamp(min=1).view(-1, 1)
+        step_size = (self.lr / (1 - b1**t)).to(p.dtype)
+        bc2_sqrt = (1 - b2**t).sqrt().to(p.dtype)
+        new = base - step_size * self.m / (self.v.sqrt() / bc2_sqrt + self.eps)
+        p.copy_(torch.where(mask, new, p))
 
     def zero_grad(self) -> None:
-        for p in self.params:
+        for p in self.mnet.params():
             p.grad = None
 
 
@@ -136,6 +134,13 @@ def optimizer_template(model, cfg: TrainConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------- training
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """Host -> device copy that does not block the host (pinned staging on CUDA)."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 @dataclass
@@ -188,7 +193,7 @@ def train_many(
     n = len(jobs)
     mnet = multinet(model, n)
     net = mnet.net
-    opt = StackedOptimizer(mnet.params(), cfg, optimizer_template(model, cfg))
+    opt = StackedOptimizer(mnet, cfg, optimizer_template(model, cfg))
     for slot, job in enumerate(jobs):
         mnet.load(slot, job.state)
         opt.load(slot, job.opt_state if cfg.optimizer_state == "keep" else None)
@@ -206,9 +211,11 @@ def train_many(
                 samples[slot] += len(b["labels"])
         if not parts:
             break
-        batch = {k: v.to(device, non_blocking=True) for k, v in fuse(parts, pad_id).items()}
+        batch = {k: to_device(v, device) for k, v in fuse(parts, pad_id).items()}
         rows = batch["rows"]
-        mnet.set_rows(rows)
+        sizes = {len(b["labels"]) for _, b in parts}
+        uniform = torch.tensor([slot for slot, _ in parts]) if len(sizes) == 1 else None
+        mnet.set_rows(rows, None if uniform is None else to_device(uniform, device))
         counts = torch.bincount(rows, minlength=mnet.n).to(torch.float32)
         active = counts > 0
         key = ("train_many", cfg.autocast, len(parts), *batch["input_ids"].shape)
@@ -260,9 +267,10 @@ def predict_many(
     outs: list[torch.Tensor] = []
     for batch in batches(data, idx[order], per, pad_id):
         b = len(batch["labels"])
-        ids = batch["input_ids"].repeat(n, 1).to(device, non_blocking=True)
-        mask = batch["attention_mask"].repeat(n, 1).to(device, non_blocking=True)
-        mnet.set_rows(torch.arange(n, device=device).repeat_interleave(b))
+        ids = to_device(batch["input_ids"].repeat(n, 1), device)
+        mask = to_device(batch["attention_mask"].repeat(n, 1), device)
+        slots = torch.arange(n, device=device)
+        mnet.set_rows(slots.repeat_interleave(b), slots)
         with compute.step(("infer_many", amp, n, *ids.shape)), autocast(ids.device, amp):
             logits = mnet.net(input_ids=ids, attention_mask=mask).logits.float()
         outs.append(logits.view(n, b, -1))
