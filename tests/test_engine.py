@@ -44,11 +44,18 @@ def two_rounds(ctx, sizes, batched_rounds: tuple[bool, bool]):
     return states, opts, res
 
 
-@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
-@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
-def test_batched_local_training_equals_sequential(synth_dir, model, optimizer):
+@pytest.mark.parametrize(
+    ("model", "optimizer", "bucket_rows"),
+    [("tiny-gpt2", "adam", 16), ("tiny-gpt2", "adamw", 4), ("tiny-llama", "adam", 4),
+     ("tiny-llama", "adamw", 16)],
+)  # fmt: skip
+def test_batched_local_training_equals_sequential(
+    synth_dir, model, optimizer, bucket_rows, monkeypatch
+):
     # unequal clients (3, 5 and 2 steps of batch 8): the engine masks finished clients and
-    # keeps per-client Adam step counts; clipping at 0.5 is active and per client.
+    # keeps per-client Adam step counts; clipping at 0.5 is active and per client. With
+    # bucket_rows=4 fused steps are also split into length-sorted sub-batches.
+    monkeypatch.setattr(engine, "MIN_BUCKET_ROWS", bucket_rows)
     sizes = [20, 37, 9]
     cfg = tiny_cfg(synth_dir, model=model)
     cfg = config.with_overrides(
@@ -119,3 +126,37 @@ def test_concurrent_clients_chunks_and_validation(synth_dir):
         config.with_overrides(cfg, fed={"concurrent_clients": -1})
     with pytest.raises(ConfigError, match="fed.engine"):
         config.with_overrides(cfg, fed={"engine": "parallel"})
+
+
+def test_bf16_backbone_keeps_float32_adapters(synth_dir):
+    # GPU mode: bf16 backbone weights; the engine keeps float32 master copies of the adapters
+    # and returns each tensor in the dtype the PEFT model (and the wire) uses.
+    cfg = tiny_cfg(synth_dir, model="tiny-llama")
+    cfg = config.with_overrides(cfg, model={"dtype": "bfloat16", "lora_dropout": 0.0})
+    ctx = build_context(cfg)
+    jobs = [engine.ClientJob(ctx.init_state, None, ctx.client_samples(c),
+                             np.random.default_rng(c)) for c in range(3)]  # fmt: skip
+    res = engine.train_many(ctx.model, jobs, ctx.data.train, cfg.train, ctx.data.pad_id,
+                            ctx.device)  # fmt: skip
+    assert engine.multinet(ctx.model, 3).flat.dtype == torch.float32
+    for r in res:
+        assert {k: v.dtype for k, v in r.state.items()} == {
+            k: v.dtype for k, v in ctx.init_state.items()
+        }
+        assert all(torch.isfinite(v.float()).all() for v in r.state.values())
+        assert r.loss == r.loss and r.steps == -(-len(ctx.client_samples(0)) // 8)
+
+
+def test_length_buckets_split_only_when_padding_drops():
+    ids = torch.tensor([[1, 1, 0, 0, 0, 0, 0, 0, 0], [1] * 9, [1, 1, 1] + [0] * 6, [1] * 8 + [0]])
+    batch = {"input_ids": ids, "attention_mask": ids.clone(), "labels": torch.arange(4),
+             "rows": torch.tensor([0, 0, 1, 1])}  # fmt: skip
+    # lengths 2, 9, 3, 8: one batch pads to 4 x 9 = 36 tokens, two sorted halves to
+    # 2 x 3 + 2 x 9 = 24 (saves more than 5%); four would go below min_rows=2.
+    subs = engine.length_buckets(batch, min_rows=2)
+    assert [s["labels"].tolist() for s in subs] == [[0, 2], [3, 1]]
+    assert [tuple(s["input_ids"].shape) for s in subs] == [(2, 3), (2, 9)]
+    assert subs[0]["rows"].tolist() == [0, 1]
+    assert engine.length_buckets(batch, min_rows=3) == [batch]  # halves too small: unsplit
+    same = {k: v[[1, 1, 3]] for k, v in batch.items()}  # 9, 9, 8: 27 tokens, halves 26
+    assert engine.length_buckets(same, min_rows=1)[0] is same  # saves < 5%: unsplit
