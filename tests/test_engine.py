@@ -8,7 +8,9 @@ from torch import nn
 from conftest import tiny_cfg
 from fedtune import config, engine, frameworks
 from fedtune.context import build_context
+from fedtune.data import Tokenized
 from fedtune.errors import ConfigError
+from fedtune.kd_ops import distill
 from fedtune.simulation import simulate
 from fedtune.train import predict_logits, train_local
 
@@ -87,6 +89,32 @@ def test_batched_local_training_equals_sequential(
         assert bat_res[c].loss == pytest.approx(seq_res[c].loss, rel=1e-4)
 
 
+def test_batched_distillation_equals_sequential(synth_dir):
+    cfg = tiny_cfg(synth_dir, model="tiny-llama")
+    cfg = config.with_overrides(cfg, model={"lora_dropout": 0.0}, train={"group_by_length": True})
+    ctx = build_context(cfg)
+    no_dropout(ctx.model)
+    no_dropout(engine.multinet(ctx.model, 3).net)
+    d = ctx.data
+    sel = d.public_idx[:21]  # 21 samples, batch 8: 3 steps per epoch, 2 epochs
+    teacher = torch.randn(21, d.num_labels, generator=torch.Generator().manual_seed(0)) / 2
+    teacher = teacher.softmax(-1)
+    view = Tokenized([d.train.ids[i] for i in sel], np.arange(21))
+    kw = dict(temperature=2.0, epochs=2, batch_size=8)
+    jobs = [engine.ClientJob(ctx.init_state, None, np.arange(21), np.random.default_rng(c))
+            for c in range(3)]  # fmt: skip
+    many = engine.train_many(ctx.model, jobs, view, cfg.train, d.pad_id, ctx.device,
+                             teacher=teacher, **kw)  # fmt: skip
+    for c, got in enumerate(many):
+        want = distill(ctx.model, ctx.init_state, None, d.train, sel, teacher, cfg.train,
+                       rng=np.random.default_rng(c), pad_id=d.pad_id, device=ctx.device, **kw)  # fmt: skip
+        assert got.steps == want.steps == 6
+        assert got.loss == pytest.approx(want.loss, rel=1e-4)
+        for k, v in want.state.items():
+            torch.testing.assert_close(got.state[k], v, atol=ATOL, rtol=RTOL)
+    assert not torch.allclose(many[0].state[k], many[1].state[k])  # own batch orders
+
+
 def test_predict_many_equals_predict_logits(synth_dir):
     cfg = tiny_cfg(synth_dir, model="tiny-llama")
     ctx = build_context(cfg)
@@ -109,10 +137,15 @@ def test_simulation_with_batched_engine(synth_dir, framework, monkeypatch):
     seq = simulate(cfg, log=None)
     module = frameworks.get(framework)
     calls = []
-    monkeypatch.setattr(module, "train_many", lambda *a: calls.append(len(a[1])) or
-                        engine.train_many(*a))  # fmt: skip
+
+    def spy(*a, **k):
+        calls.append(len(a[1]))
+        return engine.train_many(*a, **k)
+
+    monkeypatch.setattr(module, "train_many", spy)
     bat = simulate(config.with_overrides(cfg, fed={"engine": "batched"}), log=None)
-    assert calls == [3, 3]  # one fused loop of all 3 clients per round
+    # one fused loop of all 3 clients per round (KD: local training b1 and distillation b8)
+    assert calls == [3, 3] * (2 if framework == "kd" else 1)
     assert bat["total_bytes"] == seq["total_bytes"]  # same messages on the wire
     assert bat["client_flops_per_round"] > 0
     assert bat["final_accuracy"] == pytest.approx(seq["final_accuracy"], abs=0.1)  # dropout RNG

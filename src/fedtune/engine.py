@@ -154,11 +154,13 @@ class ClientJob:
     rng: np.random.Generator
 
 
-def _client_batches(data: Tokenized, job: ClientJob, cfg: TrainConfig, pad_id: int):
-    """Exactly the batch sequence :func:`fedtune.train.train_local` draws for this client."""
-    total, steps = num_local_steps(len(job.idx), cfg), 0
+def _client_batches(data: Tokenized, job: ClientJob, batch_size: int, total: int,
+                    group: bool, pad_id: int):  # fmt: skip
+    """Exactly the batch sequence :func:`fedtune.train.train_local` (or
+    :func:`fedtune.kd_ops.distill`, epochs x batches) draws for this client: ``total`` steps."""
+    steps = 0
     while steps < total:
-        for batch in batches(data, job.idx, cfg.batch_size, pad_id, job.rng, cfg.group_by_length):
+        for batch in batches(data, job.idx, batch_size, pad_id, job.rng, group):
             yield batch
             steps += 1
             if steps >= total:
@@ -207,11 +209,24 @@ def length_buckets(batch: dict[str, torch.Tensor], min_rows: int) -> list[dict[s
 
 
 def train_many(
-    model, jobs: list[ClientJob], data: Tokenized, cfg: TrainConfig, pad_id: int, device
+    model,
+    jobs: list[ClientJob],
+    data: Tokenized,
+    cfg: TrainConfig,
+    pad_id: int,
+    device,
+    *,
+    teacher: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    epochs: int = 0,
+    batch_size: int = 0,
 ) -> list[LocalResult]:
     """Train every job's state as :func:`fedtune.train.train_local` would, all at once.
 
-    One fused step per local step index; returns one :class:`LocalResult` per job, in order."""
+    With ``teacher [S, C]`` (probabilities) it distils instead, as
+    :func:`fedtune.kd_ops.distill` does with no weights: ``data.labels`` are then row positions
+    in ``teacher`` and each client runs ``epochs`` passes of ``batch_size``. One fused step
+    per local step index; returns one :class:`LocalResult` per job, in order."""
     n = len(jobs)
     mnet = multinet(model, n)
     net = mnet.net
@@ -220,7 +235,16 @@ def train_many(
         mnet.load(slot, job.state)
         opt.load(slot, job.opt_state if cfg.optimizer_state == "keep" else None)
     net.train()
-    streams = [_client_batches(data, job, cfg, pad_id) for job in jobs]
+    bs = batch_size or cfg.batch_size
+
+    def total(job: ClientJob) -> int:
+        return epochs * -(-len(job.idx) // bs) if teacher is not None else num_local_steps(
+            len(job.idx), cfg)  # fmt: skip
+
+    streams = [_client_batches(data, job, bs, total(job), cfg.group_by_length, pad_id)
+               for job in jobs]  # fmt: skip
+    if teacher is not None:
+        teacher = teacher.to(device)
     loss_sum = torch.zeros(mnet.n, device=device)  # per-client, on device: no sync per step
     steps, samples = [0] * n, [0] * n
     while True:
@@ -246,8 +270,14 @@ def train_many(
             with compute.step(key):
                 with autocast(batch["input_ids"].device, cfg.autocast):
                     out = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                ce = F.cross_entropy(out.logits.float(), batch["labels"], reduction="none")
-                per_row = ce / counts[rows]  # summed over a client's rows: its mean loss
+                logits = out.logits.float()
+                if teacher is None:
+                    loss = F.cross_entropy(logits, batch["labels"], reduction="none")
+                else:  # kd_ops.kd_loss per row: T^2 * KL(teacher || softmax(student / T))
+                    log_q = F.log_softmax(logits / temperature, dim=-1)
+                    kl = F.kl_div(log_q, teacher[batch["labels"]], reduction="none").sum(-1)
+                    loss = temperature**2 * kl
+                per_row = loss / counts[rows]  # summed over a client's rows: its mean loss
                 per_row.sum().backward()  # gradients of the sub-batches add up
             loss_sum.index_add_(0, rows, per_row.detach())
         opt.step(counts > 0)

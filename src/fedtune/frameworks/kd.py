@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..context import Context
+from ..data import Tokenized
 from ..engine import ClientJob, predict_many, train_many
 from ..errors import ConfigError, MessageError
 from ..kd_ops import (
@@ -275,13 +276,20 @@ def extra_eval(ctx: Context, server: Server, clients: dict[int, Client]) -> dict
 
 
 def accepts_many(msgs: list[Message]) -> bool:
-    """``fed.engine=batched`` handles the b1-b3 trigger; other messages go one by one."""
-    return all(m.kind == METADATA and m.meta.get("request") != "labels" for m in msgs)
+    """``fed.engine=batched`` handles the b1-b3 trigger and the b7 broadcast; label requests
+    go one by one."""
+    kinds = {m.kind for m in msgs}
+    return (kinds == {METADATA} and all(m.meta.get("request") != "labels" for m in msgs)) or (
+        kinds == {LOGITS}
+    )
 
 
 def handle_many(ctx: Context, clients: list[Client], msgs: list[Message]) -> list[Message]:
-    """b1-b3 for several clients at once: one batched training loop over their private data,
-    then one batched pass for their logits on the public selection (see :mod:`fedtune.engine`)."""
+    """b1-b3 (or b8) for several clients at once: one batched training loop over their private
+    data, then one batched pass for their logits on the public selection; or one batched
+    distillation loop (see :mod:`fedtune.engine`)."""
+    if msgs[0].kind == LOGITS:
+        return distill_many(ctx, clients, msgs)
     for c, m in zip(clients, msgs, strict=True):
         c.select(m)
     rnd, cfg, d = msgs[0].round, ctx.cfg, ctx.data
@@ -298,3 +306,30 @@ def handle_many(ctx: Context, clients: list[Client], msgs: list[Message]) -> lis
     else:
         logits = [public_logits(ctx, c.state, c.selection) for c in clients]
     return [c.upload(rnd, r, lg) for c, r, lg in zip(clients, results, logits, strict=True)]
+
+
+def distill_many(ctx: Context, clients: list[Client], msgs: list[Message]) -> list[None]:
+    """b8 for several clients in one batched loop; per client when their public selections
+    or received logits differ (never in this protocol, but kept correct)."""
+    kd, cfg, rnd = ctx.cfg.kd, ctx.cfg, msgs[0].round
+    if kd.client_distill_epochs == 0:
+        return [None] * len(clients)
+    sel = clients[0].selection
+    teachers = [received_logits(m, len(c.selection), ctx.data.num_labels, SERVER)
+                for c, m in zip(clients, msgs, strict=True)]  # fmt: skip
+    same = all(np.array_equal(c.selection, sel) and torch.equal(t, teachers[0])
+               for c, t in zip(clients, teachers, strict=True))  # fmt: skip
+    if not same:
+        return [c.distill_global(m) for c, m in zip(clients, msgs, strict=True)]
+    view = Tokenized([ctx.data.train.ids[i] for i in sel], np.arange(len(sel)))
+    jobs = [ClientJob(c.state, c.opt_state, np.arange(len(sel)),
+                      np.random.default_rng([cfg.seed, rnd, c.cid, 1])) for c in clients]  # fmt: skip
+    seed_everything(cfg.seed, rnd, BATCHED_STREAM, 1)
+    results = train_many(
+        ctx.model, jobs, view, cfg.train, ctx.data.pad_id, ctx.device,
+        teacher=(teachers[0] / kd.temperature).softmax(-1), temperature=kd.temperature,
+        epochs=kd.client_distill_epochs, batch_size=distill_batch_size(ctx),
+    )  # fmt: skip
+    for c, r in zip(clients, results, strict=True):
+        c.state, c.opt_state = r.state, r.opt_state
+    return [None] * len(clients)
