@@ -49,7 +49,7 @@ def two_rounds(ctx, sizes, batched_rounds: tuple[bool, bool]):
 @pytest.mark.parametrize(
     ("model", "optimizer", "bucket_rows"),
     [("tiny-gpt2", "adam", 16), ("tiny-gpt2", "adamw", 4), ("tiny-llama", "adam", 4),
-     ("tiny-llama", "adamw", 16)],
+     ("tiny-llama", "adamw", 16), ("tiny-llama", "sgd", 4)],
 )  # fmt: skip
 def test_batched_local_training_equals_sequential(
     synth_dir, model, optimizer, bucket_rows, monkeypatch
@@ -82,7 +82,10 @@ def test_batched_local_training_equals_sequential(
         for k in seq[c]:
             torch.testing.assert_close(bat[c][k], seq[c][k], atol=ATOL, rtol=RTOL)
             torch.testing.assert_close(mixed[c][k], seq[c][k], atol=ATOL, rtol=RTOL)
-        assert seq_opt[c]["state"][0]["step"] == bat_opt[c]["state"][0]["step"]
+        assert bat_opt[c]["param_groups"] == seq_opt[c]["param_groups"]
+        assert len(bat_opt[c]["state"]) == len(seq_opt[c]["state"])  # SGD: none
+        if optimizer != "sgd":
+            assert seq_opt[c]["state"][0]["step"] == bat_opt[c]["state"][0]["step"]
         for i, s in seq_opt[c]["state"].items():
             torch.testing.assert_close(bat_opt[c]["state"][i]["exp_avg"], s["exp_avg"],
                                        atol=ATOL, rtol=1e-3)  # fmt: skip

@@ -100,28 +100,32 @@ class StackedOptimizer:
     def step(self, active: torch.Tensor) -> None:
         """One update of every client whose ``active [N]`` (bool) is set; others are untouched.
 
-        Same arithmetic as torch's single-tensor Adam/AdamW/SGD and ``clip_grad_norm_``."""
+        The arithmetic of torch's single-tensor Adam/AdamW/SGD and ``clip_grad_norm_``, in
+        place with per-client coefficients ``[N, 1]`` (0/1 masks make inactive rows exact
+        no-ops), so the peak is about three ``[N, P]`` temporaries."""
         p, g = self.mnet.flat, self.mnet.flat_grad()  # [N, P]
+        self.zero_grad()  # the per-tensor gradients are copied into g: free them now
         if self.cfg.grad_clip > 0:  # each client's own gradient norm
             norm = g.pow(2).sum(1, keepdim=True).sqrt()
-            g = g * (self.cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0)
-        mask = active.view(-1, 1)
+            g.mul_((self.cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0))
+        on = active.view(-1, 1).to(p.dtype)
         self.steps += active.to(self.steps.dtype)
+        if self.wd and self.cfg.optimizer != "adamw":  # coupled L2 (Adam, SGD)
+            g.add_(p, alpha=self.wd)
         if not self.adam:  # plain SGD (make_optimizer builds it without momentum)
-            new = p - self.lr * (g + self.wd * p if self.wd else g)
-            p.copy_(torch.where(mask, new, p))
+            p.sub_(g.mul_(self.lr * on))
             return
         b1, b2 = self.betas
-        if self.cfg.optimizer == "adam" and self.wd:
-            g = g + self.wd * p
-        base = p * (1 - self.lr * self.wd) if self.cfg.optimizer == "adamw" else p
-        self.m.copy_(torch.where(mask, torch.lerp(self.m, g, 1 - b1), self.m))
-        self.v.copy_(torch.where(mask, self.v * b2 + (1 - b2) * g * g, self.v))
+        if self.cfg.optimizer == "adamw":
+            p.mul_(1 - self.lr * self.wd * on)
+        # m <- b1 m + (1 - b1) g and v <- b2 v + (1 - b2) g^2, for active clients only
+        self.m.mul_(1 - (1 - b1) * on).add_(g * ((1 - b1) * on))
+        self.v.mul_(1 - (1 - b2) * on).add_(g.mul_(g).mul_((1 - b2) * on))
         t = self.steps.clamp(min=1).view(-1, 1)
-        step_size = (self.lr / (1 - b1**t)).to(p.dtype)
+        step_size = (self.lr / (1 - b1**t)).to(p.dtype) * on
         bc2_sqrt = (1 - b2**t).sqrt().to(p.dtype)
-        new = base - step_size * self.m / (self.v.sqrt() / bc2_sqrt + self.eps)
-        p.copy_(torch.where(mask, new, p))
+        denom = self.v.sqrt().div_(bc2_sqrt).add_(self.eps)
+        p.sub_(denom.reciprocal_().mul_(self.m).mul_(step_size))
 
     def zero_grad(self) -> None:
         for p in self.mnet.params():
