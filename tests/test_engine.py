@@ -196,3 +196,19 @@ def test_length_buckets_split_only_when_padding_drops():
     assert engine.length_buckets(batch, min_rows=3) == [batch]  # halves too small: unsplit
     same = {k: v[[1, 1, 3]] for k, v in batch.items()}  # 9, 9, 8: 27 tokens, halves 26
     assert engine.length_buckets(same, min_rows=1)[0] is same  # saves < 5%: unsplit
+
+
+def test_frozen_head_is_shared_by_all_rows(synth_dir):
+    # model.train_head=false: only LoRA tensors are stacked; the head stays the shared one.
+    cfg = tiny_cfg(synth_dir, model="tiny-llama")
+    cfg = config.with_overrides(cfg, model={"lora_dropout": 0.0, "train_head": False})
+    ctx = build_context(cfg)
+    assert not any("score" in k for k in ctx.init_state)
+    idx = ctx.client_samples(0)
+    jobs = [engine.ClientJob(ctx.init_state, None, idx, np.random.default_rng(0))]
+    got = engine.train_many(ctx.model, jobs, ctx.data.train, cfg.train, ctx.data.pad_id,
+                            ctx.device)[0]  # fmt: skip
+    want = train_local(ctx.model, ctx.init_state, None, ctx.data.train, idx, cfg.train,
+                       np.random.default_rng(0), ctx.data.pad_id, ctx.device)  # fmt: skip
+    for k, v in want.state.items():
+        torch.testing.assert_close(got.state[k], v, atol=ATOL, rtol=RTOL)
