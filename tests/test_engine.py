@@ -14,7 +14,7 @@ from fedtune.kd_ops import distill
 from fedtune.simulation import simulate
 from fedtune.train import predict_logits, train_local
 
-ATOL, RTOL = 2e-5, 1e-4  # float32 rounding of differently shaped matmuls, 2 rounds of Adam
+ATOL, RTOL = 1e-6, 1e-5  # float32 rounding of differently shaped matmuls (measured <= 2e-7)
 
 
 def no_dropout(model: nn.Module) -> None:
