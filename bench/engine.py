@@ -276,8 +276,10 @@ def flower_run(m: dict, n: int) -> dict:
 # ----------------------------------------------------------------------------- memory
 
 
-def memory_100(model: str = "smollm2-135m", n: int = 100) -> dict:
-    """Peak RSS of one fused step of ``n`` clients x 1 sample (batched engine), threads=1."""
+def memory_100(model: str = "smollm2-135m", n: int = 100, chunk: int = 0) -> dict:
+    """Peak RSS of one local step of ``n`` clients x 1 sample with the batched engine
+    (threads=1), fused ``chunk`` clients at a time (0 = all in one step, as
+    ``fed.concurrent_clients``); every client's trained state and Adam state is kept."""
     from fedtune import engine
 
     m = dict(MODES["cpu"], model=model, per_client=1, batch=1, threads=1, dtype="float32")
@@ -286,16 +288,18 @@ def memory_100(model: str = "smollm2-135m", n: int = 100) -> dict:
     rss_model = engine.peak_rss_bytes()
     jobs = [engine.ClientJob(ctx.init_state, None, ctx.client_samples(c),
                              np.random.default_rng(c)) for c in range(n)]  # fmt: skip
+    size = chunk or n
     t0 = time.perf_counter()
-    res = engine.train_many(ctx.model, jobs, ctx.data.train, cfg.train, ctx.data.pad_id,
-                            ctx.device)  # fmt: skip
+    res = [r for c in range(0, n, size) for r in engine.train_many(
+        ctx.model, jobs[c : c + size], ctx.data.train, cfg.train, ctx.data.pad_id, ctx.device)]  # fmt: skip
     secs = time.perf_counter() - t0
     state = engine.state_bytes(res[0].state)
     opt = sum(t.numel() * t.element_size() for s in res[0].opt_state["state"].values()
               for t in s.values() if t.dim() > 0)  # fmt: skip
-    return {"model": model, "clients": n, "peak_rss_bytes_after_load": rss_model,
-            "peak_rss_bytes": engine.peak_rss_bytes(), "state_bytes_per_client": state,
-            "adam_state_bytes_per_client": opt, "step_seconds": secs}  # fmt: skip
+    return {"model": model, "clients": n, "clients_per_fused_step": size,
+            "peak_rss_bytes_after_load": rss_model, "peak_rss_bytes": engine.peak_rss_bytes(),
+            "state_bytes_per_client": state, "adam_state_bytes_per_client": opt,
+            "clients_kept": len(res), "train_seconds": secs}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- main
@@ -366,13 +370,15 @@ def main() -> None:
     g.add_argument("--memory", action="store_true", help="peak RSS of 100 SmolLM2 clients")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--no-flower", action="store_true")
+    ap.add_argument("--chunk", type=int, default=0, help="--memory: clients per fused step")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.memory:
         torch.set_num_threads(1)
-        res = memory_100()
-        (out / "engine-memory.json").write_text(json.dumps(res, indent=2) + "\n")
+        res = memory_100(chunk=args.chunk)
+        suffix = f"-chunk{args.chunk}" if args.chunk else ""
+        (out / f"engine-memory{suffix}.json").write_text(json.dumps(res, indent=2) + "\n")
         print(json.dumps(res, indent=2))
         return
     name = "gpu" if args.gpu else "cpu"
