@@ -102,7 +102,7 @@ class FedConfig:
         "sequential",
         "simulation engine: clients train one after another, or 'batched': the local steps of "
         "all sampled clients run as one forward/backward through the shared backbone, each row "
-        "with its own client's adapter (same updates; FedLLM and KD's local training)",
+        "with its own client's adapter (same updates; FedLLM a2, KD b1, b2, b8)",
         ("sequential", "batched"),
     )
     concurrent_clients: int = opt(
