@@ -145,6 +145,16 @@ class FedConfig:
         "attack simulation: a poisoned client sends global + scale * (its update - global) "
         "(logits: scale * logits)",
     )
+    engine: str = opt(
+        "sequential",
+        "simulation engine: clients train one after another, or 'batched': the local steps of "
+        "all sampled clients run as one forward/backward through the shared backbone, each row "
+        "with its own client's adapter (same updates; FedLLM a2, KD b1, b2, b8)",
+        ("sequential", "batched"),
+    )
+    concurrent_clients: int = opt(
+        0, "engine=batched: at most this many clients per fused step (memory); 0 = all sampled"
+    )
 
 
 @dataclass(frozen=True)
@@ -362,6 +372,7 @@ def validate(cfg: RunConfig) -> None:
         f"client ids must be in [0, {d.num_clients - 1}]",
     )
     _check(f.poison_scale != 0, "fed.poison_scale", "must be != 0")
+    _check(f.concurrent_clients >= 0, "fed.concurrent_clients", "must be >= 0")
     _check(cfg.threads >= 0, "threads", "must be >= 0")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import checkpoint, faults, frameworks
+from . import checkpoint, engine, faults, frameworks
 from .compute import ComputeMeter, ComputeStats, paused
 from .config import RunConfig
 from .context import Context, build_context
@@ -100,25 +100,29 @@ def run_round(
     gen = server.round(rnd, sampled)
     with server_meter.measure():
         outgoing = next(gen)
+    fw = frameworks.get(cfg.fed.framework)
     while True:
         replies: dict[int, Message] = {}
-        for cid, msg in outgoing.items():
-            if cid in lost:
-                continue
-            received = wire.transfer(msg)
-            if cid in dropping:
-                lost[cid] = "dropout"
-                continue
-            link = Link(wire, server, meters[cid], server_meter)
-            with meters[cid].measure():
-                reply = clients[cid].handle(received, link)
+        received = {cid: wire.transfer(m) for cid, m in outgoing.items() if cid not in lost}
+        for cid in sorted(received.keys() & dropping):
+            lost[cid] = "dropout"  # it got the message and never answers
+        todo = {cid: m for cid, m in received.items() if cid not in lost}
+        if many := engine.batched_handler(ctx, fw, todo):  # fed.engine=batched
+            answers = engine.handle_all(ctx, many, clients, todo, meters)
+        else:
+            answers = {}
+            for cid, msg in todo.items():
+                link = Link(wire, server, meters[cid], server_meter)
+                with meters[cid].measure():
+                    answers[cid] = clients[cid].handle(msg, link)
+        for cid, reply in answers.items():
             if reply is None:
                 continue
             if faults.misses_deadline(meters[cid].stats.seconds, cid, fed):
                 lost[cid] = "deadline"
                 continue
             if cid in fed.poison_clients:  # attack simulation, off by default
-                reply = faults.poison(reply, received, fed.poison_scale)
+                reply = faults.poison(reply, todo[cid], fed.poison_scale)
             try:
                 replies[cid] = wire.transfer(reply)
             except MessageError as e:

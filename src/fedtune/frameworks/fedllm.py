@@ -18,10 +18,12 @@ import torch
 
 from ..aggregate import aggregate, screen_updates
 from ..context import Context
+from ..engine import ClientJob, train_many
 from ..messages import PARAMETERS, SERVER, Message, client_name
 from ..train import seed_everything, train_local
 
 NAME = "fedllm"
+BATCHED_STREAM = 1_000_033  # seed stream of the batched engine's dropout
 
 
 class Server:
@@ -92,14 +94,31 @@ class Client:
             desc=f"round {rnd} client {self.cid}",
             progress=ctx.progress,
         )
+        return self.upload(rnd, result)
+
+    def upload(self, rnd: int, result) -> Message:
+        """a3: the trained adapter with the sample count used as its FedAvg weight."""
         self.opt_state = result.opt_state
-        # a3: upload the trained adapter with the sample count used as its FedAvg weight.
         return Message(
             PARAMETERS,
             rnd,
             client_name(self.cid),
             SERVER,
             result.state,
-            {"num_samples": len(ctx.client_samples(self.cid)), "loss": result.loss,
+            {"num_samples": len(self.ctx.client_samples(self.cid)), "loss": result.loss,
              "steps": result.steps},
         )  # fmt: skip
+
+
+def handle_many(ctx: Context, clients: list[Client], msgs: list[Message]) -> list[Message]:
+    """a2 + a3 for several clients in one batched loop (``fed.engine=batched``): the same
+    updates as calling each ``Client.handle`` in turn (see :mod:`fedtune.engine`)."""
+    jobs = [
+        ClientJob(m.tensors, c.opt_state, ctx.client_samples(c.cid),
+                  np.random.default_rng([ctx.cfg.seed, m.round, c.cid]))
+        for c, m in zip(clients, msgs, strict=True)
+    ]  # fmt: skip
+    seed_everything(ctx.cfg.seed, msgs[0].round, BATCHED_STREAM)  # one dropout stream per round
+    results = train_many(ctx.model, jobs, ctx.data.train, ctx.cfg.train, ctx.data.pad_id,
+                         ctx.device)  # fmt: skip
+    return [c.upload(m.round, r) for c, m, r in zip(clients, msgs, results, strict=True)]

@@ -35,6 +35,8 @@ import torch
 
 from ..aggregate import meta_problem
 from ..context import Context
+from ..data import Tokenized
+from ..engine import ClientJob, predict_many, train_many
 from ..errors import ConfigError, MessageError
 from ..kd_ops import (
     aggregate_knowledge,
@@ -51,6 +53,7 @@ from ..train import evaluate, predict_logits, seed_everything, train_local
 
 NAME = "kd"
 SERVER_STREAM = 1_000_003  # seed stream of the server's dropout and batch order
+BATCHED_STREAM = 1_000_033  # seed stream of the batched engine's dropout
 
 
 def public_candidates(ctx: Context) -> np.ndarray:
@@ -259,10 +262,7 @@ class Client:
 
     def train_and_predict(self, msg: Message) -> Message:
         ctx, rnd = self.ctx, msg.round
-        if "keep" in msg.tensors:  # the server pruned the public set for this round
-            n = len(self.candidates)
-            mask = np.unpackbits(msg.tensors["keep"].numpy(), count=n).astype(bool)
-            self.selection = self.candidates[mask]
+        self.select(msg)
         seed_everything(ctx.cfg.seed, rnd, self.cid)
         # b1: fine-tune the local model on the private data.
         result = train_local(
@@ -272,13 +272,22 @@ class Client:
         )  # fmt: skip
         self.state, self.opt_state = result.state, result.opt_state
         # b2: logits on the public selection (its labels are never read here).
-        logits = public_logits(ctx, self.state, self.selection)
-        # b3: upload them, compressed; the loss is fixed-width so sizes do not depend on it.
-        kd = ctx.cfg.kd
+        return self.upload(rnd, result, public_logits(ctx, self.state, self.selection))
+
+    def select(self, msg: Message) -> None:
+        if "keep" in msg.tensors:  # the server pruned the public set for this round
+            n = len(self.candidates)
+            mask = np.unpackbits(msg.tensors["keep"].numpy(), count=n).astype(bool)
+            self.selection = self.candidates[mask]
+
+    def upload(self, rnd: int, result, logits: torch.Tensor) -> Message:
+        """b3: upload the logits, compressed; the loss is fixed-width so sizes do not depend
+        on it."""
+        kd = self.ctx.cfg.kd
         return Message(
             LOGITS, rnd, client_name(self.cid), SERVER,
             pack_logits(logits, kd.topk, kd.logit_dtype),
-            {"num_samples": len(ctx.client_samples(self.cid)), "loss": f"{result.loss:.6e}"},
+            {"num_samples": len(self.ctx.client_samples(self.cid)), "loss": f"{result.loss:.6e}"},
         )  # fmt: skip
 
     def distill_global(self, msg: Message) -> None:
@@ -310,3 +319,63 @@ def extra_eval(ctx: Context, server: Server, clients: dict[int, Client]) -> dict
         for _, cl in sorted(clients.items())
     ]  # fmt: skip
     return {"client_accuracy": float(np.mean(accs)), "client_accuracies": accs}
+
+
+def accepts_many(msgs: list[Message]) -> bool:
+    """``fed.engine=batched`` handles the b1-b3 trigger and the b7 broadcast; label requests
+    go one by one."""
+    kinds = {m.kind for m in msgs}
+    return (kinds == {METADATA} and all(m.meta.get("request") != "labels" for m in msgs)) or (
+        kinds == {LOGITS}
+    )
+
+
+def handle_many(ctx: Context, clients: list[Client], msgs: list[Message]) -> list[Message]:
+    """b1-b3 (or b8) for several clients at once: one batched training loop over their private
+    data, then one batched pass for their logits on the public selection; or one batched
+    distillation loop (see :mod:`fedtune.engine`)."""
+    if msgs[0].kind == LOGITS:
+        return distill_many(ctx, clients, msgs)
+    for c, m in zip(clients, msgs, strict=True):
+        c.select(m)
+    rnd, cfg, d = msgs[0].round, ctx.cfg, ctx.data
+    jobs = [ClientJob(c.state, c.opt_state, ctx.client_samples(c.cid),
+                      np.random.default_rng([cfg.seed, rnd, c.cid])) for c in clients]  # fmt: skip
+    seed_everything(cfg.seed, rnd, BATCHED_STREAM)
+    results = train_many(ctx.model, jobs, d.train, cfg.train, d.pad_id, ctx.device)
+    for c, r in zip(clients, results, strict=True):
+        c.state, c.opt_state = r.state, r.opt_state
+    sel = clients[0].selection
+    if all(np.array_equal(c.selection, sel) for c in clients):
+        logits = predict_many(ctx.model, [c.state for c in clients], d.train, sel,
+                              cfg.train.eval_batch_size, d.pad_id, ctx.device, cfg.train.autocast)  # fmt: skip
+    else:
+        logits = [public_logits(ctx, c.state, c.selection) for c in clients]
+    return [c.upload(rnd, r, lg) for c, r, lg in zip(clients, results, logits, strict=True)]
+
+
+def distill_many(ctx: Context, clients: list[Client], msgs: list[Message]) -> list[None]:
+    """b8 for several clients in one batched loop; per client when their public selections
+    or received logits differ (never in this protocol, but kept correct)."""
+    kd, cfg, rnd = ctx.cfg.kd, ctx.cfg, msgs[0].round
+    if kd.client_distill_epochs == 0:
+        return [None] * len(clients)
+    sel = clients[0].selection
+    teachers = [received_logits(m, len(c.selection), ctx.data.num_labels, SERVER)
+                for c, m in zip(clients, msgs, strict=True)]  # fmt: skip
+    same = all(np.array_equal(c.selection, sel) and torch.equal(t, teachers[0])
+               for c, t in zip(clients, teachers, strict=True))  # fmt: skip
+    if not same:
+        return [c.distill_global(m) for c, m in zip(clients, msgs, strict=True)]
+    view = Tokenized([ctx.data.train.ids[i] for i in sel], np.arange(len(sel)))
+    jobs = [ClientJob(c.state, c.opt_state, np.arange(len(sel)),
+                      np.random.default_rng([cfg.seed, rnd, c.cid, 1])) for c in clients]  # fmt: skip
+    seed_everything(cfg.seed, rnd, BATCHED_STREAM, 1)
+    results = train_many(
+        ctx.model, jobs, view, cfg.train, ctx.data.pad_id, ctx.device,
+        teacher=(teachers[0] / kd.temperature).softmax(-1), temperature=kd.temperature,
+        epochs=kd.client_distill_epochs, batch_size=distill_batch_size(ctx),
+    )  # fmt: skip
+    for c, r in zip(clients, results, strict=True):
+        c.state, c.opt_state = r.state, r.opt_state
+    return [None] * len(clients)

@@ -1,0 +1,227 @@
+"""The batched engine trains N clients in one loop exactly as training them one after another."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_cfg
+from fedtune import config, engine, frameworks
+from fedtune.context import build_context
+from fedtune.data import Tokenized
+from fedtune.errors import ConfigError
+from fedtune.kd_ops import distill
+from fedtune.simulation import simulate
+from fedtune.train import predict_logits, train_local
+
+ATOL, RTOL = 1e-6, 1e-5  # float32 rounding of differently shaped matmuls (measured <= 2e-7)
+
+
+def no_dropout(model: nn.Module) -> None:
+    """Dropout draws differ between the engines; the equivalence is checked without it."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+def two_rounds(ctx, sizes, batched_rounds: tuple[bool, bool]):
+    """Each client trains 2 rounds from the same start (optimizer state kept between them)."""
+    cfg = ctx.cfg
+    idx = [ctx.client_samples(c) for c in range(len(sizes))]
+    states = [dict(ctx.init_state) for _ in sizes]
+    opts: list = [None] * len(sizes)
+    for rnd, batched in enumerate(batched_rounds, start=1):
+        rngs = [np.random.default_rng([cfg.seed, rnd, c]) for c in range(len(sizes))]
+        if batched:
+            jobs = [
+                engine.ClientJob(s, o, i, r)
+                for s, o, i, r in zip(states, opts, idx, rngs, strict=True)
+            ]
+            res = engine.train_many(ctx.model, jobs, ctx.data.train, cfg.train, ctx.data.pad_id,
+                                    ctx.device)  # fmt: skip
+        else:
+            res = [train_local(ctx.model, s, o, ctx.data.train, i, cfg.train, r, ctx.data.pad_id,
+                               ctx.device) for s, o, i, r in zip(states, opts, idx, rngs, strict=True)]  # fmt: skip
+        states, opts = [r.state for r in res], [r.opt_state for r in res]
+    return states, opts, res
+
+
+@pytest.mark.parametrize(
+    ("model", "optimizer", "bucket_rows"),
+    [("tiny-gpt2", "adam", 16), ("tiny-gpt2", "adamw", 4), ("tiny-llama", "adam", 4),
+     ("tiny-llama", "adamw", 16), ("tiny-llama", "sgd", 4)],
+)  # fmt: skip
+def test_batched_local_training_equals_sequential(
+    synth_dir, model, optimizer, bucket_rows, monkeypatch
+):
+    # unequal clients (3, 5 and 2 steps of batch 8): the engine masks finished clients and
+    # keeps per-client Adam step counts; clipping at 0.5 is active and per client. With
+    # bucket_rows=4 fused steps are also split into length-sorted sub-batches.
+    monkeypatch.setattr(engine, "MIN_BUCKET_ROWS", bucket_rows)
+    sizes = [20, 37, 9]
+    cfg = tiny_cfg(synth_dir, model=model)
+    cfg = config.with_overrides(
+        cfg,
+        model={"lora_dropout": 0.0},
+        data={"partition": "sizes", "client_sizes": sizes},
+        train={"optimizer": optimizer, "weight_decay": 0.01, "grad_clip": 0.5,
+               "group_by_length": True},
+    )  # fmt: skip
+    ctx = build_context(cfg)
+    no_dropout(ctx.model)
+    no_dropout(engine.multinet(ctx.model, len(sizes)).net)
+    seq, seq_opt, seq_res = two_rounds(ctx, sizes, (False, False))
+    bat, bat_opt, bat_res = two_rounds(ctx, sizes, (True, True))
+    mixed, _, _ = two_rounds(ctx, sizes, (True, False))  # batched opt state -> torch Adam
+    assert [r.steps for r in bat_res] == [r.steps for r in seq_res] == [3, 5, 2]
+    assert [r.samples for r in bat_res] == [20, 37, 9]
+    for c in range(len(sizes)):
+        assert list(bat[c]) == list(seq[c])  # same names, same order
+        moved = max((seq[c][k] - ctx.init_state[k]).abs().max().item() for k in seq[c])
+        assert moved > 1e-3  # training did change the state
+        for k in seq[c]:
+            torch.testing.assert_close(bat[c][k], seq[c][k], atol=ATOL, rtol=RTOL)
+            torch.testing.assert_close(mixed[c][k], seq[c][k], atol=ATOL, rtol=RTOL)
+        assert bat_opt[c]["param_groups"] == seq_opt[c]["param_groups"]
+        assert len(bat_opt[c]["state"]) == len(seq_opt[c]["state"])  # SGD: none
+        if optimizer != "sgd":
+            assert seq_opt[c]["state"][0]["step"] == bat_opt[c]["state"][0]["step"]
+        for i, s in seq_opt[c]["state"].items():
+            torch.testing.assert_close(bat_opt[c]["state"][i]["exp_avg"], s["exp_avg"],
+                                       atol=ATOL, rtol=1e-3)  # fmt: skip
+        assert bat_res[c].loss == pytest.approx(seq_res[c].loss, rel=1e-4)
+
+
+def test_batched_distillation_equals_sequential(synth_dir):
+    cfg = tiny_cfg(synth_dir, model="tiny-llama")
+    cfg = config.with_overrides(cfg, model={"lora_dropout": 0.0}, train={"group_by_length": True})
+    ctx = build_context(cfg)
+    no_dropout(ctx.model)
+    no_dropout(engine.multinet(ctx.model, 3).net)
+    d = ctx.data
+    sel = d.public_idx[:21]  # 21 samples, batch 8: 3 steps per epoch, 2 epochs
+    teacher = torch.randn(21, d.num_labels, generator=torch.Generator().manual_seed(0)) / 2
+    teacher = teacher.softmax(-1)
+    view = Tokenized([d.train.ids[i] for i in sel], np.arange(21))
+    kw = dict(temperature=2.0, epochs=2, batch_size=8)
+    jobs = [engine.ClientJob(ctx.init_state, None, np.arange(21), np.random.default_rng(c))
+            for c in range(3)]  # fmt: skip
+    many = engine.train_many(ctx.model, jobs, view, cfg.train, d.pad_id, ctx.device,
+                             teacher=teacher, **kw)  # fmt: skip
+    for c, got in enumerate(many):
+        want = distill(ctx.model, ctx.init_state, None, d.train, sel, teacher, cfg.train,
+                       rng=np.random.default_rng(c), pad_id=d.pad_id, device=ctx.device, **kw)  # fmt: skip
+        assert got.steps == want.steps == 6
+        assert got.loss == pytest.approx(want.loss, rel=1e-4)
+        for k, v in want.state.items():
+            torch.testing.assert_close(got.state[k], v, atol=ATOL, rtol=RTOL)
+    assert not torch.allclose(many[0].state[k], many[1].state[k])  # own batch orders
+
+
+def test_predict_many_equals_predict_logits(synth_dir):
+    cfg = tiny_cfg(synth_dir, model="tiny-llama")
+    ctx = build_context(cfg)
+    d = ctx.data
+    gen = torch.Generator().manual_seed(1)
+    states = [{k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in ctx.init_state.items()}
+              for _ in range(3)]  # fmt: skip
+    idx = d.public_idx[:23]
+    many = engine.predict_many(ctx.model, states, d.train, idx, 16, d.pad_id, ctx.device)
+    for st, got in zip(states, many, strict=True):
+        want = predict_logits(ctx.model, st, d.train, idx, 16, d.pad_id, ctx.device)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(many[0], many[1])  # each row really used its own adapter
+
+
+@pytest.mark.parametrize("framework", ["fedllm", "kd"])
+def test_simulation_with_batched_engine(synth_dir, framework, monkeypatch):
+    cfg = tiny_cfg(synth_dir, model="tiny-llama", fed={"framework": framework, "rounds": 2},
+                   kd={"client_eval": False})  # fmt: skip
+    seq = simulate(cfg, log=None)
+    module = frameworks.get(framework)
+    calls = []
+
+    def spy(*a, **k):
+        calls.append(len(a[1]))
+        return engine.train_many(*a, **k)
+
+    monkeypatch.setattr(module, "train_many", spy)
+    bat = simulate(config.with_overrides(cfg, fed={"engine": "batched"}), log=None)
+    # one fused loop of all 3 clients per round (KD: local training b1 and distillation b8)
+    assert calls == [3, 3] * (2 if framework == "kd" else 1)
+    assert bat["total_bytes"] == seq["total_bytes"]  # same messages on the wire
+    assert bat["client_flops_per_round"] > 0
+    assert bat["final_accuracy"] == pytest.approx(seq["final_accuracy"], abs=0.1)  # dropout RNG
+
+
+def test_concurrent_clients_chunks_and_validation(synth_dir):
+    cfg = tiny_cfg(synth_dir, fed={"engine": "batched", "concurrent_clients": 2, "rounds": 1})
+    s = simulate(cfg, log=None)
+    assert s["rounds"] == 1 and s["client_flops_per_round"] > 0
+    with pytest.raises(ConfigError, match="fed.concurrent_clients"):
+        config.with_overrides(cfg, fed={"concurrent_clients": -1})
+    with pytest.raises(ConfigError, match="fed.engine"):
+        config.with_overrides(cfg, fed={"engine": "parallel"})
+
+
+def test_bf16_backbone_keeps_float32_adapters(synth_dir):
+    # GPU mode: bf16 backbone weights; the engine keeps float32 master copies of the adapters
+    # and returns each tensor in the dtype the PEFT model (and the wire) uses.
+    cfg = tiny_cfg(synth_dir, model="tiny-llama")
+    cfg = config.with_overrides(cfg, model={"dtype": "bfloat16", "lora_dropout": 0.0})
+    ctx = build_context(cfg)
+    jobs = [engine.ClientJob(ctx.init_state, None, ctx.client_samples(c),
+                             np.random.default_rng(c)) for c in range(3)]  # fmt: skip
+    res = engine.train_many(ctx.model, jobs, ctx.data.train, cfg.train, ctx.data.pad_id,
+                            ctx.device)  # fmt: skip
+    assert engine.multinet(ctx.model, 3).flat.dtype == torch.float32
+    for r in res:
+        assert {k: v.dtype for k, v in r.state.items()} == {
+            k: v.dtype for k, v in ctx.init_state.items()
+        }
+        assert all(torch.isfinite(v.float()).all() for v in r.state.values())
+        assert r.loss == r.loss and r.steps == -(-len(ctx.client_samples(0)) // 8)
+
+
+def test_length_buckets_split_only_when_padding_drops():
+    ids = torch.tensor([[1, 1, 0, 0, 0, 0, 0, 0, 0], [1] * 9, [1, 1, 1] + [0] * 6, [1] * 8 + [0]])
+    batch = {"input_ids": ids, "attention_mask": ids.clone(), "labels": torch.arange(4),
+             "rows": torch.tensor([0, 0, 1, 1])}  # fmt: skip
+    # lengths 2, 9, 3, 8: one batch pads to 4 x 9 = 36 tokens, two sorted halves to
+    # 2 x 3 + 2 x 9 = 24 (saves more than 5%); four would go below min_rows=2.
+    subs = engine.length_buckets(batch, min_rows=2)
+    assert [s["labels"].tolist() for s in subs] == [[0, 2], [3, 1]]
+    assert [tuple(s["input_ids"].shape) for s in subs] == [(2, 3), (2, 9)]
+    assert subs[0]["rows"].tolist() == [0, 1]
+    assert engine.length_buckets(batch, min_rows=3) == [batch]  # halves too small: unsplit
+    same = {k: v[[1, 1, 3]] for k, v in batch.items()}  # 9, 9, 8: 27 tokens, halves 26
+    assert engine.length_buckets(same, min_rows=1)[0] is same  # saves < 5%: unsplit
+
+
+def test_frozen_head_is_shared_by_all_rows(synth_dir):
+    # model.train_head=false: only LoRA tensors are stacked; the head stays the shared one.
+    cfg = tiny_cfg(synth_dir, model="tiny-llama")
+    cfg = config.with_overrides(cfg, model={"lora_dropout": 0.0, "train_head": False})
+    ctx = build_context(cfg)
+    assert not any("score" in k for k in ctx.init_state)
+    idx = ctx.client_samples(0)
+    jobs = [engine.ClientJob(ctx.init_state, None, idx, np.random.default_rng(0))]
+    got = engine.train_many(ctx.model, jobs, ctx.data.train, cfg.train, ctx.data.pad_id,
+                            ctx.device)[0]  # fmt: skip
+    want = train_local(ctx.model, ctx.init_state, None, ctx.data.train, idx, cfg.train,
+                       np.random.default_rng(0), ctx.data.pad_id, ctx.device)  # fmt: skip
+    for k, v in want.state.items():
+        torch.testing.assert_close(got.state[k], v, atol=ATOL, rtol=RTOL)
+
+
+def test_batched_engine_honours_client_faults(synth_dir):
+    # Dropout, a poisoned client and update validation apply to the fused path as they do to the
+    # sequential one: the same clients drop, the same upload is rejected, the same bytes move.
+    cfg = tiny_cfg(synth_dir, model="tiny-llama",
+                   fed={"rounds": 3, "dropout": 0.4, "poison_clients": (0,),
+                        "max_update_norm": 50.0})  # fmt: skip
+    seq = simulate(cfg, log=None)
+    bat = simulate(config.with_overrides(cfg, fed={"engine": "batched"}), log=None)
+    assert seq["clients_dropped"] > 0 and seq["updates_rejected"] > 0
+    for key in ("clients_dropped", "updates_rejected", "total_bytes", "rounds_skipped"):
+        assert bat[key] == seq[key], key
