@@ -10,9 +10,10 @@ Measures in one run, on one machine, the same model, data and per-step batch:
   (d) the eager reference: the same federated work as a plain single-process HF+PEFT loop.
 Writes bench/results/engine-<cpu|gpu>.json and .md.
 
-  OMP_NUM_THREADS=1 PYTHONPATH=src /work/venv8/bin/python bench/engine.py --quick   # CPU, tiny
-  PYTHONPATH=src python bench/engine.py --gpu                                       # CUDA, SmolLM2
-  OMP_NUM_THREADS=1 PYTHONPATH=src python bench/engine.py --memory   # 100 clients' peak RSS
+  pip install -e '.[bench]'                      # flwr[simulation] (Ray) for the peer (c)
+  python bench/engine.py --quick                 # CPU, tiny-llama, a few minutes
+  python bench/engine.py --gpu                   # CUDA, SmolLM2-135M bf16
+  python bench/engine.py --memory [--chunk 10]   # peak RSS of 100 SmolLM2 clients
 
 Flower (c) needs ``flwr[simulation]`` in the interpreter's environment; without it (or when
 Ray cannot start) the JSON says why and (c) is left out. FLOP metering is off (flops=off)
