@@ -204,12 +204,7 @@ def simulate(
         record["attempts"] = attempts
         record["round_seconds"] = time.perf_counter() - t0
         if rnd % cfg.fed.eval_every == 0 or rnd == cfg.fed.rounds:
-            t1 = time.perf_counter()
-            d = ctx.data
-            ev = evaluate(ctx.model, server.eval_state(), d.test, cfg.train.eval_batch_size,
-                          d.pad_id, ctx.device, cfg.train.autocast)  # fmt: skip
-            record.update({"accuracy": ev["accuracy"], "macro_f1": ev["macro_f1"],
-                           "test_loss": ev["loss"], "eval_seconds": time.perf_counter() - t1})  # fmt: skip
+            record.update(evaluate_global(ctx, server))
             if hasattr(fw, "extra_eval"):
                 record.update(fw.extra_eval(ctx, server, clients))
         history.append(record)
@@ -224,17 +219,28 @@ def simulate(
             bar.write(line)
         elif log is not None:
             log(line)
-    exchanged = (
-        server.params_exchanged()
-        if hasattr(server, "params_exchanged")
-        else num_params(server.eval_state())
-    )
-    summary = summarize(cfg, ctx, history, wire.ledger, exchanged)
+    summary = summarize(cfg, ctx, history, wire.ledger, params_exchanged(server))
     summary["load_seconds"] = load_seconds
     summary["wall_seconds"] = time.perf_counter() - t_start
     if rundir is not None:
         rundir.finish(summary, ctx.model, server.eval_state())
     return summary
+
+
+def evaluate_global(ctx: Context, server) -> dict:
+    """Test metrics of the server's global state (every runtime's evaluation rounds)."""
+    t0, cfg, d = time.perf_counter(), ctx.cfg, ctx.data
+    ev = evaluate(ctx.model, server.eval_state(), d.test, cfg.train.eval_batch_size, d.pad_id,
+                  ctx.device, cfg.train.autocast)  # fmt: skip
+    return {"accuracy": ev["accuracy"], "macro_f1": ev["macro_f1"], "test_loss": ev["loss"],
+            "eval_seconds": time.perf_counter() - t0}  # fmt: skip
+
+
+def params_exchanged(server) -> int:
+    """Trainable parameters that crossed the wire, for ``summary.json`` (frameworks/__init__)."""
+    if hasattr(server, "params_exchanged"):
+        return server.params_exchanged()
+    return num_params(server.eval_state())
 
 
 def round_record(rnd: int, result: RoundResult, wire: Wire) -> dict:

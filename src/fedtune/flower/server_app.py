@@ -29,10 +29,15 @@ from ..compute import ComputeMeter, ComputeStats
 from ..context import build_context
 from ..errors import ConfigError, FedtuneError, MessageError
 from ..messages import DOWN, UP, Wire, client_name
-from ..models import num_params
 from ..rundir import RunDir, summarize
-from ..simulation import RoundResult, format_round, round_record, sample_clients
-from ..train import evaluate
+from ..simulation import (
+    RoundResult,
+    evaluate_global,
+    format_round,
+    params_exchanged,
+    round_record,
+    sample_clients,
+)
 from .client_app import RECORD
 from .split_link import receive_counted, start_split_service
 
@@ -194,12 +199,7 @@ def run_federation(grid: Grid, cfg: config.RunConfig, out: str, rc: dict, log=pr
             record = round_record(rnd, result, wire)
             record.update(attempts=1, round_seconds=time.perf_counter() - t0)
             if rnd % cfg.fed.eval_every == 0 or rnd == cfg.fed.rounds:
-                t1 = time.perf_counter()
-                d = ctx.data
-                ev = evaluate(ctx.model, server.eval_state(), d.test, cfg.train.eval_batch_size,
-                              d.pad_id, ctx.device, cfg.train.autocast)  # fmt: skip
-                record.update({"accuracy": ev["accuracy"], "macro_f1": ev["macro_f1"],
-                               "test_loss": ev["loss"], "eval_seconds": time.perf_counter() - t1})  # fmt: skip
+                record.update(evaluate_global(ctx, server))
             history.append(record)
             rundir.append_metrics(record)
             log(format_round(record, cfg.fed.rounds))
@@ -207,9 +207,7 @@ def run_federation(grid: Grid, cfg: config.RunConfig, out: str, rc: dict, log=pr
         if grpc_server is not None:
             service.close()
             grpc_server.stop(grace=1)
-    exchanged = (server.params_exchanged() if hasattr(server, "params_exchanged")
-                 else num_params(server.eval_state()))  # fmt: skip
-    summary = summarize(cfg, ctx, history, wire.ledger, exchanged)
+    summary = summarize(cfg, ctx, history, wire.ledger, params_exchanged(server))
     summary.update(load_seconds=load_seconds, wall_seconds=time.perf_counter() - t_start,
                    runtime="flower", nodes={str(c): str(v) for c, v in nodes.items()})  # fmt: skip
     rundir.finish(summary, ctx.model, server.eval_state())
