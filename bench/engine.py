@@ -52,6 +52,17 @@ FRAMEWORKS = {"fedllm": ("sequential", "batched"), "kd": ("sequential", "batched
               "split": ("sequential",)}  # fmt: skip
 
 
+def peak_rss_bytes() -> int:
+    """The process's lifetime peak resident set size (Linux ``ru_maxrss``)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def state_bytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
 def run_config(m: dict, n: int, **sections) -> config.RunConfig:
     base = {
         "seed": 0, "device": m["device"], "threads": m["threads"], "flops": "off",
@@ -286,7 +297,7 @@ def memory_100(model: str = "smollm2-135m", n: int = 100, chunk: int = 0) -> dic
     m = dict(MODES["cpu"], model=model, per_client=1, batch=1, threads=1, dtype="float32")
     cfg = run_config(m, n, train={"local_steps": 1})
     ctx = build_context(cfg)
-    rss_model = engine.peak_rss_bytes()
+    rss_model = peak_rss_bytes()
     jobs = [engine.ClientJob(ctx.init_state, None, ctx.client_samples(c),
                              np.random.default_rng(c)) for c in range(n)]  # fmt: skip
     size = chunk or n
@@ -294,11 +305,11 @@ def memory_100(model: str = "smollm2-135m", n: int = 100, chunk: int = 0) -> dic
     res = [r for c in range(0, n, size) for r in engine.train_many(
         ctx.model, jobs[c : c + size], ctx.data.train, cfg.train, ctx.data.pad_id, ctx.device)]  # fmt: skip
     secs = time.perf_counter() - t0
-    state = engine.state_bytes(res[0].state)
+    state = state_bytes(res[0].state)
     opt = sum(t.numel() * t.element_size() for s in res[0].opt_state["state"].values()
               for t in s.values() if t.dim() > 0)  # fmt: skip
     return {"model": model, "clients": n, "clients_per_fused_step": size,
-            "peak_rss_bytes_after_load": rss_model, "peak_rss_bytes": engine.peak_rss_bytes(),
+            "peak_rss_bytes_after_load": rss_model, "peak_rss_bytes": peak_rss_bytes(),
             "state_bytes_per_client": state, "adam_state_bytes_per_client": opt,
             "clients_kept": len(res), "train_seconds": secs}  # fmt: skip
 

@@ -87,6 +87,7 @@ def test_more_bad_inputs_through_the_cli(tmp_path, synth_dir):
         (["--resume", str(finished)], "the run has finished"),
         ([p, "--resume", str(finished)], "--resume RUN_DIR reads RUN_DIR/config.toml"),
     ]
+    before = (finished / "metrics.jsonl").read_bytes()
     procs = []
     for i, (args, _) in enumerate(cases):
         out = tmp_path / f"run{i}"
@@ -99,5 +100,8 @@ def test_more_bad_inputs_through_the_cli(tmp_path, synth_dir):
         assert proc.returncode == 2, (args, err)
         assert fragment in err and "Traceback" not in err, (args, err)
         assert len(err.strip().splitlines()) == 1, (args, err)
-        assert not out.exists(), args
+        if "--resume" not in args:  # the --resume cases name no --out of their own
+            assert not out.exists(), args
+    assert not (tmp_path / "nowhere").exists()
     assert (finished / "summary.json").exists()  # the finished run was left alone
+    assert (finished / "metrics.jsonl").read_bytes() == before

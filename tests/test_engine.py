@@ -154,9 +154,17 @@ def test_simulation_with_batched_engine(synth_dir, framework, monkeypatch):
     assert bat["final_accuracy"] == pytest.approx(seq["final_accuracy"], abs=0.1)  # dropout RNG
 
 
-def test_concurrent_clients_chunks_and_validation(synth_dir):
+def test_concurrent_clients_chunks_and_validation(synth_dir, monkeypatch):
     cfg = tiny_cfg(synth_dir, fed={"engine": "batched", "concurrent_clients": 2, "rounds": 1})
+    calls = []
+
+    def spy(*a, **k):
+        calls.append(len(a[1]))
+        return engine.train_many(*a, **k)
+
+    monkeypatch.setattr(frameworks.get("fedllm"), "train_many", spy)
     s = simulate(cfg, log=None)
+    assert calls == [2, 1]  # 3 clients, at most 2 per fused step
     assert s["rounds"] == 1 and s["client_flops_per_round"] > 0
     with pytest.raises(ConfigError, match="fed.concurrent_clients"):
         config.with_overrides(cfg, fed={"concurrent_clients": -1})

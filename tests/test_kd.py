@@ -160,7 +160,7 @@ def one_round(cfg):
     ctx = build_context(cfg)
     server, wire = kd.Server(ctx), Wire()
     clients = {cid: kd.Client(ctx, cid) for cid in range(3)}
-    metrics, _, _ = run_round(ctx, server, clients, wire, 1, [0, 1, 2])
+    metrics = run_round(ctx, server, clients, wire, 1, [0, 1, 2]).metrics
     return ctx, server, clients, wire.ledger.round_totals(1), metrics
 
 
@@ -191,8 +191,6 @@ def test_bytes_up_are_the_public_logits_and_topk_cuts_them(synth_dir):
     )
     assert up_k == expected
     assert up_k - s * k * (4 + 1) < 400  # k fp32 values + k uint8 indices per sample + header
-    payload_ratio = (full - header) / (s * k * (4 + 1))
-    assert payload_ratio == c * 4 / (k * 5)
 
     _, _, _, totals_q, _ = one_round(kd_cfg(synth_dir, public_samples=40, logit_dtype="int8"))
     expected = upload_size(

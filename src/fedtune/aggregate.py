@@ -4,7 +4,7 @@
   :func:`aggregate` which picks one by the ``fed.aggregator`` name;
 * update validation: :func:`update_problem` says why an update must be rejected (names, shapes,
   dtypes, NaN/Inf, ``||update - global||`` above a bound), :func:`screen_updates` applies it to
-  a round's replies, :func:`check_update` raises instead.
+  a round's replies.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-
-from .errors import MessageError
 
 
 def weighted_average(
@@ -161,13 +159,3 @@ def screen_updates(
         else:
             rejected[str(cid)] = why
     return accepted, rejected
-
-
-def check_update(
-    update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], sender: str
-) -> None:
-    """Like :func:`update_problem` without a norm bound, but raises MessageError naming the
-    sender and the problem."""
-    why = update_problem(update, reference)
-    if why is not None:
-        raise MessageError(f"update from {sender}: {why}")

@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import RunConfig, to_dict
+from .config import RunConfig, resume_key
 from .errors import ConfigError
 from .messages import Ledger
 
@@ -117,19 +117,12 @@ def restore_rng(states: dict) -> None:
 # ----------------------------------------------------------------------------- save / load
 
 
-def _resume_key(cfg: RunConfig) -> dict:
-    """The config a checkpoint must match to be resumed (display-only keys excluded)."""
-    d = to_dict(cfg)
-    d.pop("progress")
-    return d
-
-
 def capture(rnd: int, cfg: RunConfig, server, clients: dict, ledger: Ledger, history: list) -> dict:
     """The run's state after round ``rnd``, as a tree for :func:`save`."""
     return {
         "version": VERSION,
         "round": rnd,
-        "config": _resume_key(cfg),
+        "config": resume_key(cfg),
         "server": server.state_dict(),
         "clients": {str(cid): c.state_dict() for cid, c in clients.items()},
         "ledger": ledger_rows(ledger),
@@ -143,7 +136,7 @@ def restore(state: dict, cfg: RunConfig, server, clients: dict, ledger: Ledger) 
     ``(round it was taken after, metrics history)``."""
     if state.get("version") != VERSION:
         raise ConfigError(f"checkpoint version {state.get('version')} is not {VERSION}")
-    if json.dumps(state["config"], sort_keys=True) != json.dumps(_resume_key(cfg), sort_keys=True):
+    if json.dumps(state["config"], sort_keys=True) != json.dumps(resume_key(cfg), sort_keys=True):
         raise ConfigError("the checkpoint was written under another config than config.toml")
     server.load_state_dict(state["server"])
     for cid, c in clients.items():

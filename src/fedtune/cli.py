@@ -31,9 +31,7 @@ def _run(args: argparse.Namespace) -> int:
         if not preset.is_file():
             raise ConfigError(f"cannot resume {args.resume}: no config.toml (not a run directory)")
         args.config, args.out = str(preset), args.resume
-    cfg = config.load(args.config, args.overrides)
-    if args.no_progress:
-        cfg = config.with_overrides(cfg, progress=False)
+    cfg = config.load(args.config, [*args.overrides, *_no_progress(args)])
     if args.print_config:
         print(config.to_toml(cfg), end="")
         return 0
@@ -49,8 +47,14 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _no_progress(args: argparse.Namespace) -> list[str]:
+    """``--no-progress`` as an override, so every command applies it the same way."""
+    return ["progress=false"] if args.no_progress else []
+
+
 def _split_preset(args: argparse.Namespace) -> None:
-    """``fedtune compare key=value ...`` without a preset: the first item is an override."""
+    """``fedtune run|compare|flower run key=value ...`` without a preset: the first item is
+    an override."""
     if args.config and "=" in args.config and not args.config.endswith(".toml"):
         args.overrides.insert(0, args.config)
         args.config = None
@@ -59,12 +63,9 @@ def _split_preset(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> int:
     from . import experiments
 
-    base = config.load(args.config, args.overrides)
-    base = config.with_overrides(base, progress=not args.no_progress and base.progress)
+    base = config.load(args.config, [*args.overrides, *_no_progress(args)])
     seeds = experiments.parse_seeds(args.seeds) if args.seeds else (base.seed,)
     frameworks = tuple(f.strip() for f in args.frameworks.split(",") if f.strip())
-    for fw in frameworks:  # fail before any run starts
-        config.with_overrides(base, fed={"framework": fw})
     specs = experiments.compare_specs(base, seeds, frameworks)
     paths = experiments.run_all(specs, args.out)
     experiments.write_outputs(paths, args.out, notes=[])
@@ -75,7 +76,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     from . import experiments
 
     seeds = experiments.parse_seeds(args.seeds) if args.seeds else None
-    overrides = list(args.overrides) + (["progress=false"] if args.no_progress else [])
+    overrides = [*args.overrides, *_no_progress(args)]
     specs, notes = experiments.paper_specs(args.quick, seeds, args.model, overrides)
     if args.dry_run:
         for spec in specs:
@@ -126,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="FedLLM vs KD-FedLLM vs Split-FedLLM on one config: runs, report.md, plots",
         description="Run the config under fed.framework=fedllm, kd and split for each seed "
         "(DIR/runs/<framework>-s<seed>), then write DIR/report.md and PNG plots. Finished "
-        "runs are skipped when run again; unfinished ones are rerun.",
+        "runs are skipped when run again; unfinished ones resume from their checkpoint.",
     )
     c.add_argument("config", nargs="?", help="TOML preset (defaults when omitted)")
     c.add_argument("overrides", nargs="*", help="key=value overrides for every run")
@@ -175,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("run", "compare"):
+    if hasattr(args, "config"):
         _split_preset(args)  # `fedtune run key=value` without a preset
     try:
         return args.func(args)

@@ -464,11 +464,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override {item!r} has an empty key")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key.split("."), value
+    return key.split("."), _literal(raw)
 
 
 def merge_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -573,6 +569,14 @@ def describe() -> str:
 
     walk(RunConfig, "")
     return "\n".join(rows)
+
+
+def resume_key(cfg: RunConfig) -> dict[str, Any]:
+    """The part of ``cfg`` a run's results depend on (``to_dict`` minus display-only keys):
+    an unfinished run is resumed only under an equal key."""
+    d = to_dict(cfg)
+    d.pop("progress")
+    return d
 
 
 def to_dict_value(v: Any) -> Any:

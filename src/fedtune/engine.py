@@ -32,8 +32,10 @@ from . import compute, multilora
 from .compute import ComputeMeter, ComputeStats
 from .config import TrainConfig
 from .data import Tokenized, batches
+from .kd_ops import kd_loss_rows
 from .train import LocalResult, autocast, make_optimizer, num_local_steps, trainable_params
 
+BATCHED_STREAM = 1_000_033  # seed stream of the batched engine's dropout (one per round)
 MIN_BUCKET_ROWS = 16  # smallest sub-batch a fused step is split into (see length_buckets)
 _NETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # peft model -> MultiNet
 
@@ -277,10 +279,8 @@ def train_many(
                 logits = out.logits.float()
                 if teacher is None:
                     loss = F.cross_entropy(logits, batch["labels"], reduction="none")
-                else:  # kd_ops.kd_loss per row: T^2 * KL(teacher || softmax(student / T))
-                    log_q = F.log_softmax(logits / temperature, dim=-1)
-                    kl = F.kl_div(log_q, teacher[batch["labels"]], reduction="none").sum(-1)
-                    loss = temperature**2 * kl
+                else:
+                    loss = kd_loss_rows(logits, teacher[batch["labels"]], temperature)
                 per_row = loss / counts[rows]  # summed over a client's rows: its mean loss
                 per_row.sum().backward()  # gradients of the sub-batches add up
             loss_sum.index_add_(0, rows, per_row.detach())
@@ -372,14 +372,3 @@ def handle_all(ctx, handle_many, clients: dict, received: dict, meters: dict) ->
                                                s.seconds * w / total, s.peak_memory_bytes))  # fmt: skip
             replies[cid] = reply
     return replies
-
-
-def peak_rss_bytes() -> int:
-    """The process's lifetime peak resident set size (Linux ``ru_maxrss``)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def state_bytes(state: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values())

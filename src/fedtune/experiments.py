@@ -12,8 +12,8 @@ Output layout::
     DIR/*.png             the plots (see fedtune.plots)
     DIR/report.json       the report's title and notes, for ``fedtune plot``
 
-Resumable: a run directory with ``summary.json`` is finished and skipped; one without it was
-interrupted and is deleted and run again.
+Resumable: a run directory with ``summary.json`` is finished and skipped; an interrupted one
+continues from its checkpoint when its config is the same, else it is deleted and run again.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,12 +157,13 @@ def _literal(v) -> str:
 
 
 def same_config(path: Path, cfg: RunConfig) -> bool:
-    """Whether the run at ``path`` was made with ``cfg`` (``progress`` aside)."""
-    old = tomllib.loads((path / "config.toml").read_text())
-    new = tomllib.loads(config.to_toml(cfg))
-    old.pop("progress", None)
-    new.pop("progress", None)
-    return old == new
+    """Whether the run at ``path`` was made with ``cfg`` (``progress`` aside), i.e. whether
+    its checkpoint may be resumed (``checkpoint.restore`` checks the same key)."""
+    try:
+        old = config.load(path / "config.toml")
+    except ConfigError:
+        return False
+    return config.resume_key(old) == config.resume_key(cfg)
 
 
 def run_all(specs: list[RunSpec], out: str | Path, log=print) -> list[Path]:

@@ -196,11 +196,18 @@ def kd_loss(
 
     ``student_logits [B, C]``, ``teacher_probs [B, C]`` (zeros allowed), ``weights [B]``.
     The T^2 factor keeps gradient magnitudes comparable across temperatures (Hinton et al.)."""
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    kl = F.kl_div(log_q, teacher_probs, reduction="none").sum(-1)  # [B]; 0 * log 0 = 0
+    kl = kd_loss_rows(student_logits, teacher_probs, temperature)  # [B]
     if weights is None:
-        return temperature**2 * kl.mean()
-    return temperature**2 * (weights * kl).sum() / weights.sum().clamp(min=1e-12)
+        return kl.mean()
+    return (weights * kl).sum() / weights.sum().clamp(min=1e-12)
+
+
+def kd_loss_rows(
+    student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """``T^2 * KL(teacher || softmax(student / T))`` per row: ``[B, C], [B, C] -> [B]``."""
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return temperature**2 * F.kl_div(log_q, teacher_probs, reduction="none").sum(-1)  # 0log0=0
 
 
 def distill(
@@ -234,20 +241,21 @@ def distill(
     view = Tokenized([data.ids[i] for i in idx], np.arange(len(idx)))
     active = np.flatnonzero(w.numpy() > 0)
     loss_sum = torch.zeros((), device=device)  # accumulated on device: no sync per step
+    # Teacher, weights and labels go to the device once; each step indexes them there.
+    teacher, w_dev = teacher.to(device), w.to(device)
+    labels_dev = None if labels is None else torch.as_tensor(labels, device=device)
     steps = samples = 0
     for _ in range(epochs if len(active) else 0):
         pos = active if resample is None else rng.choice(len(idx), size=len(idx), p=resample)
         for batch in batches(view, pos, batch_size, pad_id, rng, cfg.group_by_length):
-            rows = batch.pop("labels")  # [B] positions in the selection
             batch = to_device(batch, device)
+            rows = batch.pop("labels")  # [B] positions in the selection
             with compute.step(("distill", cfg.autocast, *batch["input_ids"].shape)):
                 out = forward_logits(model, batch, cfg.autocast)
-                bw = None if resample is not None else w[rows].to(device)
-                loss = kd_loss(out, teacher[rows].to(device), temperature, bw)
-                if labels is not None:
-                    loss = loss + F.cross_entropy(
-                        out, torch.as_tensor(labels[rows.numpy()]).to(device)
-                    )
+                bw = None if resample is not None else w_dev[rows]
+                loss = kd_loss(out, teacher[rows], temperature, bw)
+                if labels_dev is not None:
+                    loss = loss + F.cross_entropy(out, labels_dev[rows])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
             optimizer_step(opt, params, cfg)

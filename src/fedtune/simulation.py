@@ -79,9 +79,6 @@ class RoundResult:
     lost: dict[int, str] = field(default_factory=dict)  # cid -> dropout | deadline | unreadable
     completed: bool = True
 
-    def __iter__(self):  # ``metrics, client_stats, server_stats = run_round(...)`` still works
-        return iter((self.metrics, self.client_stats, self.server_stats))
-
 
 def run_round(
     ctx: Context, server, clients: dict, wire: Wire, rnd: int, sampled: list[int], attempt: int = 0

@@ -62,7 +62,6 @@ class LocalFederation:
         self.n, self.tls, self.auth, self.host = num_nodes, tls, auth, host
         self.data_dirs = data_dirs
         self.procs: list[subprocess.Popen] = []
-        self.nodes: list[subprocess.Popen] = []
         self.spawned: dict[int, str] = {}  # descendants seen while running -> start time
         self.ports: set[int] = set()
         self.certs: dict | None = None
@@ -115,7 +114,6 @@ class LocalFederation:
         for k, v in kw.items():
             cmd += [f"--{k.replace('_', '-')}", str(v)]
         p = self._popen(cmd, f"node-{partition_id}-{len(self.procs)}", f"node-{partition_id}")
-        self.nodes.append(p)
         return p
 
     def flwr(self, *args: str, timeout: float = 120) -> str:
@@ -130,7 +128,7 @@ class LocalFederation:
     def _wait(self, cond, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
         while not cond():
-            if self.superlink.poll() is not None if hasattr(self, "superlink") else False:
+            if self.superlink.poll() is not None:
                 raise FedtuneError(f"SuperLink exited: {self.log('superlink')[-400:]}")
             if time.monotonic() > deadline:
                 raise FedtuneError(f"{what} not ready after {timeout:g} s")

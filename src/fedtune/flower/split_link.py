@@ -55,8 +55,9 @@ class SplitService:
         with self.cond:
             self.round, self.meter, self.done = rnd, meter, set()
             self.order = [client_name(c) for c in clients]
-            self.tokens = {secrets.token_urlsafe(24): client_name(c) for c in clients}
-            return {int(n.split("-")[1]): t for t, n in self.tokens.items()}
+            tokens = {c: secrets.token_urlsafe(24) for c in clients}
+            self.tokens = {t: client_name(c) for c, t in tokens.items()}
+            return tokens
 
     def _wait_turn(self, me: str) -> None:
         with self.cond:

@@ -18,12 +18,11 @@ import torch
 
 from ..aggregate import aggregate, screen_updates
 from ..context import Context
-from ..engine import ClientJob, train_many
+from ..engine import BATCHED_STREAM, ClientJob, train_many
 from ..messages import PARAMETERS, SERVER, Message, client_name
 from ..train import seed_everything, train_local
 
 NAME = "fedllm"
-BATCHED_STREAM = 1_000_033  # seed stream of the batched engine's dropout
 
 
 class Server:

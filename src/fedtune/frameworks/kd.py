@@ -36,7 +36,7 @@ import torch
 from ..aggregate import meta_problem
 from ..context import Context
 from ..data import Tokenized
-from ..engine import ClientJob, predict_many, train_many
+from ..engine import BATCHED_STREAM, ClientJob, predict_many, train_many
 from ..errors import ConfigError, MessageError
 from ..kd_ops import (
     aggregate_knowledge,
@@ -53,7 +53,6 @@ from ..train import evaluate, predict_logits, seed_everything, train_local
 
 NAME = "kd"
 SERVER_STREAM = 1_000_003  # seed stream of the server's dropout and batch order
-BATCHED_STREAM = 1_000_033  # seed stream of the batched engine's dropout
 
 
 def public_candidates(ctx: Context) -> np.ndarray:

@@ -69,7 +69,7 @@ from ..split_model import (
     part_names,
     server_forward,
 )
-from ..train import make_optimizer, seed_everything, to_device
+from ..train import make_optimizer, optimizer_step, seed_everything, to_device
 
 NAME = "split"
 
@@ -313,9 +313,7 @@ class Server:
         opt = self.opts[slot]
         opt.zero_grad(set_to_none=True)  # right before backward: no other party's grads leak in
         out.backward(grad)
-        if ctx.cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([params[n] for n in keys], ctx.cfg.train.grad_clip)
-        opt.step()
+        optimizer_step(opt, [params[n] for n in keys], ctx.cfg.train)
         self.states[slot].update({n: params[n].detach().clone() for n in keys})
         x, cmeta = compress(h.grad, self.s.compression, self.s.topk_ratio)
         return Message(GRADIENTS, rnd, SERVER, client_name(cid), x, {**cmeta, **meta})
@@ -402,9 +400,6 @@ class Client:
         grad = decompress(reply.tensors, reply.meta).to(ctx.device, h.dtype)
         with compute.step((*key, "backward")):
             h.backward(grad)
-        if ctx.cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(
-                [p for g in self.opt.param_groups for p in g["params"]], ctx.cfg.train.grad_clip
-            )
-        self.opt.step()
+        optimizer_step(self.opt, [p for g in self.opt.param_groups for p in g["params"]],
+                       ctx.cfg.train)  # fmt: skip
         return loss_value
