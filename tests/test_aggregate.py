@@ -58,8 +58,12 @@ def test_update_problem_names_bad_updates():
 def test_hand_computed_median_and_trimmed_mean():
     from fedtune.aggregate import aggregate, coordinate_median, trimmed_mean
 
-    states = [{"w": torch.tensor([1.0, 10.0])}, {"w": torch.tensor([2.0, 20.0])},
-              {"w": torch.tensor([300.0, -5.0])}, {"w": torch.tensor([4.0, 0.0])}]  # fmt: skip
+    states = [
+        {"w": torch.tensor([1.0, 10.0])},
+        {"w": torch.tensor([2.0, 20.0])},
+        {"w": torch.tensor([300.0, -5.0])},
+        {"w": torch.tensor([4.0, 0.0])},
+    ]
     # per coordinate sorted: [1, 2, 4, 300] -> median (2 + 4) / 2 = 3; [-5, 0, 10, 20] -> 5
     assert torch.equal(coordinate_median(states)["w"], torch.tensor([3.0, 5.0]))
     assert torch.equal(coordinate_median(states[:3])["w"], torch.tensor([2.0, 10.0]))
@@ -104,8 +108,13 @@ def test_update_problem_reasons_and_norm_bound():
     assert meta_problem({"loss": 1.0}) is not None
     assert meta_problem({"num_samples": 3, "loss": float("nan")}) is not None
     accepted, rejected = screen_updates(
-        {0: ok, 1: {"a": ok["a"]}, 2: ok}, {0: ref, 1: ref, 2: ref}, 0.0,
-        {0: {"num_samples": 1, "loss": 1}, 1: {"num_samples": 1, "loss": 1},
-         2: {"num_samples": -1, "loss": 1}},
-    )  # fmt: skip
+        {0: ok, 1: {"a": ok["a"]}, 2: ok},
+        {0: ref, 1: ref, 2: ref},
+        0.0,
+        {
+            0: {"num_samples": 1, "loss": 1},
+            1: {"num_samples": 1, "loss": 1},
+            2: {"num_samples": -1, "loss": 1},
+        },
+    )
     assert accepted == [0] and set(rejected) == {"1", "2"}

@@ -15,17 +15,39 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_cfg
-from fedtune import checkpoint, config
+from fedtune import config
 from fedtune.errors import ConfigError
-from fedtune.simulation import simulate
+from fedtune.runtime import checkpoint, simulate
 
 # What must match between a resumed and an uninterrupted run (seconds and memory may differ).
-SAME = ("round", "clients", "accuracy", "macro_f1", "test_loss", "train_loss", "dropped",
-        "rejected", "bytes_up_per_client", "bytes_down_per_client", "bytes_by_kind",
-        "client_flops", "server_flops", "client_accuracy", "server_distill_loss")  # fmt: skip
-SUMMARY = ("rounds", "final_accuracy", "best_accuracy", "final_macro_f1", "total_bytes",
-           "bytes_up_per_client_per_round", "bytes_down_per_client_per_round",
-           "client_flops_per_round", "server_flops_per_round")  # fmt: skip
+SAME = (
+    "round",
+    "clients",
+    "accuracy",
+    "macro_f1",
+    "test_loss",
+    "train_loss",
+    "dropped",
+    "rejected",
+    "bytes_up_per_client",
+    "bytes_down_per_client",
+    "bytes_by_kind",
+    "client_flops",
+    "server_flops",
+    "client_accuracy",
+    "server_distill_loss",
+)
+SUMMARY = (
+    "rounds",
+    "final_accuracy",
+    "best_accuracy",
+    "final_macro_f1",
+    "total_bytes",
+    "bytes_up_per_client_per_round",
+    "bytes_down_per_client_per_round",
+    "client_flops_per_round",
+    "server_flops_per_round",
+)
 
 
 def assert_same_run(a, b) -> None:
@@ -43,11 +65,18 @@ def test_tree_codec_roundtrips_optimizer_states():
     opt = torch.optim.Adam([p], lr=1e-3)
     p.grad = torch.ones_like(p)
     opt.step()
-    tree = {"opt": opt.state_dict(), "slots": {"shared": 1, 0: (2, 3)}, "none": None,
-            "arr": np.arange(4), "hist": {1: np.array([3, 0, 1])}, "x": [1.5, "s", True]}  # fmt: skip
+    tree = {
+        "opt": opt.state_dict(),
+        "slots": {"shared": 1, 0: (2, 3)},
+        "none": None,
+        "arr": np.arange(4),
+        "hist": {1: np.array([3, 0, 1])},
+        "x": [1.5, "s", True],
+    }
     tensors: dict = {}
-    back = checkpoint.decode_tree(json.loads(json.dumps(checkpoint.encode_tree(tree, tensors))),
-                                  tensors)  # fmt: skip
+    back = checkpoint.decode_tree(
+        json.loads(json.dumps(checkpoint.encode_tree(tree, tensors))), tensors
+    )
     assert back["slots"] == {"shared": 1, 0: (2, 3)} and back["none"] is None
     assert back["x"] == [1.5, "s", True] and np.array_equal(back["hist"][1], [3, 0, 1])
     assert back["opt"]["param_groups"] == opt.state_dict()["param_groups"]
@@ -73,8 +102,11 @@ def stop_after(rnd: int):
 def test_resume_in_process_matches_an_uninterrupted_run(synth_dir, tmp_path, framework):
     """4 rounds straight vs 2 rounds, interrupted, resumed for 2 more: identical metrics,
     bytes and adapter. 30% dropout, so partial replies and the ledger are exercised too."""
-    cfg = tiny_cfg(synth_dir, fed={"rounds": 4, "framework": framework, "dropout": 0.3},
-                   kd={"public_samples": 40, "align": "reweight"})  # fmt: skip
+    cfg = tiny_cfg(
+        synth_dir,
+        fed={"rounds": 4, "framework": framework, "dropout": 0.3},
+        kd={"public_samples": 40, "align": "reweight"},
+    )
     a, b = tmp_path / "straight", tmp_path / "resumed"
     simulate(cfg, a, log=None)
     with pytest.raises(Stop):
@@ -105,15 +137,17 @@ def test_resume_errors(synth_dir, tmp_path):
         simulate(cfg, tmp_path / "x", log=None, resume=True)
     (tmp_path / "x" / checkpoint.FILE).write_bytes(b"garbage")
     with pytest.raises(ConfigError, match="unreadable"):
-        simulate(config.with_overrides(cfg, fed={"rounds": 3}), tmp_path / "x", log=None,
-                 resume=True)  # fmt: skip
+        simulate(
+            config.with_overrides(cfg, fed={"rounds": 3}), tmp_path / "x", log=None, resume=True
+        )
 
 
 def fedtune_cli(*args, **kw):
     cmd = [sys.executable, "-m", "fedtune.cli", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, **kw)  # fmt: skip
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw
+    )
 
 
 @pytest.mark.slow

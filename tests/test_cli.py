@@ -93,8 +93,9 @@ def test_more_bad_inputs_through_the_cli(tmp_path, synth_dir):
         out = tmp_path / f"run{i}"
         extra = [] if "--resume" in args else ["--out", str(out)]
         cmd = [sys.executable, "-m", "fedtune.cli", "run", *args, *extra, "--no-progress"]
-        procs.append((out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                            text=True)))  # fmt: skip
+        procs.append(
+            (out, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        )
     for (args, fragment), (out, proc) in zip(cases, procs, strict=True):
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 2, (args, err)

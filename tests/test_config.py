@@ -84,8 +84,15 @@ def test_configs_are_frozen():
 
 
 def test_comma_lists_from_the_command_line_are_typed():
-    cfg = config.load(None, ["fed.client_slowdown=1,2.5,3", "data.client_sizes=10,20,30",
-                             "data.partition=sizes", "model.target_modules=q_proj,v_proj"])  # fmt: skip
+    cfg = config.load(
+        None,
+        [
+            "fed.client_slowdown=1,2.5,3",
+            "data.client_sizes=10,20,30",
+            "data.partition=sizes",
+            "model.target_modules=q_proj,v_proj",
+        ],
+    )
     assert cfg.fed.client_slowdown == (1.0, 2.5, 3.0) and cfg.data.client_sizes == (10, 20, 30)
     assert cfg.model.target_modules == ("q_proj", "v_proj")
     with pytest.raises(ConfigError, match="fed.client_slowdown: expected a number, got 'x'"):
@@ -93,14 +100,27 @@ def test_comma_lists_from_the_command_line_are_typed():
 
 
 def test_fault_and_validation_keys_are_checked():
-    cfg = config.load(None, ["fed.dropout=0.3", "fed.aggregator=trimmed_mean",
-                             "fed.trim_ratio=0.2", "kd.aggregate=median"])  # fmt: skip
+    cfg = config.load(
+        None,
+        [
+            "fed.dropout=0.3",
+            "fed.aggregator=trimmed_mean",
+            "fed.trim_ratio=0.2",
+            "kd.aggregate=median",
+        ],
+    )
     assert (cfg.fed.dropout, cfg.fed.aggregator, cfg.kd.aggregate) == (
         0.3,
         "trimmed_mean",
         "median",
     )
-    for bad in ("fed.deadline_s=-1", "fed.max_update_norm=-1", "fed.max_retries=-1",
-                "fed.poison_scale=0", "fed.checkpoint_every=-1", "fed.on_too_few=wait"):  # fmt: skip
+    for bad in (
+        "fed.deadline_s=-1",
+        "fed.max_update_norm=-1",
+        "fed.max_retries=-1",
+        "fed.poison_scale=0",
+        "fed.checkpoint_every=-1",
+        "fed.on_too_few=wait",
+    ):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             config.load(None, [bad])

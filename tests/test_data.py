@@ -10,7 +10,7 @@ from fedtune.data import (
     dirichlet,
     load_text_classification,
     split_federated,
-)  # fmt: skip
+)
 from fedtune.errors import DataError
 
 

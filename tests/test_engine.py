@@ -6,13 +6,14 @@ import torch
 from torch import nn
 
 from conftest import tiny_cfg
-from fedtune import config, engine, frameworks
+from fedtune import config
 from fedtune.context import build_context
 from fedtune.data import Tokenized
 from fedtune.errors import ConfigError
-from fedtune.kd_ops import distill
-from fedtune.simulation import simulate
-from fedtune.train import predict_logits, train_local
+from fedtune.execution import engine
+from fedtune.execution.jobs import CrossEntropy, Distill, Predict, Train
+from fedtune.execution.train import num_local_steps, predict_logits, train
+from fedtune.runtime import simulate
 
 ATOL, RTOL = 1e-6, 1e-5  # float32 rounding of differently shaped matmuls (measured <= 2e-7)
 
@@ -26,31 +27,41 @@ def no_dropout(model: nn.Module) -> None:
 
 def two_rounds(ctx, sizes, batched_rounds: tuple[bool, bool]):
     """Each client trains 2 rounds from the same start (optimizer state kept between them)."""
-    cfg = ctx.cfg
+    cfg, d = ctx.cfg, ctx.data
     idx = [ctx.client_samples(c) for c in range(len(sizes))]
     states = [dict(ctx.init_state) for _ in sizes]
     opts: list = [None] * len(sizes)
     for rnd, batched in enumerate(batched_rounds, start=1):
-        rngs = [np.random.default_rng([cfg.seed, rnd, c]) for c in range(len(sizes))]
+        jobs = [
+            Train(
+                s,
+                o,
+                d.train,
+                i,
+                CrossEntropy(),
+                (cfg.seed, rnd, c),
+                steps=num_local_steps(len(i), cfg.train),
+            )
+            for c, (s, o, i) in enumerate(zip(states, opts, idx, strict=True))
+        ]
         if batched:
-            jobs = [
-                engine.ClientJob(s, o, i, r)
-                for s, o, i, r in zip(states, opts, idx, rngs, strict=True)
-            ]
-            res = engine.train_many(ctx.model, jobs, ctx.data.train, cfg.train, ctx.data.pad_id,
-                                    ctx.device)  # fmt: skip
+            res = engine.train_many(ctx.model, jobs, cfg.train, d.pad_id, ctx.device)
         else:
-            res = [train_local(ctx.model, s, o, ctx.data.train, i, cfg.train, r, ctx.data.pad_id,
-                               ctx.device) for s, o, i, r in zip(states, opts, idx, rngs, strict=True)]  # fmt: skip
+            res = [train(ctx.model, job, cfg.train, d.pad_id, ctx.device) for job in jobs]
         states, opts = [r.state for r in res], [r.opt_state for r in res]
     return states, opts, res
 
 
 @pytest.mark.parametrize(
     ("model", "optimizer", "bucket_rows"),
-    [("tiny-gpt2", "adam", 16), ("tiny-gpt2", "adamw", 4), ("tiny-llama", "adam", 4),
-     ("tiny-llama", "adamw", 16), ("tiny-llama", "sgd", 4)],
-)  # fmt: skip
+    [
+        ("tiny-gpt2", "adam", 16),
+        ("tiny-gpt2", "adamw", 4),
+        ("tiny-llama", "adam", 4),
+        ("tiny-llama", "adamw", 16),
+        ("tiny-llama", "sgd", 4),
+    ],
+)
 def test_batched_local_training_equals_sequential(
     synth_dir, model, optimizer, bucket_rows, monkeypatch
 ):
@@ -64,9 +75,13 @@ def test_batched_local_training_equals_sequential(
         cfg,
         model={"lora_dropout": 0.0},
         data={"partition": "sizes", "client_sizes": sizes},
-        train={"optimizer": optimizer, "weight_decay": 0.01, "grad_clip": 0.5,
-               "group_by_length": True},
-    )  # fmt: skip
+        train={
+            "optimizer": optimizer,
+            "weight_decay": 0.01,
+            "grad_clip": 0.5,
+            "group_by_length": True,
+        },
+    )
     ctx = build_context(cfg)
     no_dropout(ctx.model)
     no_dropout(engine.multinet(ctx.model, len(sizes)).net)
@@ -87,12 +102,15 @@ def test_batched_local_training_equals_sequential(
         if optimizer != "sgd":
             assert seq_opt[c]["state"][0]["step"] == bat_opt[c]["state"][0]["step"]
         for i, s in seq_opt[c]["state"].items():
-            torch.testing.assert_close(bat_opt[c]["state"][i]["exp_avg"], s["exp_avg"],
-                                       atol=ATOL, rtol=1e-3)  # fmt: skip
+            torch.testing.assert_close(
+                bat_opt[c]["state"][i]["exp_avg"], s["exp_avg"], atol=ATOL, rtol=1e-3
+            )
         assert bat_res[c].loss == pytest.approx(seq_res[c].loss, rel=1e-4)
 
 
 def test_batched_distillation_equals_sequential(synth_dir):
+    """Distillation jobs fuse even when every client has its own teacher (each client's loss
+    runs on its own rows of the fused batch)."""
     cfg = tiny_cfg(synth_dir, model="tiny-llama")
     cfg = config.with_overrides(cfg, model={"lora_dropout": 0.0}, train={"group_by_length": True})
     ctx = build_context(cfg)
@@ -100,22 +118,30 @@ def test_batched_distillation_equals_sequential(synth_dir):
     no_dropout(engine.multinet(ctx.model, 3).net)
     d = ctx.data
     sel = d.public_idx[:21]  # 21 samples, batch 8: 3 steps per epoch, 2 epochs
-    teacher = torch.randn(21, d.num_labels, generator=torch.Generator().manual_seed(0)) / 2
-    teacher = teacher.softmax(-1)
+    gen = torch.Generator().manual_seed(0)
+    teachers = [(torch.randn(21, d.num_labels, generator=gen) / 2).softmax(-1) for _ in range(3)]
     view = Tokenized([d.train.ids[i] for i in sel], np.arange(21))
-    kw = dict(temperature=2.0, epochs=2, batch_size=8)
-    jobs = [engine.ClientJob(ctx.init_state, None, np.arange(21), np.random.default_rng(c))
-            for c in range(3)]  # fmt: skip
-    many = engine.train_many(ctx.model, jobs, view, cfg.train, d.pad_id, ctx.device,
-                             teacher=teacher, **kw)  # fmt: skip
-    for c, got in enumerate(many):
-        want = distill(ctx.model, ctx.init_state, None, d.train, sel, teacher, cfg.train,
-                       rng=np.random.default_rng(c), pad_id=d.pad_id, device=ctx.device, **kw)  # fmt: skip
+    jobs = [
+        Train(
+            ctx.init_state,
+            None,
+            view,
+            np.arange(21),
+            Distill(teachers[c], 2.0),
+            (c,),
+            epochs=2,
+            batch_size=8,
+        )
+        for c in range(3)
+    ]
+    many = engine.train_many(ctx.model, jobs, cfg.train, d.pad_id, ctx.device)
+    for job, got in zip(jobs, many, strict=True):
+        want = train(ctx.model, job, cfg.train, d.pad_id, ctx.device)
         assert got.steps == want.steps == 6
         assert got.loss == pytest.approx(want.loss, rel=1e-4)
         for k, v in want.state.items():
             torch.testing.assert_close(got.state[k], v, atol=ATOL, rtol=RTOL)
-    assert not torch.allclose(many[0].state[k], many[1].state[k])  # own batch orders
+    assert not torch.allclose(many[0].state[k], many[1].state[k])  # own batches and teachers
 
 
 def test_predict_many_equals_predict_logits(synth_dir):
@@ -123,10 +149,14 @@ def test_predict_many_equals_predict_logits(synth_dir):
     ctx = build_context(cfg)
     d = ctx.data
     gen = torch.Generator().manual_seed(1)
-    states = [{k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in ctx.init_state.items()}
-              for _ in range(3)]  # fmt: skip
+    states = [
+        {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in ctx.init_state.items()}
+        for _ in range(3)
+    ]
     idx = d.public_idx[:23]
-    many = engine.predict_many(ctx.model, states, d.train, idx, 16, d.pad_id, ctx.device)
+    train_cfg = config.with_overrides(cfg, train={"eval_batch_size": 16}).train
+    jobs = [Predict(st, d.train, idx) for st in states]
+    many = engine.predict_many(ctx.model, jobs, train_cfg, d.pad_id, ctx.device)
     for st, got in zip(states, many, strict=True):
         want = predict_logits(ctx.model, st, d.train, idx, 16, d.pad_id, ctx.device)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
@@ -135,17 +165,20 @@ def test_predict_many_equals_predict_logits(synth_dir):
 
 @pytest.mark.parametrize("framework", ["fedllm", "kd"])
 def test_simulation_with_batched_engine(synth_dir, framework, monkeypatch):
-    cfg = tiny_cfg(synth_dir, model="tiny-llama", fed={"framework": framework, "rounds": 2},
-                   kd={"client_eval": False})  # fmt: skip
+    cfg = tiny_cfg(
+        synth_dir,
+        model="tiny-llama",
+        fed={"framework": framework, "rounds": 2},
+        kd={"client_eval": False},
+    )
     seq = simulate(cfg, log=None)
-    module = frameworks.get(framework)
-    calls = []
+    calls, train_many = [], engine.train_many
 
     def spy(*a, **k):
         calls.append(len(a[1]))
-        return engine.train_many(*a, **k)
+        return train_many(*a, **k)
 
-    monkeypatch.setattr(module, "train_many", spy)
+    monkeypatch.setattr(engine, "train_many", spy)
     bat = simulate(config.with_overrides(cfg, fed={"engine": "batched"}), log=None)
     # one fused loop of all 3 clients per round (KD: local training b1 and distillation b8)
     assert calls == [3, 3] * (2 if framework == "kd" else 1)
@@ -156,13 +189,13 @@ def test_simulation_with_batched_engine(synth_dir, framework, monkeypatch):
 
 def test_concurrent_clients_chunks_and_validation(synth_dir, monkeypatch):
     cfg = tiny_cfg(synth_dir, fed={"engine": "batched", "concurrent_clients": 2, "rounds": 1})
-    calls = []
+    calls, train_many = [], engine.train_many
 
     def spy(*a, **k):
         calls.append(len(a[1]))
-        return engine.train_many(*a, **k)
+        return train_many(*a, **k)
 
-    monkeypatch.setattr(frameworks.get("fedllm"), "train_many", spy)
+    monkeypatch.setattr(engine, "train_many", spy)
     s = simulate(cfg, log=None)
     assert calls == [2, 1]  # 3 clients, at most 2 per fused step
     assert s["rounds"] == 1 and s["client_flops_per_round"] > 0
@@ -178,10 +211,19 @@ def test_bf16_backbone_keeps_float32_adapters(synth_dir):
     cfg = tiny_cfg(synth_dir, model="tiny-llama")
     cfg = config.with_overrides(cfg, model={"dtype": "bfloat16", "lora_dropout": 0.0})
     ctx = build_context(cfg)
-    jobs = [engine.ClientJob(ctx.init_state, None, ctx.client_samples(c),
-                             np.random.default_rng(c)) for c in range(3)]  # fmt: skip
-    res = engine.train_many(ctx.model, jobs, ctx.data.train, cfg.train, ctx.data.pad_id,
-                            ctx.device)  # fmt: skip
+    jobs = [
+        Train(
+            ctx.init_state,
+            None,
+            ctx.data.train,
+            ctx.client_samples(c),
+            CrossEntropy(),
+            (c,),
+            steps=num_local_steps(len(ctx.client_samples(c)), cfg.train),
+        )
+        for c in range(3)
+    ]
+    res = engine.train_many(ctx.model, jobs, cfg.train, ctx.data.pad_id, ctx.device)
     assert engine.multinet(ctx.model, 3).flat.dtype == torch.float32
     for r in res:
         assert {k: v.dtype for k, v in r.state.items()} == {
@@ -193,8 +235,12 @@ def test_bf16_backbone_keeps_float32_adapters(synth_dir):
 
 def test_length_buckets_split_only_when_padding_drops():
     ids = torch.tensor([[1, 1, 0, 0, 0, 0, 0, 0, 0], [1] * 9, [1, 1, 1] + [0] * 6, [1] * 8 + [0]])
-    batch = {"input_ids": ids, "attention_mask": ids.clone(), "labels": torch.arange(4),
-             "rows": torch.tensor([0, 0, 1, 1])}  # fmt: skip
+    batch = {
+        "input_ids": ids,
+        "attention_mask": ids.clone(),
+        "labels": torch.arange(4),
+        "rows": torch.tensor([0, 0, 1, 1]),
+    }
     # lengths 2, 9, 3, 8: one batch pads to 4 x 9 = 36 tokens, two sorted halves to
     # 2 x 3 + 2 x 9 = 24 (saves more than 5%); four would go below min_rows=2.
     subs = engine.length_buckets(batch, min_rows=2)
@@ -213,11 +259,17 @@ def test_frozen_head_is_shared_by_all_rows(synth_dir):
     ctx = build_context(cfg)
     assert not any("score" in k for k in ctx.init_state)
     idx = ctx.client_samples(0)
-    jobs = [engine.ClientJob(ctx.init_state, None, idx, np.random.default_rng(0))]
-    got = engine.train_many(ctx.model, jobs, ctx.data.train, cfg.train, ctx.data.pad_id,
-                            ctx.device)[0]  # fmt: skip
-    want = train_local(ctx.model, ctx.init_state, None, ctx.data.train, idx, cfg.train,
-                       np.random.default_rng(0), ctx.data.pad_id, ctx.device)  # fmt: skip
+    job = Train(
+        ctx.init_state,
+        None,
+        ctx.data.train,
+        idx,
+        CrossEntropy(),
+        (0,),
+        steps=num_local_steps(len(idx), cfg.train),
+    )
+    got = engine.train_many(ctx.model, [job], cfg.train, ctx.data.pad_id, ctx.device)[0]
+    want = train(ctx.model, job, cfg.train, ctx.data.pad_id, ctx.device)
     for k, v in want.state.items():
         torch.testing.assert_close(got.state[k], v, atol=ATOL, rtol=RTOL)
 
@@ -225,9 +277,11 @@ def test_frozen_head_is_shared_by_all_rows(synth_dir):
 def test_batched_engine_honours_client_faults(synth_dir):
     # Dropout, a poisoned client and update validation apply to the fused path as they do to the
     # sequential one: the same clients drop, the same upload is rejected, the same bytes move.
-    cfg = tiny_cfg(synth_dir, model="tiny-llama",
-                   fed={"rounds": 3, "dropout": 0.4, "poison_clients": (0,),
-                        "max_update_norm": 50.0})  # fmt: skip
+    cfg = tiny_cfg(
+        synth_dir,
+        model="tiny-llama",
+        fed={"rounds": 3, "dropout": 0.4, "poison_clients": (0,), "max_update_norm": 50.0},
+    )
     seq = simulate(cfg, log=None)
     bat = simulate(config.with_overrides(cfg, fed={"engine": "batched"}), log=None)
     assert seq["clients_dropped"] > 0 and seq["updates_rejected"] > 0

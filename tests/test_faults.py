@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from conftest import tiny_cfg
-from fedtune import faults
 from fedtune.config import FedConfig
 from fedtune.messages import PARAMETERS, SERVER, Message
-from fedtune.simulation import simulate
+from fedtune.runtime import faults, simulate
 
 
 def metrics(run_dir) -> list[dict]:
@@ -37,9 +36,14 @@ def test_deadline_uses_measured_seconds_times_the_slowdown():
 
 def test_poison_scales_the_update_and_plain_tensors():
     sent = Message(PARAMETERS, 1, SERVER, "client-0", {"w": torch.tensor([1.0, 2.0])})
-    reply = Message(PARAMETERS, 1, "client-0", SERVER,
-                    {"w": torch.tensor([1.5, 1.0]), "n": torch.tensor([3]),
-                     "logits": torch.tensor([0.5])}, {"loss": 1.0})  # fmt: skip
+    reply = Message(
+        PARAMETERS,
+        1,
+        "client-0",
+        SERVER,
+        {"w": torch.tensor([1.5, 1.0]), "n": torch.tensor([3]), "logits": torch.tensor([0.5])},
+        {"loss": 1.0},
+    )
     bad = faults.poison(reply, sent, 10.0)
     assert torch.equal(bad.tensors["w"], torch.tensor([6.0, -8.0]))  # 1 + 10 * 0.5, 2 + 10 * -1
     assert torch.equal(bad.tensors["n"], torch.tensor([3]))  # integers are left alone
@@ -64,16 +68,18 @@ def test_30_percent_dropout_completes_every_round(synth_dir, tmp_path):
 
 def test_too_few_clients_retry_or_skip(synth_dir, tmp_path):
     logs: list[str] = []
-    cfg = tiny_cfg(synth_dir, fed={"rounds": 2, "dropout": 0.5, "min_clients": 3,
-                                   "on_too_few": "skip"})  # fmt: skip
+    cfg = tiny_cfg(
+        synth_dir, fed={"rounds": 2, "dropout": 0.5, "min_clients": 3, "on_too_few": "skip"}
+    )
     simulate(cfg, tmp_path / "skip", log=logs.append)
     lines = metrics(tmp_path / "skip")
     skipped = [r["round"] for r in lines if r["skipped"]]
     assert skipped and all("train_loss" not in r for r in lines if r["skipped"])
     assert any("fewer than fed.min_clients=3; skipping the round" in x for x in logs)
     # retry: a fresh dropout draw per attempt, up to fed.max_retries more attempts
-    cfg = tiny_cfg(synth_dir, fed={"rounds": 2, "dropout": 0.5, "min_clients": 3,
-                                   "max_retries": 20})  # fmt: skip
+    cfg = tiny_cfg(
+        synth_dir, fed={"rounds": 2, "dropout": 0.5, "min_clients": 3, "max_retries": 20}
+    )
     simulate(cfg, tmp_path / "retry", log=None)
     lines = metrics(tmp_path / "retry")
     assert not any(r["skipped"] for r in lines) and max(r["attempts"] for r in lines) > 1
@@ -81,8 +87,9 @@ def test_too_few_clients_retry_or_skip(synth_dir, tmp_path):
 
 
 def test_a_straggler_past_the_deadline_is_left_out(synth_dir, tmp_path):
-    cfg = tiny_cfg(synth_dir, fed={"rounds": 2, "deadline_s": 1000.0,
-                                   "client_slowdown": [1.0, 1.0, 1e9]})  # fmt: skip
+    cfg = tiny_cfg(
+        synth_dir, fed={"rounds": 2, "deadline_s": 1000.0, "client_slowdown": [1.0, 1.0, 1e9]}
+    )
     simulate(cfg, tmp_path / "run", log=None)
     for r in metrics(tmp_path / "run"):
         assert r["late"] == [2] and r["dropped"] == [] and not r["skipped"]
@@ -95,8 +102,9 @@ def test_a_poisoned_client_breaks_fedavg_not_median_or_trimmed_mean(synth_dir):
     rejects exactly the poisoned client (honest norms ~1, poisoned ~70-140)."""
 
     def acc(**fed):
-        cfg = tiny_cfg(synth_dir, fed={"rounds": 6, "poison_clients": [0], **fed},
-                       train={"lr": 1e-2})  # fmt: skip
+        cfg = tiny_cfg(
+            synth_dir, fed={"rounds": 6, "poison_clients": [0], **fed}, train={"lr": 1e-2}
+        )
         return simulate(cfg, log=None)["final_accuracy"]
 
     assert acc() < 0.35
@@ -117,9 +125,12 @@ def test_robust_aggregation_in_kd_and_split(synth_dir, tmp_path, framework):
     """A poisoned client (x100 update; KD: x100 logits) under the median: the run completes;
     split still learns (measured 0.80 after 6 rounds, 0.28 with FedAvg). The median itself is
     checked by hand in test_aggregate.py / test_kd.py."""
-    cfg = tiny_cfg(synth_dir, fed={"rounds": 3, "framework": framework, "poison_clients": [0],
-                                   "aggregator": "median"},
-                   kd={"public_samples": 40, "aggregate": "median"}, train={"lr": 1e-2})  # fmt: skip
+    cfg = tiny_cfg(
+        synth_dir,
+        fed={"rounds": 3, "framework": framework, "poison_clients": [0], "aggregator": "median"},
+        kd={"public_samples": 40, "aggregate": "median"},
+        train={"lr": 1e-2},
+    )
     summary = simulate(cfg, tmp_path / "run", log=None)
     assert summary["rounds"] == 3 and all(r["rejected"] == 0 for r in metrics(tmp_path / "run"))
     if framework == "split":

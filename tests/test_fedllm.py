@@ -7,7 +7,7 @@ from conftest import tiny_cfg
 from fedtune.context import build_context
 from fedtune.messages import encoded_size
 from fedtune.models import trainable_state
-from fedtune.simulation import simulate
+from fedtune.runtime import simulate
 
 
 def test_bytes_per_round_equal_the_exchanged_tensors(synth_dir, tmp_path):
@@ -29,10 +29,24 @@ def test_bytes_per_round_equal_the_exchanged_tensors(synth_dir, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["bytes_by_kind"]["down"] for r in lines] == [{"parameters": down}] * 2
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
-    for key in ("framework", "model", "dataset", "num_clients", "rounds", "seed", "final_accuracy",
-                "best_accuracy", "trainable_params_exchanged", "bytes_up_per_client_per_round",
-                "bytes_down_per_client_per_round", "total_bytes", "client_flops_per_round",
-                "client_seconds_per_round", "client_peak_memory_bytes", "wall_seconds"):  # fmt: skip
+    for key in (
+        "framework",
+        "model",
+        "dataset",
+        "num_clients",
+        "rounds",
+        "seed",
+        "final_accuracy",
+        "best_accuracy",
+        "trainable_params_exchanged",
+        "bytes_up_per_client_per_round",
+        "bytes_down_per_client_per_round",
+        "total_bytes",
+        "client_flops_per_round",
+        "client_seconds_per_round",
+        "client_peak_memory_bytes",
+        "wall_seconds",
+    ):
         assert key in saved
     assert saved["total_bytes"] == 2 * 3 * (down + summary["bytes_up_per_client_per_round"])
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
@@ -64,6 +78,7 @@ def test_fedllm_learns_and_flops_are_exact(synth_dir):
 
 
 def test_client_is_not_a_model_copy(synth_dir):
+    from fedtune.execution.executors import Sequential, drive
     from fedtune.frameworks import fedllm
 
     cfg = tiny_cfg(synth_dir)
@@ -74,7 +89,8 @@ def test_client_is_not_a_model_copy(synth_dir):
     server = fedllm.Server(ctx)
     gen = server.round(1, [0])
     msg = next(gen)[0]
-    reply = client.handle(msg)
+    executor = Sequential(ctx.model, cfg, ctx.data.pad_id, ctx.device)
+    reply = drive(client.handle(msg), executor.execute)
     assert set(reply.tensors) == set(before) and reply.meta["num_samples"] == len(
         ctx.client_samples(0)
     )

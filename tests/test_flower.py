@@ -25,7 +25,7 @@ from fedtune.errors import MessageError  # noqa: E402
 from fedtune.flower import rpc  # noqa: E402
 from fedtune.flower.deploy import port_open  # noqa: E402
 from fedtune.flower.local import LocalFederation  # noqa: E402
-from fedtune.simulation import simulate  # noqa: E402
+from fedtune.runtime import simulate  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +34,16 @@ SETTINGS = {
     "kd": {},
     "split": {"model": {"name": "tiny-llama", "lora_dropout": 0.0}},
 }
-EXACT = ("accuracy", "macro_f1", "bytes_up_per_client", "bytes_down_per_client",
-         "bytes_by_kind", "client_flops", "server_flops", "clients")  # fmt: skip
+EXACT = (
+    "accuracy",
+    "macro_f1",
+    "bytes_up_per_client",
+    "bytes_down_per_client",
+    "bytes_by_kind",
+    "client_flops",
+    "server_flops",
+    "clients",
+)
 
 
 def make_cfg(data: Path, fw: str) -> config.RunConfig:
@@ -62,7 +70,10 @@ def assert_same(sim: Path, flower: Path) -> None:
         for cid, pa in ra["per_client"].items():
             pb = rb["per_client"][cid]
             assert (pa["bytes_up"], pa["bytes_down"], pa["flops"]) == (
-                pb["bytes_up"], pb["bytes_down"], pb["flops"])  # fmt: skip
+                pb["bytes_up"],
+                pb["bytes_down"],
+                pb["flops"],
+            )
         assert rb["bytes_up_per_client"] > 0 and rb["bytes_down_per_client"] > 0
     for name in ("config.toml", "summary.json", "adapter/adapter_model.safetensors"):
         assert (flower / name).is_file(), name
@@ -89,8 +100,10 @@ def run_and_compare(fed: LocalFederation, tmp: Path, data: Path, frameworks) -> 
         seconds[fw] = time.perf_counter() - t0
         simulate(cfg, tmp / f"sim-{fw}", log=None)
         assert_same(tmp / f"sim-{fw}", tmp / f"flower-{fw}")
-        rounds = {k: [f"{r['round_seconds']:.1f}" for r in metrics(tmp / f"{k}-{fw}")]
-                  for k in ("sim", "flower")}  # fmt: skip
+        rounds = {
+            k: [f"{r['round_seconds']:.1f}" for r in metrics(tmp / f"{k}-{fw}")]
+            for k in ("sim", "flower")
+        }
         print(
             f"{fw}: seconds per round: simulation {rounds['sim']}, Flower {rounds['flower']};"
             f" Flower run {seconds[fw]:.1f} s"
@@ -124,8 +137,10 @@ def test_flower_tls_and_node_auth(tmp_path):
         while rogue.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
         assert rogue.poll() not in (None, 0), "the unregistered SuperNode was not refused"
-        log = "\n".join(fed.log(p.name.removesuffix(".log"))
-                        for p in (tmp_path / "fed" / "logs").glob("node-3-*.log"))  # fmt: skip
+        log = "\n".join(
+            fed.log(p.name.removesuffix(".log"))
+            for p in (tmp_path / "fed" / "logs").glob("node-3-*.log")
+        )
         assert "Failed to activate SuperNode" in log and "SuperNode ID" not in log
         assert "No SuperNode found with the given public key" in fed.log("superlink")
     finally:

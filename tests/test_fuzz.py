@@ -28,13 +28,27 @@ FUZZ = settings(
 )
 
 VALID = [
-    encode(Message(PARAMETERS, 3, SERVER, "client-1",
-                   {"a": torch.randn(4, 3), "b": torch.arange(6, dtype=torch.int64)},
-                   {"num_samples": 12, "loss": 0.5})),
-    encode(Message(LOGITS, 1, "client-0", SERVER,
-                   {"values": torch.randn(5, 2).half(), "indices": torch.zeros(5, 2).byte()})),
+    encode(
+        Message(
+            PARAMETERS,
+            3,
+            SERVER,
+            "client-1",
+            {"a": torch.randn(4, 3), "b": torch.arange(6, dtype=torch.int64)},
+            {"num_samples": 12, "loss": 0.5},
+        )
+    ),
+    encode(
+        Message(
+            LOGITS,
+            1,
+            "client-0",
+            SERVER,
+            {"values": torch.randn(5, 2).half(), "indices": torch.zeros(5, 2).byte()},
+        )
+    ),
     encode(Message("metadata", 0, SERVER, "client-2", {}, {"step": "start"})),
-]  # fmt: skip
+]
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
     lambda inner: (
@@ -101,10 +115,23 @@ def test_truncated_and_extended(blob, cut, tail):
 @FUZZ
 @given(
     st.sampled_from(VALID),
-    st.sampled_from(["__metadata__", "kind", "round", "sender", "receiver", "meta",
-                     "dtype", "shape", "data_offsets", "tensor", "header"]),
+    st.sampled_from(
+        [
+            "__metadata__",
+            "kind",
+            "round",
+            "sender",
+            "receiver",
+            "meta",
+            "dtype",
+            "shape",
+            "data_offsets",
+            "tensor",
+            "header",
+        ]
+    ),
     JSON,
-)  # fmt: skip
+)
 def test_header_fields_replaced(blob, field, value):
     """Structurally valid JSON headers with one field replaced by an arbitrary JSON value."""
     header, rest = split_header(blob)
@@ -160,21 +187,21 @@ def test_targeted_pathological_inputs():
                 "x": {"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 16]},
             },
             b"\x00" * 16,
-        ),  # fmt: skip
+        ),
         join_header(
             {
                 "__metadata__": header["__metadata__"],
                 "x": {"dtype": "F32", "shape": [4], "data_offsets": ["0", 16]},
             },
             b"\x00" * 16,
-        ),  # fmt: skip
+        ),
         join_header(
             {
                 "__metadata__": header["__metadata__"],
                 "x": {"dtype": "F32", "shape": [True] * 100, "data_offsets": [0, 4]},
             },
             b"\x00" * 4,
-        ),  # fmt: skip
+        ),
         b"\xff" * 64,
         blob[:8] + blob[8:].replace(b'"F32"', b'"F64"'),
     ]

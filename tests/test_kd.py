@@ -6,22 +6,31 @@ import pytest
 import torch
 
 from conftest import tiny_cfg
-from fedtune import config
+from fedtune import config, frameworks
 from fedtune.context import build_context
 from fedtune.errors import ConfigError
+from fedtune.execution.jobs import Distill
 from fedtune.frameworks import kd
-from fedtune.kd_ops import (
+from fedtune.frameworks.kd.common import public_subset
+from fedtune.frameworks.kd.ops import (
     aggregate_knowledge,
     alignment_weights,
-    kd_loss,
     label_distribution,
     pack_logits,
     prune_public,
     tv_distance,
     unpack_logits,
 )
-from fedtune.messages import DOWN, LOGITS, METADATA, SERVER, UP, Message, Wire, client_name, encode
-from fedtune.simulation import run_round, simulate
+from fedtune.messages import DOWN, LOGITS, METADATA, SERVER, UP, Message, client_name, encode
+from fedtune.runtime import simulate
+from fedtune.runtime.inprocess import InProcess
+from fedtune.runtime.loop import run_round
+
+
+def kd_loss(student, teacher, temperature, weights=None):
+    """The distillation loss of a batch whose rows are the teacher's rows."""
+    rows = {"labels": torch.arange(len(student))}
+    return Distill(teacher, temperature, weights)(student, rows)
 
 
 def kd_cfg(synth_dir, rounds=2, **kd_opts):
@@ -82,13 +91,13 @@ def test_public_subset_is_a_seeded_nested_sample_not_a_prefix():
     # A class-grouped file (as Banking77's train.csv is): a prefix would hold one class.
     labels = np.repeat(np.arange(10), 50)  # [500], sorted by class
     pub = np.arange(0, 500, 2)  # 250 public indices, sorted
-    small, large = kd.public_subset(pub, 20, seed=0), kd.public_subset(pub, 100, seed=0)
+    small, large = public_subset(pub, 20, seed=0), public_subset(pub, 100, seed=0)
     assert len(np.unique(labels[pub[:20]])) == 1  # what "the first 20" used to give
     assert len(np.unique(labels[small])) >= 6 and len(np.unique(labels[large])) == 10
     assert set(small) <= set(large) <= set(pub) and np.all(np.diff(large) > 0)
-    assert np.array_equal(small, kd.public_subset(pub, 20, seed=0))
-    assert not np.array_equal(small, kd.public_subset(pub, 20, seed=1))
-    assert np.array_equal(kd.public_subset(pub, 0, seed=0), pub)
+    assert np.array_equal(small, public_subset(pub, 20, seed=0))
+    assert not np.array_equal(small, public_subset(pub, 20, seed=1))
+    assert np.array_equal(public_subset(pub, 0, seed=0), pub)
 
 
 def test_int8_quantization_error_is_within_half_a_step():
@@ -128,9 +137,13 @@ def test_pruning_keeps_the_least_confident_samples():
 
 
 def test_kd_config_is_validated_and_presets_load(tmp_path):
-    for override, key in (("kd.temperature=0", "kd.temperature"), ("kd.prune_keep=0", "kd.prune_keep"),
-                          ("kd.entropy_threshold=1.5", "kd.entropy_threshold"),
-                          ("kd.server_epochs=0", "kd.server_epochs"), ("kd.topk=-1", "kd.topk")):  # fmt: skip
+    for override, key in (
+        ("kd.temperature=0", "kd.temperature"),
+        ("kd.prune_keep=0", "kd.prune_keep"),
+        ("kd.entropy_threshold=1.5", "kd.entropy_threshold"),
+        ("kd.server_epochs=0", "kd.server_epochs"),
+        ("kd.topk=-1", "kd.topk"),
+    ):
         with pytest.raises(ConfigError, match=f"config key {key}:"):
             config.load(None, [override])
     with pytest.raises(ConfigError, match="kd.prune: 'x' is not one of"):
@@ -158,10 +171,10 @@ def test_topk_must_be_below_the_number_of_classes(synth_dir):
 
 def one_round(cfg):
     ctx = build_context(cfg)
-    server, wire = kd.Server(ctx), Wire()
-    clients = {cid: kd.Client(ctx, cid) for cid in range(3)}
-    metrics = run_round(ctx, server, clients, wire, 1, [0, 1, 2]).metrics
-    return ctx, server, clients, wire.ledger.round_totals(1), metrics
+    server, transport = kd.Server(ctx), InProcess()
+    transport.start(ctx, frameworks.get("kd"), server)
+    metrics = run_round(ctx, server, transport, 1, [0, 1, 2]).metrics
+    return ctx, server, transport.clients, transport.wire.ledger.round_totals(1), metrics
 
 
 def upload_size(values: dict[str, torch.Tensor], cid: int, num_samples: int) -> int:
@@ -179,8 +192,9 @@ def test_bytes_up_are_the_public_logits_and_topk_cuts_them(synth_dir):
         assert totals[client_name(cid)][UP] == {LOGITS: full}
         down = totals[client_name(cid)][DOWN]
         assert set(down) == {METADATA, LOGITS} and down[METADATA] < 400
-        assert down[LOGITS] == len(encode(Message(LOGITS, 1, SERVER, client_name(cid),
-                                                  {"values": torch.zeros(s, c)})))  # fmt: skip
+        assert down[LOGITS] == len(
+            encode(Message(LOGITS, 1, SERVER, client_name(cid), {"values": torch.zeros(s, c)}))
+        )
     assert metrics["public_samples"] == s and server.params_exchanged() == 0
 
     k = 2
@@ -200,9 +214,17 @@ def test_bytes_up_are_the_public_logits_and_topk_cuts_them(synth_dir):
 
 
 def test_every_option_runs_and_is_counted(synth_dir):
-    cfg = kd_cfg(synth_dir, topk=2, logit_dtype="int8", prune="entropy", prune_keep=0.5,
-                 align="resample", aggregate="confidence", entropy_threshold=0.99,
-                 server_uses_public_labels=True)  # fmt: skip
+    cfg = kd_cfg(
+        synth_dir,
+        topk=2,
+        logit_dtype="int8",
+        prune="entropy",
+        prune_keep=0.5,
+        align="resample",
+        aggregate="confidence",
+        entropy_threshold=0.99,
+        server_uses_public_labels=True,
+    )
     ctx, server, clients, totals, metrics = one_round(cfg)
     n = len(ctx.data.public_idx)
     assert metrics["public_samples"] == math.ceil(n / 2)
@@ -237,14 +259,22 @@ def test_kd_learns_and_is_deterministic(synth_dir, tmp_path):
         [json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
         for r in ("a", "b")
     )
-    keys = ("accuracy", "client_accuracy", "train_loss", "server_distill_loss",
-            "bytes_up_per_client", "bytes_down_per_client", "client_flops", "server_flops")  # fmt: skip
+    keys = (
+        "accuracy",
+        "client_accuracy",
+        "train_loss",
+        "server_distill_loss",
+        "bytes_up_per_client",
+        "bytes_down_per_client",
+        "client_flops",
+        "server_flops",
+    )
     assert [[r[k] for k in keys] for r in a_lines[:2]] == [[r[k] for k in keys] for r in b_lines]
     assert 0 <= a_lines[-1]["client_accuracy"] <= 1
 
 
 def test_median_knowledge_hand_computed():
-    from fedtune.kd_ops import aggregate_knowledge
+    from fedtune.frameworks.kd.ops import aggregate_knowledge
 
     # T = 1, three clients, one sample, two classes; log-probabilities give exact softmaxes
     probs = [[0.8, 0.2], [0.6, 0.4], [0.01, 0.99]]  # the third client is an outlier

@@ -15,7 +15,7 @@ from fedtune.messages import (
     Wire,
     decode,
     encode,
-)  # fmt: skip
+)
 
 
 def header_len(blob: bytes) -> int:

@@ -9,7 +9,7 @@ from fedtune.models import (
     load_trainable_state,
     trainable_names,
     trainable_state,
-)  # fmt: skip
+)
 
 
 @pytest.mark.parametrize("name, target", [("tiny-gpt2", "c_attn"), ("tiny-llama", "q_proj")])

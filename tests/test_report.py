@@ -20,25 +20,58 @@ NUMBERS = {
 }
 
 
-def write_run(path, framework: str, seed: int, acc: float, up: float, down: float, flops: float,
-              rounds: int = 3, **cfg_sections) -> None:  # fmt: skip
+def write_run(
+    path,
+    framework: str,
+    seed: int,
+    acc: float,
+    up: float,
+    down: float,
+    flops: float,
+    rounds: int = 3,
+    **cfg_sections,
+) -> None:
     """A finished run directory as fedtune writes it: config.toml, metrics.jsonl, summary."""
     path.mkdir(parents=True)
     cfg = config.from_dict({"seed": seed, "fed": {"framework": framework}, **cfg_sections})
     (path / "config.toml").write_text(config.to_toml(cfg))
     with (path / "metrics.jsonl").open("w") as f:
         for rnd in range(1, rounds + 1):
-            f.write(json.dumps({"round": rnd, "accuracy": acc * rnd / rounds, "macro_f1": acc,
-                                "bytes_up_per_client": up, "bytes_down_per_client": down,
-                                "client_flops": flops}) + "\n")  # fmt: skip
-    summary = {"framework": framework, "model": "tiny-gpt2", "dataset": "synthetic",
-               "num_clients": 3, "samples_per_client": [10, 10, 10], "public_size": 5,
-               "test_size": 20, "rounds": rounds, "seed": seed, "final_accuracy": acc,
-               "final_macro_f1": acc - 0.01, "bytes_up_per_client_per_round": up,
-               "bytes_down_per_client_per_round": down, "client_flops_per_round": flops,
-               "client_seconds_per_round": 2.0, "client_peak_memory_bytes": 1e9 + seed,
-               "machine": "test", "device": "cpu", "flops_mode": "shape",
-               "peak_memory_method": "rss"}  # fmt: skip
+            f.write(
+                json.dumps(
+                    {
+                        "round": rnd,
+                        "accuracy": acc * rnd / rounds,
+                        "macro_f1": acc,
+                        "bytes_up_per_client": up,
+                        "bytes_down_per_client": down,
+                        "client_flops": flops,
+                    }
+                )
+                + "\n"
+            )
+    summary = {
+        "framework": framework,
+        "model": "tiny-gpt2",
+        "dataset": "synthetic",
+        "num_clients": 3,
+        "samples_per_client": [10, 10, 10],
+        "public_size": 5,
+        "test_size": 20,
+        "rounds": rounds,
+        "seed": seed,
+        "final_accuracy": acc,
+        "final_macro_f1": acc - 0.01,
+        "bytes_up_per_client_per_round": up,
+        "bytes_down_per_client_per_round": down,
+        "client_flops_per_round": flops,
+        "client_seconds_per_round": 2.0,
+        "client_peak_memory_bytes": 1e9 + seed,
+        "machine": "test",
+        "device": "cpu",
+        "flops_mode": "shape",
+        "peak_memory_method": "rss",
+    }
     (path / "summary.json").write_text(json.dumps(summary))
 
 
@@ -96,8 +129,16 @@ def test_report_markdown(compare_dir):
 def test_settings_are_the_keys_that_vary(tmp_path):
     for r in (16, 4):
         for seed in (0, 1):
-            write_run(tmp_path / f"fedllm-r{r}-s{seed}", "fedllm", seed, 0.5 + r / 100, 1e3, 1e3,
-                      1e9, model={"lora_r": r})  # fmt: skip
+            write_run(
+                tmp_path / f"fedllm-r{r}-s{seed}",
+                "fedllm",
+                seed,
+                0.5 + r / 100,
+                1e3,
+                1e3,
+                1e9,
+                model={"lora_r": r},
+            )
     write_run(tmp_path / "kd-s0", "kd", 0, 0.4, 1e2, 1e2, 2e9)
     groups = report.group_runs(report.find_runs([tmp_path]))
     assert [g.label for g in groups] == ["FedLLM lora_r=4", "FedLLM lora_r=16", "KD-FedLLM"]
@@ -108,9 +149,15 @@ def test_settings_are_the_keys_that_vary(tmp_path):
 
 def test_rank_ties_share_the_best_rank():
     assert report.rank({"a": 1.0, "b": 1.0, "c": 0.5}, higher_is_better=True) == {
-        "a": 1, "b": 1, "c": 3}  # fmt: skip
+        "a": 1,
+        "b": 1,
+        "c": 3,
+    }
     assert report.rank({"a": 3.0, "b": 1.0, "c": 2.0}, higher_is_better=False) == {
-        "a": 3, "b": 1, "c": 2}  # fmt: skip
+        "a": 3,
+        "b": 1,
+        "c": 2,
+    }
 
 
 def test_plots_write_png_files(compare_dir, tmp_path):
@@ -126,10 +173,14 @@ def test_plots_write_png_files(compare_dir, tmp_path):
         800.0,
         2e9,
         model={"lora_r": 4},
-    )  # fmt: skip  (a second FedLLM setting: Fig. 3 is drawn)
+    )  # a second FedLLM setting: Fig. 3 is drawn
     names = write_plots(report.find_runs([compare_dir]), tmp_path / "plots")
-    assert names == ["accuracy_vs_round.png", "accuracy_vs_bytes.png", "comm_vs_compute.png",
-                     "accuracy_vs_setting.png"]  # fmt: skip
+    assert names == [
+        "accuracy_vs_round.png",
+        "accuracy_vs_bytes.png",
+        "comm_vs_compute.png",
+        "accuracy_vs_setting.png",
+    ]
     for name in names:
         data = (tmp_path / "plots" / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5000
@@ -147,10 +198,16 @@ def test_plot_command_redraws_report(compare_dir, tmp_path):
 def test_paper_grid(tmp_path):
     specs, notes = experiments.paper_specs(quick=True, seeds=(0,), model="tiny-gpt2")
     assert [s.name for s in specs] == [
-        "fedllm-r4-s0", "fedllm-r8-s0", "fedllm-r16-s0",
-        "kd-pub29-s0", "kd-pub72-s0", "kd-pub144-s0",
-        "split-spr14-s0", "split-spr29-s0", "split-spr48-s0",
-    ]  # fmt: skip
+        "fedllm-r4-s0",
+        "fedllm-r8-s0",
+        "fedllm-r16-s0",
+        "kd-pub29-s0",
+        "kd-pub72-s0",
+        "kd-pub144-s0",
+        "split-spr14-s0",
+        "split-spr29-s0",
+        "split-spr48-s0",
+    ]
     assert all(s.cfg.fed.rounds == 2 and s.cfg.data.samples_per_client == 48 for s in specs)
     assert specs[3].cfg.fed.framework == "kd" and specs[3].cfg.kd.public_samples == 29
     full, _ = experiments.paper_specs(model="gpt2")
@@ -172,7 +229,7 @@ def test_run_all_skips_finished_and_reruns_unfinished(tmp_path, monkeypatch, syn
         (out / "config.toml").write_text(config.to_toml(cfg))
         return {"final_accuracy": 0.5, "wall_seconds": 0.0}
 
-    monkeypatch.setattr("fedtune.simulation.simulate", fake_simulate)
+    monkeypatch.setattr("fedtune.runtime.simulate", fake_simulate)
     specs = experiments.compare_specs(tiny_cfg(synth_dir), (0, 1), ("fedllm", "kd"))
     experiments.run_all(specs, tmp_path, log=lambda *_: None)
     assert calls == ["fedllm-s0", "fedllm-s1", "kd-s0", "kd-s1"]

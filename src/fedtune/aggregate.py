@@ -1,7 +1,22 @@
-"""Server-side aggregation of client tensors (plain functions, shared by all frameworks and runtimes).
+"""Server-side aggregation of client tensors, shared by every framework that averages.
 
-* :func:`weighted_average` (FedAvg), :func:`coordinate_median`, :func:`trimmed_mean`, and
-  :func:`aggregate` which picks one by the ``fed.aggregator`` name;
+* strategies: ``fed.aggregator`` names a registered :class:`Strategy`, built once per run by
+  :func:`build` and called every round with the global state and the accepted client states.
+  A strategy may keep state across rounds (a server optimizer's momentum), saved with the
+  server's checkpoint. Built in: ``fedavg`` (:func:`weighted_average`), ``median``
+  (:func:`coordinate_median`), ``trimmed_mean`` (:func:`trimmed_mean`); add one with
+  :func:`register`, e.g. FedAvgM::
+
+      class FedAvgM:
+          def __init__(self, fed, beta=0.9): self.beta, self.m = beta, {}
+          def __call__(self, ref, states, weights):
+              avg = weighted_average(states, weights)
+              for k in avg:
+                  self.m[k] = self.beta * self.m.get(k, 0) + (ref[k] - avg[k])
+              return {k: ref[k] - self.m[k] for k in avg}
+          ...  # state_dict() -> {"m": self.m}; load_state_dict(d)
+
+      register("fedavgm", FedAvgM)
 * update validation: :func:`update_problem` says why an update must be rejected (names, shapes,
   dtypes, NaN/Inf, ``||update - global||`` above a bound), :func:`screen_updates` applies it to
   a round's replies.
@@ -10,9 +25,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from types import SimpleNamespace
+from typing import Any, Protocol
 
 import torch
+
+State = dict[str, torch.Tensor]
 
 
 def weighted_average(
@@ -75,24 +94,67 @@ def trimmed_mean(
     return out
 
 
-AGGREGATORS = ("fedavg", "median", "trimmed_mean")
+class Strategy(Protocol):
+    """Combines accepted client states into the next global state."""
+
+    def __call__(
+        self, reference: State, states: Sequence[State], weights: Sequence[float]
+    ) -> State:
+        """``reference``: the global state the clients started from (same names as every
+        state); ``weights``: their sample counts. Returns the new global state."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, d: dict[str, Any]) -> None: ...
+
+
+class Stateless:
+    """A strategy from a plain function of ``(states, weights)``."""
+
+    def __init__(self, fn: Callable[[Sequence[State], Sequence[float]], State]) -> None:
+        self.fn = fn
+
+    def __call__(self, reference: State, states: Sequence[State], weights) -> State:
+        return self.fn(states, weights)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        pass
+
+
+_STRATEGIES: dict[str, Callable[[Any], Strategy]] = {
+    "fedavg": lambda fed: Stateless(weighted_average),
+    "median": lambda fed: Stateless(lambda states, w: coordinate_median(states)),
+    "trimmed_mean": lambda fed: Stateless(lambda states, w: trimmed_mean(states, fed.trim_ratio)),
+}
+
+
+def register(name: str, factory: Callable[[Any], Strategy]) -> None:
+    """Register ``factory(fed_config) -> Strategy`` as ``fed.aggregator=name``."""
+    _STRATEGIES[name] = factory
+
+
+def names() -> list[str]:
+    return list(_STRATEGIES)
+
+
+def build(fed) -> Strategy:
+    """The strategy ``fed.aggregator`` names, built from the ``fed`` config section."""
+    if fed.aggregator not in _STRATEGIES:
+        raise ValueError(f"unknown aggregator {fed.aggregator!r}; available: {', '.join(names())}")
+    return _STRATEGIES[fed.aggregator](fed)
 
 
 def aggregate(
-    states: Sequence[dict[str, torch.Tensor]],
-    weights: Sequence[float],
-    how: str = "fedavg",
-    trim_ratio: float = 0.2,
-) -> dict[str, torch.Tensor]:
-    """Combine client states with ``fed.aggregator``: ``fedavg`` (weighted by ``weights``, e.g.
-    sample counts), ``median`` or ``trimmed_mean`` (robust, unweighted)."""
-    if how == "fedavg":
-        return weighted_average(states, weights)
-    if how == "median":
-        return coordinate_median(states)
-    if how == "trimmed_mean":
-        return trimmed_mean(states, trim_ratio)
-    raise ValueError(f"unknown aggregator {how!r}; available: {', '.join(AGGREGATORS)}")
+    states: Sequence[State], weights: Sequence[float], how: str = "fedavg", trim_ratio: float = 0.2
+) -> State:
+    """Combine client states with a stateless strategy by name (fedavg / median /
+    trimmed_mean); the reference is the first state."""
+    strategy = build(SimpleNamespace(aggregator=how, trim_ratio=trim_ratio))
+    return strategy(states[0] if states else {}, states, weights)
 
 
 def update_norm(update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:

@@ -25,8 +25,10 @@ def _run(args: argparse.Namespace) -> int:
         from .errors import ConfigError
 
         if args.config or args.overrides or (args.out and args.out != args.resume):
-            raise ConfigError("--resume RUN_DIR reads RUN_DIR/config.toml: give no preset, "
-                              "overrides or other --out")  # fmt: skip
+            raise ConfigError(
+                "--resume RUN_DIR reads RUN_DIR/config.toml: give no preset, "
+                "overrides or other --out"
+            )
         preset = Path(args.resume) / "config.toml"
         if not preset.is_file():
             raise ConfigError(f"cannot resume {args.resume}: no config.toml (not a run directory)")
@@ -35,12 +37,19 @@ def _run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config.to_toml(cfg), end="")
         return 0
-    from .simulation import simulate
+    from .runtime import simulate
 
     summary = simulate(cfg, args.out, resume=bool(args.resume))
-    keys = ("framework", "final_accuracy", "best_accuracy", "bytes_up_per_client_per_round",
-            "bytes_down_per_client_per_round", "client_flops_per_round",
-            "client_seconds_per_round", "wall_seconds")  # fmt: skip
+    keys = (
+        "framework",
+        "final_accuracy",
+        "best_accuracy",
+        "bytes_up_per_client_per_round",
+        "bytes_down_per_client_per_round",
+        "client_flops_per_round",
+        "client_seconds_per_round",
+        "wall_seconds",
+    )
     print(json.dumps({k: summary[k] for k in keys}))
     if args.out:
         print(f"run written to {args.out}")
@@ -116,8 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", nargs="?", help="TOML preset (defaults when omitted)")
     r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. fed.rounds=3")
     r.add_argument("--out", help="run directory to write (config, metrics.jsonl, summary.json)")
-    r.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue an interrupted run from its last checkpoint (RUN_DIR/checkpoint)")  # fmt: skip
+    r.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue an interrupted run from its last checkpoint (RUN_DIR/checkpoint)",
+    )
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
     r.set_defaults(func=_run)
@@ -149,8 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("study", choices=["paper"], help="the study to reproduce")
     rp.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     rp.add_argument("--out", required=True, help="output folder (runs/, report.md, *.png)")
-    rp.add_argument("--quick", action="store_true",
-                    help="a CPU-sized grid: 2 rounds, 48 samples per client, seed 0")  # fmt: skip
+    rp.add_argument(
+        "--quick",
+        action="store_true",
+        help="a CPU-sized grid: 2 rounds, 48 samples per client, seed 0",
+    )
     rp.add_argument("--seeds", help="comma-separated seeds (default 0,1,42; --quick: 0)")
     rp.add_argument("--model", help="model.name for every run (default: gpt2 if cached)")
     rp.add_argument("--dry-run", action="store_true", help="list the runs, run nothing")

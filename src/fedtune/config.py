@@ -90,9 +90,9 @@ class TrainConfig:
 class FedConfig:
     framework: str = opt(
         "fedllm",
-        "federated framework: FedLLM (LoRA averaging), KD-FedLLM (logit distillation on a public "
-        "set), Split-FedLLM (SplitLoRA)",
-        ("fedllm", "kd", "split"),
+        "federated framework: fedllm (LoRA averaging), kd (KD-FedLLM: logit distillation on a "
+        "public set), split (Split-FedLLM: SplitLoRA), or any registered with "
+        "fedtune.frameworks.register",
     )
     rounds: int = opt(100, "communication rounds")
     fraction_fit: float = opt(1.0, "fraction of clients sampled each round")
@@ -126,9 +126,9 @@ class FedConfig:
     )
     aggregator: str = opt(
         "fedavg",
-        "how client updates are combined (FedLLM, Split-FedLLM): sample-weighted mean, "
-        "coordinate-wise median, or coordinate-wise trimmed mean",
-        ("fedavg", "median", "trimmed_mean"),
+        "how client updates are combined (FedLLM, Split-FedLLM): fedavg (sample-weighted mean), "
+        "median or trimmed_mean (coordinate-wise, robust), or any strategy registered with "
+        "fedtune.aggregate.register",
     )
     trim_ratio: float = opt(
         0.2, "aggregator=trimmed_mean: fraction of values dropped at each end, per coordinate"
@@ -158,141 +158,6 @@ class FedConfig:
 
 
 @dataclass(frozen=True)
-class KDConfig:
-    """KD-FedLLM options (section ``[kd]``); see fedtune.frameworks.kd."""
-
-    temperature: float = opt(2.0, "distillation temperature T (softmax(logits / T), loss x T^2)")
-    public_samples: int = opt(
-        0, "use a seeded random subset of N public samples (nested across N); 0 = all of it"
-    )
-    server_epochs: int = opt(1, "server distillation epochs over the public set per round (b5)")
-    client_distill_epochs: int = opt(
-        1, "client distillation epochs over the public set per round (b8); 0 = skip b8"
-    )
-    distill_batch_size: int = opt(
-        0, "batch size of server/client distillation; 0 = train.batch_size"
-    )
-    prune: str = opt(
-        "none",
-        "keep only the most informative public samples each round, scored by the global model: "
-        "highest entropy or smallest top-1/top-2 margin",
-        ("none", "entropy", "margin"),
-    )
-    prune_keep: float = opt(0.5, "fraction of the public set kept when kd.prune is on")
-    align: str = opt(
-        "none",
-        "clients send label histograms once; the server reweights or resamples the public set "
-        "toward their aggregate label distribution (public labels: the teacher's argmax)",
-        ("none", "reweight", "resample"),
-    )
-    topk: int = opt(0, "send only the top-k logits (values + indices) per sample; 0 = all classes")
-    logit_dtype: str = opt(
-        "float32",
-        "dtype of logit values on the wire (int8: per-row scale, row offset dropped)",
-        ("float32", "float16", "int8"),
-    )
-    entropy_threshold: float = opt(
-        1.0,
-        "drop a client's prediction on a sample when its normalized entropy H / ln C is above "
-        "this; 1.0 = keep all",
-    )
-    aggregate: str = opt(
-        "mean",
-        "how client probabilities are combined: plain mean, weighted by client sample count, "
-        "per sample by confidence (1 - H / ln C), or the coordinate-wise median (robust to a "
-        "few malicious clients; rows renormalized)",
-        ("mean", "samples", "confidence", "median"),
-    )
-    server_uses_public_labels: bool = opt(
-        False, "the server also trains on the public set's true labels (cross-entropy) in b5"
-    )
-    client_eval: bool = opt(
-        True, "at evaluation rounds also test every client's local model (client_accuracy)"
-    )
-
-    def __post_init__(self) -> None:
-        _check(self.temperature > 0, "kd.temperature", f"must be > 0, got {self.temperature}")
-        _check(self.public_samples >= 0, "kd.public_samples", "must be >= 0")
-        _check(
-            self.server_epochs >= 1, "kd.server_epochs", f"must be >= 1, got {self.server_epochs}"
-        )
-        _check(self.client_distill_epochs >= 0, "kd.client_distill_epochs", "must be >= 0")
-        _check(self.distill_batch_size >= 0, "kd.distill_batch_size", "must be >= 0")
-        _check(
-            0 < self.prune_keep <= 1, "kd.prune_keep", f"must be in (0, 1], got {self.prune_keep}"
-        )
-        _check(self.topk >= 0, "kd.topk", f"must be >= 0, got {self.topk}")
-        _check(
-            0 < self.entropy_threshold <= 1,
-            "kd.entropy_threshold",
-            f"must be in (0, 1], got {self.entropy_threshold}",
-        )
-
-
-@dataclass(frozen=True)
-class SplitConfig:
-    """Split-FedLLM options (section ``[split]``); see fedtune.frameworks.split."""
-
-    split_layer: int = opt(
-        2, "the client runs the embeddings and the first N transformer blocks, the server the rest"
-    )
-    client_split_layers: tuple[int, ...] = opt(
-        (), "per-client split layers (heterogeneous clients), one per client; empty = split_layer"
-    )
-    policy: str = opt(
-        "fixed",
-        "how split layers are chosen: 'fixed' (split_layer / client_split_layers) or 'budget' "
-        "(per client, the deepest layer whose estimated per-round client FLOPs and bytes fit "
-        "client_compute_budgets and client_bandwidth_budgets)",
-        ("fixed", "budget"),
-    )
-    client_compute_budgets: tuple[float, ...] = opt(
-        (),
-        "policy=budget: client FLOPs per round, one per client; a value <= 1 is a fraction of "
-        "the FLOPs of training the whole model on the client; empty = unlimited",
-    )
-    client_bandwidth_budgets: tuple[float, ...] = opt(
-        (), "policy=budget: bytes per round (up + down), one per client; empty = unlimited"
-    )
-    server_mode: str = opt(
-        "shared",
-        "server-side model: one trained on every client's batches in turn (SplitLoRA), or one "
-        "copy per client averaged by sample count after each round",
-        ("shared", "per_client"),
-    )
-    compression: str = opt(
-        "none",
-        "encoding of activations and gradients on the wire: float32, fp16, bf16, int8 (one "
-        "scale per token) or per-token top-k (values + indices)",
-        ("none", "fp16", "bf16", "int8", "topk"),
-    )
-    topk_ratio: float = opt(0.1, "compression=topk: fraction of each token's values kept")
-    u_shaped: bool = opt(
-        False, "keep the head on the client: labels never leave it (U-shaped split learning)"
-    )
-    samples_per_round: int = opt(
-        0, "training samples each client processes per round; 0 = train.local_epochs passes"
-    )
-
-    def __post_init__(self) -> None:
-        def check(cond: bool, key: str, msg: str) -> None:
-            if not cond:
-                raise ConfigError(f"config key split.{key}: {msg}")
-
-        check(self.split_layer >= 1, "split_layer", f"must be >= 1, got {self.split_layer}")
-        check(all(k >= 1 for k in self.client_split_layers), "client_split_layers",
-              "layers must be >= 1")  # fmt: skip
-        check(all(b > 0 for b in self.client_compute_budgets), "client_compute_budgets",
-              "budgets must be > 0")  # fmt: skip
-        check(all(b > 0 for b in self.client_bandwidth_budgets), "client_bandwidth_budgets",
-              "budgets must be > 0")  # fmt: skip
-        check(0 < self.topk_ratio <= 1, "topk_ratio", f"must be in (0, 1], got {self.topk_ratio}")
-        check(self.samples_per_round >= 0, "samples_per_round", "must be >= 0")
-        check(not (self.policy == "budget" and self.client_split_layers), "policy",
-              "'budget' chooses the layers itself; leave split.client_split_layers empty")  # fmt: skip
-
-
-@dataclass(frozen=True)
 class RunConfig:
     name: str = opt("", "free-form run name, stored in summary.json")
     seed: int = opt(0, "seed for data split, initialisation, sampling and dropout")
@@ -309,14 +174,41 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FedConfig = field(default_factory=FedConfig)
-    kd: KDConfig = field(default_factory=KDConfig)
-    split: SplitConfig = field(default_factory=SplitConfig)
+    # One section per registered framework that has options (``cfg.kd``, ``cfg.split``, ...):
+    # ``(name, section)`` pairs, completed with defaults; TOML tables ``[kd]``, ``[split]``.
+    sections: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "sections", complete_sections(self.sections))
         validate(self)
 
+    def __getattr__(self, name: str) -> Any:
+        """A framework's section by its name: ``cfg.kd``."""
+        if not name.startswith("__"):
+            for key, value in object.__getattribute__(self, "sections"):
+                if key == name:
+                    return value
+        raise AttributeError(name)
 
-def _check(cond: bool, key: str, msg: str) -> None:
+
+def section_classes() -> dict[str, type]:
+    """``{framework name: config section class}`` of the registered frameworks."""
+    from .frameworks import sections  # the registry; imported late (frameworks use config)
+
+    return sections()
+
+
+def complete_sections(given: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, Any], ...]:
+    """Every registered framework's section, ``given`` ones first taken as they are."""
+    classes, have = section_classes(), dict(given)
+    unknown = sorted(set(have) - set(classes))
+    if unknown:
+        raise ConfigError(f"unknown config section {unknown[0]!r}")
+    return tuple((name, have.get(name) or cls()) for name, cls in classes.items())
+
+
+def check(cond: bool, key: str, msg: str) -> None:
+    """Raise a one-line ConfigError naming ``key`` unless ``cond``."""
     if not cond:
         raise ConfigError(f"config key {key}: {msg}")
 
@@ -324,56 +216,66 @@ def _check(cond: bool, key: str, msg: str) -> None:
 def validate(cfg: RunConfig) -> None:
     """Range checks that types alone cannot express. Raises ConfigError with the key's path."""
     m, d, t, f = cfg.model, cfg.data, cfg.train, cfg.fed
-    _check(m.lora_r >= 1, "model.lora_r", f"must be >= 1, got {m.lora_r}")
-    _check(m.lora_alpha > 0, "model.lora_alpha", f"must be > 0, got {m.lora_alpha}")
-    _check(
-        0 <= m.lora_dropout < 1, "model.lora_dropout", f"must be in [0, 1), got {m.lora_dropout}"
-    )
-    _check(m.max_length >= 2, "model.max_length", f"must be >= 2, got {m.max_length}")
-    _check(d.public_size >= 0, "data.public_size", f"must be >= 0, got {d.public_size}")
-    _check(d.num_clients >= 1, "data.num_clients", f"must be >= 1, got {d.num_clients}")
-    _check(d.samples_per_client >= 0, "data.samples_per_client", "must be >= 0")
-    _check(d.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
-    _check(d.test_size >= 0, "data.test_size", "must be >= 0")
+    check(m.lora_r >= 1, "model.lora_r", f"must be >= 1, got {m.lora_r}")
+    check(m.lora_alpha > 0, "model.lora_alpha", f"must be > 0, got {m.lora_alpha}")
+    check(0 <= m.lora_dropout < 1, "model.lora_dropout", f"must be in [0, 1), got {m.lora_dropout}")
+    check(m.max_length >= 2, "model.max_length", f"must be >= 2, got {m.max_length}")
+    check(d.public_size >= 0, "data.public_size", f"must be >= 0, got {d.public_size}")
+    check(d.num_clients >= 1, "data.num_clients", f"must be >= 1, got {d.num_clients}")
+    check(d.samples_per_client >= 0, "data.samples_per_client", "must be >= 0")
+    check(d.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
+    check(d.test_size >= 0, "data.test_size", "must be >= 0")
     if d.partition == "sizes":
-        _check(
+        check(
             len(d.client_sizes) == d.num_clients,
             "data.client_sizes",
             f"needs {d.num_clients} sizes (data.num_clients), got {len(d.client_sizes)}",
         )
-        _check(all(s > 0 for s in d.client_sizes), "data.client_sizes", "sizes must be > 0")
-    _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
-    _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    _check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
-    _check(t.local_epochs >= 1, "train.local_epochs", "must be >= 1")
-    _check(t.local_steps >= 0, "train.local_steps", "must be >= 0")
-    _check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0")
-    _check(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
-    _check(f.rounds >= 1, "fed.rounds", f"must be >= 1, got {f.rounds}")
-    _check(0 < f.fraction_fit <= 1, "fed.fraction_fit", "must be in (0, 1]")
-    _check(f.min_clients >= 1, "fed.min_clients", "must be >= 1")
-    _check(f.eval_every >= 1, "fed.eval_every", "must be >= 1")
-    _check(f.checkpoint_every >= 0, "fed.checkpoint_every", "must be >= 0")
-    _check(0 <= f.dropout < 1, "fed.dropout", f"must be in [0, 1), got {f.dropout}")
-    _check(f.deadline_s >= 0, "fed.deadline_s", f"must be >= 0, got {f.deadline_s}")
-    _check(all(x > 0 for x in f.client_slowdown), "fed.client_slowdown", "factors must be > 0")
-    _check(
+        check(all(s > 0 for s in d.client_sizes), "data.client_sizes", "sizes must be > 0")
+    check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    check(t.batch_size >= 1, "train.batch_size", f"must be >= 1, got {t.batch_size}")
+    check(t.local_epochs >= 1, "train.local_epochs", "must be >= 1")
+    check(t.local_steps >= 0, "train.local_steps", "must be >= 0")
+    check(t.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+    check(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
+    check(f.rounds >= 1, "fed.rounds", f"must be >= 1, got {f.rounds}")
+    check(0 < f.fraction_fit <= 1, "fed.fraction_fit", "must be in (0, 1]")
+    check(f.min_clients >= 1, "fed.min_clients", "must be >= 1")
+    check(f.eval_every >= 1, "fed.eval_every", "must be >= 1")
+    check(f.checkpoint_every >= 0, "fed.checkpoint_every", "must be >= 0")
+    check(0 <= f.dropout < 1, "fed.dropout", f"must be in [0, 1), got {f.dropout}")
+    check(f.deadline_s >= 0, "fed.deadline_s", f"must be >= 0, got {f.deadline_s}")
+    check(all(x > 0 for x in f.client_slowdown), "fed.client_slowdown", "factors must be > 0")
+    check(
         not f.client_slowdown or len(f.client_slowdown) == d.num_clients,
         "fed.client_slowdown",
         f"needs {d.num_clients} factors (data.num_clients), got {len(f.client_slowdown)}",
     )
-    _check(f.max_retries >= 0, "fed.max_retries", "must be >= 0")
-    _check(f.max_update_norm >= 0, "fed.max_update_norm", "must be >= 0")
-    _check(0 <= f.trim_ratio < 0.5, "fed.trim_ratio", f"must be in [0, 0.5), got {f.trim_ratio}")
-    _check(f.max_message_bytes >= 1024, "fed.max_message_bytes", "must be >= 1024")
-    _check(
+    check(f.max_retries >= 0, "fed.max_retries", "must be >= 0")
+    check(f.max_update_norm >= 0, "fed.max_update_norm", "must be >= 0")
+    check(0 <= f.trim_ratio < 0.5, "fed.trim_ratio", f"must be in [0, 0.5), got {f.trim_ratio}")
+    check(f.max_message_bytes >= 1024, "fed.max_message_bytes", "must be >= 1024")
+    check(
         all(0 <= c < d.num_clients for c in f.poison_clients),
         "fed.poison_clients",
         f"client ids must be in [0, {d.num_clients - 1}]",
     )
-    _check(f.poison_scale != 0, "fed.poison_scale", "must be != 0")
-    _check(f.concurrent_clients >= 0, "fed.concurrent_clients", "must be >= 0")
-    _check(cfg.threads >= 0, "threads", "must be >= 0")
+    check(f.poison_scale != 0, "fed.poison_scale", "must be != 0")
+    check(f.concurrent_clients >= 0, "fed.concurrent_clients", "must be >= 0")
+    check(cfg.threads >= 0, "threads", "must be >= 0")
+    from . import aggregate, frameworks
+
+    check(
+        f.framework in frameworks.names(),
+        "fed.framework",
+        f"{f.framework!r} is not one of {', '.join(frameworks.names())}",
+    )
+    check(
+        f.aggregator in aggregate.names(),
+        "fed.aggregator",
+        f"{f.aggregator!r} is not one of {', '.join(aggregate.names())}",
+    )
 
 
 # ----------------------------------------------------------------------------- (de)serialisation
@@ -389,8 +291,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is tuple:
         (inner, _ellipsis) = typing.get_args(tp)
         if isinstance(value, str):  # "1,2" from the command line: numbers read as numbers
-            value = [v if inner is str else _literal(v)
-                     for v in (s.strip() for s in value.split(",")) if v]  # fmt: skip
+            value = [
+                v if inner is str else _literal(v)
+                for v in (s.strip() for s in value.split(","))
+                if v
+            ]
         elif not isinstance(value, list | tuple):
             value = [value]
         return tuple(_coerce(v, inner, key) for v in value)
@@ -427,14 +332,26 @@ def _literal(raw: str) -> Any:
         return raw
 
 
+def _fields(cls: type) -> dict[str, Any]:
+    """The config fields of ``cls`` (RunConfig's framework sections are not fields)."""
+    return {f.name: f for f in fields(cls) if f.name != "sections"}
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     hints = _hints(cls)
-    names = {f.name: f for f in fields(cls)}
+    names = _fields(cls)
     kwargs: dict[str, Any] = {}
+    sections = section_classes() if cls is RunConfig else {}
+    built = []
     for key, value in data.items():
         path = f"{prefix}{key}"
+        if key in sections:
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {path}: expected a table [{path}]")
+            built.append((key, _build(sections[key], value, f"{path}.")))
+            continue
         if key not in names:
-            valid = ", ".join(f"{prefix}{n}" for n in names)
+            valid = ", ".join(f"{prefix}{n}" for n in [*names, *sections])
             raise ConfigError(f"unknown config key {path!r}; valid keys here: {valid}")
         tp = hints[key]
         if is_dataclass(tp):
@@ -448,6 +365,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
                 raise ConfigError(
                     f"config key {path}: {kwargs[key]!r} is not one of {', '.join(choices)}"
                 )
+    if built:
+        kwargs["sections"] = tuple(built)
     return cls(**kwargs)
 
 
@@ -502,7 +421,7 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Nested plain dict (tuples become lists), suitable for TOML or JSON."""
     out: dict[str, Any] = {}
-    for f in fields(cfg):
+    for f in _fields(type(cfg)).values():
         v = getattr(cfg, f.name)
         if is_dataclass(v):
             out[f.name] = to_dict(v)
@@ -510,6 +429,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
             out[f.name] = list(v)
         else:
             out[f.name] = v
+    if isinstance(cfg, RunConfig):
+        out.update({name: to_dict(section) for name, section in cfg.sections})
     return out
 
 
@@ -552,7 +473,7 @@ def describe() -> str:
 
     def walk(cls: type, prefix: str) -> None:
         hints = _hints(cls)
-        for f in fields(cls):
+        for f in _fields(cls).values():
             tp = hints[f.name]
             if is_dataclass(tp):
                 rows.append(f"\n[{prefix}{f.name}]")
@@ -568,6 +489,9 @@ def describe() -> str:
             rows.append(f"      {f.metadata.get('help', '')}{extra}")
 
     walk(RunConfig, "")
+    for name, cls in section_classes().items():
+        rows.append(f"\n[{name}]")
+        walk(cls, f"{name}.")
     return "\n".join(rows)
 
 
@@ -589,8 +513,8 @@ __all__ = [
     "DataConfig",
     "TrainConfig",
     "FedConfig",
-    "KDConfig",
-    "SplitConfig",
+    "check",
+    "opt",
     "load",
     "from_dict",
     "to_dict",

@@ -122,9 +122,11 @@ def paper_specs(
     if model is None:
         model = "gpt2" if gpt2_available() else FALLBACK_MODEL
         if model == FALLBACK_MODEL:
-            notes.append(f"GPT-2 is not in the local Hugging Face cache (no network): the offline "
-                         f"{FALLBACK_MODEL} stands in; Split-FedLLM cuts it at block "
-                         f"{FALLBACK_SPLIT_LAYER} of 30 (the paper: 6 of 12).")  # fmt: skip
+            notes.append(
+                f"GPT-2 is not in the local Hugging Face cache (no network): the offline "
+                f"{FALLBACK_MODEL} stands in; Split-FedLLM cuts it at block "
+                f"{FALLBACK_SPLIT_LAYER} of 30 (the paper: 6 of 12)."
+            )
     common = [f"model.name={model}"]
     if model == FALLBACK_MODEL:
         common.append(f"split.split_layer={FALLBACK_SPLIT_LAYER}")
@@ -132,12 +134,14 @@ def paper_specs(
     if quick:
         common += [f"{k}={_literal(v)}" for k, v in QUICK.items()]
         scale = QUICK["data.samples_per_client"] / PAPER_SAMPLES_PER_CLIENT
-        notes.append(f"--quick: {QUICK['fed.rounds']} rounds, {QUICK['data.samples_per_client']} "
-                     f"samples per client, {QUICK['data.test_size']} test samples, batch "
-                     f"{QUICK['train.batch_size']}, bf16 autocast; public samples and samples per "
-                     f"round scaled by {scale:.4f} (= {QUICK['data.samples_per_client']}/"
-                     f"{PAPER_SAMPLES_PER_CLIENT}). Numbers show the method, not the paper's "
-                     f"accuracy.")  # fmt: skip
+        notes.append(
+            f"--quick: {QUICK['fed.rounds']} rounds, {QUICK['data.samples_per_client']} "
+            f"samples per client, {QUICK['data.test_size']} test samples, batch "
+            f"{QUICK['train.batch_size']}, bf16 autocast; public samples and samples per "
+            f"round scaled by {scale:.4f} (= {QUICK['data.samples_per_client']}/"
+            f"{PAPER_SAMPLES_PER_CLIENT}). Numbers show the method, not the paper's "
+            f"accuracy."
+        )
     specs = []
     for fw, (preset, key, values, prefix) in PAPER_GRID.items():
         for value in values:
@@ -171,7 +175,7 @@ def run_all(specs: list[RunSpec], out: str | Path, log=print) -> list[Path]:
 
     An unfinished run with the same config is resumed from its checkpoint (``--resume``);
     a finished run with a different config is an error rather than silently reused."""
-    from .simulation import simulate  # torch and transformers only when something runs
+    from .runtime import simulate  # torch and transformers only when something runs
 
     root = Path(out) / "runs"
     paths = []
@@ -182,8 +186,9 @@ def run_all(specs: list[RunSpec], out: str | Path, log=print) -> list[Path]:
         head = f"[{i}/{len(specs)}] {spec.name}"
         if (path / "summary.json").exists():
             if not same_config(path, spec.cfg):
-                raise ConfigError(f"{path} holds a finished run with another config; "
-                                  "use another --out")  # fmt: skip
+                raise ConfigError(
+                    f"{path} holds a finished run with another config; use another --out"
+                )
             log(f"{head}: finished earlier, skipped")
             continue
         resume = (path / "config.toml").is_file() and same_config(path, spec.cfg)

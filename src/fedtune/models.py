@@ -269,8 +269,9 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
         if p is None or not p.requires_grad:
             raise ModelError(f"state tensor {name!r} is not a trainable parameter of the model")
         if p.shape != value.shape:
-            raise ModelError(f"state tensor {name!r} has shape {tuple(value.shape)}, "
-                             f"expected {tuple(p.shape)}")  # fmt: skip
+            raise ModelError(
+                f"state tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(p.shape)}"
+            )
         p.copy_(value)
 
 

@@ -92,12 +92,25 @@ def comm_vs_compute(groups: list[Group], out: Path) -> str:
     for i, r in enumerate(rows):
         xv = r["client_flops"] if use_flops else r["client_seconds"]
         st = styles[i]
-        ax.scatter([xv], [r["bytes_total"]], color=st["color"], marker=st["marker"], s=60,
-                   label=r["label"], zorder=3)  # fmt: skip
+        ax.scatter(
+            [xv],
+            [r["bytes_total"]],
+            color=st["color"],
+            marker=st["marker"],
+            s=60,
+            label=r["label"],
+            zorder=3,
+        )
         if r["setting"]:  # the value beside the point: several settings share a colour
             text = ", ".join(str(v) for _, v in r["setting"])
-            ax.annotate(text, (xv, r["bytes_total"]), xytext=(6, 4), textcoords="offset points",
-                        fontsize="small", color=st["color"])  # fmt: skip
+            ax.annotate(
+                text,
+                (xv, r["bytes_total"]),
+                xytext=(6, 4),
+                textcoords="offset points",
+                fontsize="small",
+                color=st["color"],
+            )
     ax.set_yscale("log")
     if use_flops and all(r["client_flops"] > 0 for r in rows):
         ax.set_xscale("log")
@@ -115,15 +128,22 @@ def accuracy_vs_setting(groups: list[Group], out: Path) -> str:
     factor, one panel per framework."""
     frameworks = [f for f in dict.fromkeys(g.framework for g in groups)]
     frameworks.sort(key=lambda f: (f not in FRAMEWORKS, f))
-    fig, axes = plt.subplots(1, len(frameworks), figsize=(3.6 * len(frameworks), 3.8),
-                             sharey=True, squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        1, len(frameworks), figsize=(3.6 * len(frameworks), 3.8), sharey=True, squeeze=False
+    )
     for ax, fw in zip(axes[0], frameworks, strict=True):
         rows = [aggregate(g) for g in groups if g.framework == fw]
         keys = [k for k, _ in rows[0]["setting"]]
         ticks = [", ".join(str(v) for _, v in r["setting"]) or "default" for r in rows]
         xs = np.arange(len(rows))
-        ax.errorbar(xs, [r["accuracy_mean"] for r in rows], yerr=[r["accuracy_std"] for r in rows],
-                    color=COLORS.get(fw, "k"), marker="o", capsize=4)  # fmt: skip
+        ax.errorbar(
+            xs,
+            [r["accuracy_mean"] for r in rows],
+            yerr=[r["accuracy_std"] for r in rows],
+            color=COLORS.get(fw, "k"),
+            marker="o",
+            capsize=4,
+        )
         ax.set_xticks(xs, ticks)
         ax.set_xlim(-0.5, len(rows) - 0.5)
         ax.set_xlabel(", ".join(keys) or "setting")

@@ -186,8 +186,13 @@ def curve(group: Group) -> dict[str, np.ndarray]:
         total = np.cumsum(
             [m["bytes_up_per_client"] + m["bytes_down_per_client"] for m in r.metrics]
         )
-        per_run.append({m["round"]: (m["accuracy"], total[i])
-                        for i, m in enumerate(r.metrics) if "accuracy" in m})  # fmt: skip
+        per_run.append(
+            {
+                m["round"]: (m["accuracy"], total[i])
+                for i, m in enumerate(r.metrics)
+                if "accuracy" in m
+            }
+        )
     rounds = sorted(set.intersection(*(set(p) for p in per_run)))  # a group has >= 1 run
     acc = np.array([[p[t][0] for t in rounds] for p in per_run]).reshape(len(per_run), -1)
     cum = np.array([[p[t][1] for t in rounds] for p in per_run]).reshape(len(per_run), -1)
@@ -214,7 +219,7 @@ def framework_means(rows: list[dict]) -> dict[str, dict[str, float]]:
             "communication": _mean(r["bytes_total"] for r in mine),
             "client compute": _mean(
                 r["client_flops" if use_flops else "client_seconds"] for r in mine
-            ),  # fmt: skip
+            ),
         }
     return out
 
@@ -238,9 +243,17 @@ def table_one(rows: list[dict]) -> tuple[list[dict], list[str]]:
         for fw in FRAMEWORKS:
             words, allowed = claims[fw]
             agrees = ranks[fw] in allowed
-            table.append({"metric": metric, "framework": fw, "claim": words,
-                          "claimed_ranks": allowed, "value": values[fw], "rank": ranks[fw],
-                          "agrees": agrees})  # fmt: skip
+            table.append(
+                {
+                    "metric": metric,
+                    "framework": fw,
+                    "claim": words,
+                    "claimed_ranks": allowed,
+                    "value": values[fw],
+                    "rank": ranks[fw],
+                    "agrees": agrees,
+                }
+            )
             if not agrees:
                 disagreements.append(
                     f"Disagreement on {metric}: {TITLES[fw]} ranks {ranks[fw]} measured, "
@@ -284,9 +297,11 @@ def _metric_value(metric: str, value: float, use_flops: bool) -> str:
 
 
 def results_table(rows: list[dict]) -> list[str]:
-    head = ("| framework | seeds | final accuracy (mean ± std) | macro-F1 | bytes up / client / round "
-            "| bytes down / client / round | client FLOPs / round | client s / round "
-            "| client peak memory |")  # fmt: skip
+    head = (
+        "| framework | seeds | final accuracy (mean ± std) | macro-F1 | bytes up / client / round "
+        "| bytes down / client / round | client FLOPs / round | client s / round "
+        "| client peak memory |"
+    )
     lines = [head, "|" + " --- |" * 9]
     for r in rows:
         seeds = ",".join(str(s) for s in r["seeds"])
@@ -354,11 +369,16 @@ def build_report(
     groups = group_runs(runs)
     rows = [aggregate(g) for g in groups]
     lines = [f"# {title}", "", "## Setup", "", *setup_lines(runs), *[f"- {n}" for n in notes]]
-    lines += ["", "## Results", "",
-              "Per framework and setting, over seeds: final test accuracy (mean ± sample std), and "
-              "per client and round: bytes on the wire (measured from the encoded messages), "
-              "client FLOPs and seconds (means) and peak memory (max).", "",
-              *results_table(rows)]  # fmt: skip
+    lines += [
+        "",
+        "## Results",
+        "",
+        "Per framework and setting, over seeds: final test accuracy (mean ± sample std), and "
+        "per client and round: bytes on the wire (measured from the encoded messages), "
+        "client FLOPs and seconds (means) and peak memory (max).",
+        "",
+        *results_table(rows),
+    ]
     lines += [
         "",
         "## Table I: the paper's claims against the measurement",

@@ -72,13 +72,24 @@ def _run(args) -> int:
     _need_flwr()
     from . import deploy
 
-    cfg = config.load(args.config, args.overrides)
     out = Path(args.out).resolve()
+    if args.resume:  # the run directory's own config, like `fedtune run --resume`
+        if args.config or args.overrides:
+            raise ConfigError("--resume reads OUT/config.toml: give no preset or overrides")
+        if not (out / "config.toml").is_file():
+            raise ConfigError(f"cannot resume {out}: no config.toml (not a run directory)")
+        args.config = str(out / "config.toml")
+    cfg = config.load(args.config, args.overrides)
     home = out / "flower"  # FLWR_HOME, the app folder and the run config, inside the run dir
     app = deploy.write_app(home / "app")
     deploy.write_connection(home, "fedtune", args.superlink, args.root_certificates)
-    settings = {"split-host": args.split_host, "split-bind": args.split_bind,
-                "split-certfile": args.split_certfile or "", "split-keyfile": args.split_keyfile or ""}  # fmt: skip
+    settings = {
+        "split-host": args.split_host,
+        "split-bind": args.split_bind,
+        "split-certfile": args.split_certfile or "",
+        "split-keyfile": args.split_keyfile or "",
+        "resume": "true" if args.resume else "false",
+    }
     rc = deploy.run_config_file(home / "run-config.toml", cfg, args.remote_out or out, **settings)
     cmd = deploy.flwr_cmd("run", str(app), "fedtune", "--run-config", str(rc), "--stream")
     return subprocess.run(cmd, env=deploy.flower_env(home)).returncode
@@ -91,19 +102,32 @@ def _local(args) -> int:
     cfg = config.load(args.config, args.overrides)
     out = Path(args.out).resolve()
     data_dirs = args.data_dirs.split(",") if args.data_dirs else None
-    with LocalFederation(out.parent / f"{out.name}.flower", args.nodes, tls=args.tls,
-                         auth=args.auth, data_dirs=data_dirs) as fed:  # fmt: skip
+    with LocalFederation(
+        out.parent / f"{out.name}.flower",
+        args.nodes,
+        tls=args.tls,
+        auth=args.auth,
+        data_dirs=data_dirs,
+    ) as fed:
         summary = fed.run(cfg, out, timeout=args.timeout)
-    keys = ("framework", "final_accuracy", "bytes_up_per_client_per_round",
-            "bytes_down_per_client_per_round", "wall_seconds")  # fmt: skip
+    keys = (
+        "framework",
+        "final_accuracy",
+        "bytes_up_per_client_per_round",
+        "bytes_down_per_client_per_round",
+        "wall_seconds",
+    )
     print(json.dumps({k: summary.get(k) for k in keys}))
     return 0
 
 
 def add_parser(sub) -> None:
     """Register ``fedtune flower`` and its subcommands on the main CLI's subparsers."""
-    f = sub.add_parser("flower", help="run on a real Flower federation (SuperLink + SuperNodes)",
-                       description="Deploy fedtune on Flower; see README 'Real deployment'.")  # fmt: skip
+    f = sub.add_parser(
+        "flower",
+        help="run on a real Flower federation (SuperLink + SuperNodes)",
+        description="Deploy fedtune on Flower; see README 'Real deployment'.",
+    )
     fs = f.add_subparsers(dest="flower_command", required=True)
 
     a = fs.add_parser("app", help="write the Flower app folder (pyproject.toml)")
@@ -112,8 +136,12 @@ def add_parser(sub) -> None:
 
     c = fs.add_parser("certs", help="self-signed CA + server certificate for the SuperLink")
     c.add_argument("dir")
-    c.add_argument("--host", action="append", required=True,
-                   help="SuperLink host name or IP (repeat for several)")  # fmt: skip
+    c.add_argument(
+        "--host",
+        action="append",
+        required=True,
+        help="SuperLink host name or IP (repeat for several)",
+    )
     c.set_defaults(func=_certs)
 
     k = fs.add_parser("node-key", help="a SuperNode authentication key pair (EC P-384)")
@@ -152,6 +180,11 @@ def add_parser(sub) -> None:
     r.add_argument("--split-bind", default="0.0.0.0:0", help="split server bind address")
     r.add_argument("--split-certfile", help="split server TLS certificate (on the SuperLink)")
     r.add_argument("--split-keyfile", help="split server TLS key (on the SuperLink)")
+    r.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the unfinished run in --out from its last checkpoint",
+    )
     r.set_defaults(func=_run)
 
     lo = fs.add_parser("local", help="start SuperLink + N SuperNodes here, run, stop them")

@@ -24,8 +24,9 @@ app = ClientApp()
 def _node_value(context: Context, key: str) -> str:
     value = context.node_config.get(key)
     if value is None:
-        raise ConfigError(f"node config has no {key!r}: start the SuperNode with "
-                          "`fedtune flower supernode`")  # fmt: skip
+        raise ConfigError(
+            f"node config has no {key!r}: start the SuperNode with `fedtune flower supernode`"
+        )
     return str(value)
 
 

@@ -50,6 +50,7 @@ split-certfile = ""       # TLS certificate and key of the split server ("" = pl
 split-keyfile = ""
 node-timeout = 120.0      # seconds to wait for all SuperNodes
 round-timeout = 3600.0    # seconds to wait for the replies of one exchange
+resume = "false"          # "true": continue the unfinished run in out from its checkpoint
 """
 
 
@@ -66,8 +67,12 @@ def flower_env(flwr_home: str | Path, base: dict | None = None) -> dict[str, str
     """Environment for Flower processes on a closed network (see the module docstring)."""
     env = dict(os.environ if base is None else base)
     bindir = str(Path(sys.executable).parent)  # flower-superexec / flwr-clientapp live here
-    env.update(FLWR_HOME=str(Path(flwr_home).resolve()), FLWR_TELEMETRY_ENABLED="0",
-               FLWR_DISABLE_UPDATE_CHECK="1", PATH=bindir + os.pathsep + env.get("PATH", ""))  # fmt: skip
+    env.update(
+        FLWR_HOME=str(Path(flwr_home).resolve()),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        PATH=bindir + os.pathsep + env.get("PATH", ""),
+    )
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")  # start app processes sooner
     Path(flwr_home).mkdir(parents=True, exist_ok=True)
     return env
@@ -117,11 +122,17 @@ def make_certs(folder: str | Path, hosts: list[str]) -> dict[str, Path]:
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedtune CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=365))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))  # fmt: skip
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     key = ec.generate_private_key(ec.SECP384R1())
     sans: list[x509.GeneralName] = []
     for h in hosts:
@@ -129,18 +140,27 @@ def make_certs(folder: str | Path, hosts: list[str]) -> dict[str, Path]:
             sans.append(x509.IPAddress(ipaddress.ip_address(h)))
         except ValueError:
             sans.append(x509.DNSName(h))
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-            .issuer_name(ca_name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=365))
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .sign(ca_key, hashes.SHA256()))  # fmt: skip
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     paths = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key"}
     paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                             serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))  # fmt: skip
+    paths["key"].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     paths["key"].chmod(0o600)
     return paths
 
@@ -154,12 +174,20 @@ def make_node_key(path: str | Path) -> tuple[Path, Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                     serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))  # fmt: skip
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    )
     path.chmod(0o600)
     pub = path.with_name(path.name + ".pub")
-    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                  serialization.PublicFormat.OpenSSH))  # fmt: skip
+    pub.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+    )
     return path, pub
 
 
@@ -178,11 +206,23 @@ def superlink_cmd(
     host: str, port: int, *, tls: dict | None = None, auth: bool = False
 ) -> list[str]:
     """``flower-superlink`` on ``host:port`` (Fleet, Control and Runtime APIs share it)."""
-    cmd = [_bin("flower-superlink"), "--host", host, "--port", str(port),
-           "--disable-runtime-dependency-installation"]  # fmt: skip
+    cmd = [
+        _bin("flower-superlink"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+    ]
     if tls:
-        cmd += ["--ssl-certfile", str(tls["cert"]), "--ssl-keyfile", str(tls["key"]),
-                "--ssl-ca-certfile", str(tls["ca"])]  # fmt: skip
+        cmd += [
+            "--ssl-certfile",
+            str(tls["cert"]),
+            "--ssl-keyfile",
+            str(tls["key"]),
+            "--ssl-ca-certfile",
+            str(tls["ca"]),
+        ]
     else:
         cmd.append("--insecure")
     if auth:
@@ -190,13 +230,28 @@ def superlink_cmd(
     return cmd
 
 
-def supernode_cmd(superlink: str, partition_id: int, runtime_port: int, *,
-                  root_cert: str | None = None, auth_key: str | None = None,
-                  data_dir: str | None = None,
-                  split_root_cert: str | None = None) -> list[str]:  # fmt: skip
+def supernode_cmd(
+    superlink: str,
+    partition_id: int,
+    runtime_port: int,
+    *,
+    root_cert: str | None = None,
+    auth_key: str | None = None,
+    data_dir: str | None = None,
+    split_root_cert: str | None = None,
+) -> list[str]:
     """``fedtune flower supernode`` (the fedtune worker + ``flower-supernode`` in one process)."""
-    cmd = [_bin("fedtune"), "flower", "supernode", "--superlink", superlink,
-           "--partition-id", str(partition_id), "--port", str(runtime_port)]  # fmt: skip
+    cmd = [
+        _bin("fedtune"),
+        "flower",
+        "supernode",
+        "--superlink",
+        superlink,
+        "--partition-id",
+        str(partition_id),
+        "--port",
+        str(runtime_port),
+    ]
     cmd += ["--root-certificates", str(root_cert)] if root_cert else ["--insecure"]
     if auth_key:
         cmd += ["--auth-supernode-private-key", str(auth_key)]
@@ -216,12 +271,25 @@ def run_supernode(args) -> int:
     from .node import start_worker
 
     token = secrets.token_urlsafe(24)
-    _, _, port = start_worker(args.partition_id, token, data_dir=args.data_dir,
-                              split_root_cert=args.split_root_certificates)  # fmt: skip
+    _, _, port = start_worker(
+        args.partition_id,
+        token,
+        data_dir=args.data_dir,
+        split_root_cert=args.split_root_certificates,
+    )
     print(f"fedtune worker listening on port {port} (client {args.partition_id})", flush=True)
     node_config = f"partition-id={args.partition_id} fedtune-worker='127.0.0.1:{port}' fedtune-token='{token}'"
-    argv = ["flower-supernode", "--superlink", args.superlink, "--node-config", node_config,
-            "--port", str(args.port), "--isolation", "subprocess"]  # fmt: skip
+    argv = [
+        "flower-supernode",
+        "--superlink",
+        args.superlink,
+        "--node-config",
+        node_config,
+        "--port",
+        str(args.port),
+        "--isolation",
+        "subprocess",
+    ]
     argv += (
         ["--root-certificates", args.root_certificates]
         if args.root_certificates

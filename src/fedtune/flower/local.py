@@ -55,9 +55,16 @@ def alive(pid: int, start: str | None = None) -> bool:
 class LocalFederation:
     """``with LocalFederation(folder, 3) as fed: fed.run(cfg, out)``."""
 
-    def __init__(self, folder: str | Path, num_nodes: int, *, tls: bool = False,
-                 auth: bool = False, data_dirs: list[str] | None = None,
-                 host: str = "127.0.0.1") -> None:  # fmt: skip
+    def __init__(
+        self,
+        folder: str | Path,
+        num_nodes: int,
+        *,
+        tls: bool = False,
+        auth: bool = False,
+        data_dirs: list[str] | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
         self.folder = Path(folder).resolve()
         self.n, self.tls, self.auth, self.host = num_nodes, tls, auth, host
         self.data_dirs = data_dirs
@@ -71,8 +78,12 @@ class LocalFederation:
     # ------------------------------------------------------------------ processes
     def _popen(self, cmd: list[str], name: str, home: str) -> subprocess.Popen:
         log = (self.folder / "logs" / f"{name}.log").open("w")
-        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                             env=deploy.flower_env(self.folder / "flwr" / home))  # fmt: skip
+        p = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=deploy.flower_env(self.folder / "flwr" / home),
+        )
         self.procs.append(p)
         return p
 
@@ -90,8 +101,9 @@ class LocalFederation:
         cmd = deploy.superlink_cmd(self.host, self.port, tls=self.certs, auth=self.auth)
         self.superlink = self._popen(cmd, "superlink", "superlink")
         self._wait(lambda: deploy.port_open(self.port, self.host), 60, "SuperLink")
-        deploy.write_connection(self.cli_home, self.conn, self.address,
-                                str(self.certs["ca"]) if self.certs else None)  # fmt: skip
+        deploy.write_connection(
+            self.cli_home, self.conn, self.address, str(self.certs["ca"]) if self.certs else None
+        )
         for i in range(self.n):
             self.add_node(i)
         return self
@@ -108,17 +120,28 @@ class LocalFederation:
         self.ports.add(runtime)
         data_dir = self.data_dirs[partition_id] if self.data_dirs else None
         ca = str(self.certs["ca"]) if self.certs else None
-        cmd = deploy.supernode_cmd(self.address, partition_id, runtime, root_cert=ca,
-                                   auth_key=str(key) if key else None, data_dir=data_dir,
-                                   split_root_cert=ca)  # fmt: skip
+        cmd = deploy.supernode_cmd(
+            self.address,
+            partition_id,
+            runtime,
+            root_cert=ca,
+            auth_key=str(key) if key else None,
+            data_dir=data_dir,
+            split_root_cert=ca,
+        )
         for k, v in kw.items():
             cmd += [f"--{k.replace('_', '-')}", str(v)]
         p = self._popen(cmd, f"node-{partition_id}-{len(self.procs)}", f"node-{partition_id}")
         return p
 
     def flwr(self, *args: str, timeout: float = 120) -> str:
-        r = subprocess.run(deploy.flwr_cmd(*args), capture_output=True, text=True,
-                           timeout=timeout, env=deploy.flower_env(self.cli_home))  # fmt: skip
+        r = subprocess.run(
+            deploy.flwr_cmd(*args),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=deploy.flower_env(self.cli_home),
+        )
         if r.returncode != 0:
             raise FedtuneError(
                 f"flwr {' '.join(args[:2])} failed: {(r.stdout + r.stderr).strip()[-400:]}"
@@ -140,23 +163,42 @@ class LocalFederation:
             self.spawned.update(children(p.pid))
 
     # ------------------------------------------------------------------ runs
-    def run(
-        self, cfg: config.RunConfig, out: str | Path, *, timeout: float = 600, **settings
-    ) -> dict:
-        """``flwr run`` ``cfg`` on this federation; returns the run's ``summary.json``."""
+    def launch(
+        self, cfg: config.RunConfig, out: str | Path, *, resume: bool = False, **settings
+    ) -> subprocess.Popen:
+        """Start ``flwr run`` of ``cfg`` (``resume``: continue the unfinished run in ``out``);
+        returns the ``flwr run`` process."""
         app = deploy.write_app(self.folder / "app")
         out = Path(out).resolve()
-        rc = deploy.run_config_file(self.folder / f"run-{out.name}.toml", cfg, out,
-                                    **{"split-host": self.host, "split-bind": f"{self.host}:0",
-                                       **settings})  # fmt: skip
+        settings = {"split-host": self.host, "split-bind": f"{self.host}:0", **settings}
+        if resume:
+            settings["resume"] = "true"
         if self.certs and "split-certfile" not in settings:
-            rc.write_text(rc.read_text() + f'split-certfile = "{self.certs["cert"]}"\n'
-                          f'split-keyfile = "{self.certs["key"]}"\n')  # fmt: skip
-        log = (self.folder / "logs" / f"run-{out.name}.log").open("w")
-        proc = subprocess.Popen(deploy.flwr_cmd("run", str(app), self.conn, "--run-config",
-                                str(rc), "--stream"), stdout=log, stderr=subprocess.STDOUT,
-                                env=deploy.flower_env(self.cli_home))  # fmt: skip
+            settings["split-certfile"] = str(self.certs["cert"])
+            settings["split-keyfile"] = str(self.certs["key"])
+        name = f"run-{out.name}" + ("-resumed" if resume else "")
+        rc = deploy.run_config_file(self.folder / f"{name}.toml", cfg, out, **settings)
+        log = (self.folder / "logs" / f"{name}.log").open("w")
+        cmd = deploy.flwr_cmd("run", str(app), self.conn, "--run-config", str(rc), "--stream")
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=deploy.flower_env(self.cli_home)
+        )
         self.procs.append(proc)
+        return proc
+
+    def run(
+        self,
+        cfg: config.RunConfig,
+        out: str | Path,
+        *,
+        timeout: float = 600,
+        resume: bool = False,
+        **settings,
+    ) -> dict:
+        """``flwr run`` ``cfg`` on this federation; returns the run's ``summary.json``."""
+        out = Path(out).resolve()
+        proc = self.launch(cfg, out, resume=resume, **settings)
+        name = f"run-{out.name}" + ("-resumed" if resume else "")
         deadline = time.monotonic() + timeout
         while proc.poll() is None and not (out / "summary.json").exists():
             self.track()
@@ -164,12 +206,26 @@ class LocalFederation:
                 raise FedtuneError(f"run {out.name} did not finish in {timeout:g} s")
             time.sleep(0.5)
         if not (out / "summary.json").exists():
-            text = self.log(f"run-{out.name}")
+            text = self.log(name)
             errors = [ln for ln in text.splitlines() if "Error" in ln or "error" in ln]
             raise FedtuneError(f"run {out.name} failed: {(errors or [text[-300:]])[-1].strip()}")
         self.track()
         proc.wait(60)
         return json.loads((out / "summary.json").read_text())
+
+    def serverapps(self) -> list[int]:
+        """PIDs of the running ServerApp processes (``flwr-serverapp``, spawned by the
+        SuperLink)."""
+        self.track()
+        pids = []
+        for pid, start in self.spawned.items():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"flwr-serverapp" in cmd and alive(pid, start):
+                pids.append(pid)
+        return pids
 
     def listening_ports(self) -> set[int]:
         """The ports this federation's processes said they listen on (from their logs)."""

@@ -6,8 +6,12 @@ ClientApp loads survives to the next message. ``fedtune flower supernode`` there
 worker inside the SuperNode's own process, on a loopback port guarded by a random token that
 only the node config carries; the ClientApp forwards each message's bytes to it. The worker
 loads the backbone once (``models.load_model`` caches it per process) and keeps each run's
-``Client`` object (optimizer moments, KD's local model, ...) across rounds, exactly like the
-in-process simulation.
+``Client`` object (optimizer moments, KD's local model, split's client optimizer) across
+rounds, exactly like the in-process simulation, keyed by the run key the server sends. It also
+keeps snapshots of that state since the server's last checkpoint, so that a ServerApp that was
+killed and resumed (``fedtune flower run --resume``) continues with every client's state as it
+was after the checkpointed round (:class:`ClientRun`). A node that restarted has lost that
+state: its client starts afresh (logged).
 
 Data: node config ``partition-id=N`` makes the node fedtune client N. Alone, the node splits
 the run's dataset (``data.path`` of the config, present on this host) like the simulation and
@@ -23,6 +27,7 @@ import os
 import threading
 import tomllib
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +38,9 @@ from ..compute import ComputeMeter
 from ..context import Context, build_context
 from ..data import FedData, Tokenized, read_csv, tokenize
 from ..errors import ConfigError, DataError, FedtuneError, MessageError
+from ..execution.executors import make_executor
 from ..messages import DOWN, UP, Wire, client_name
+from ..runtime import checkpoint
 from . import rpc
 from .split_link import RemoteLink, receive_counted
 
@@ -66,14 +73,48 @@ def own_data(cfg: config.RunConfig, data_dir: Path, cid: int, labels: list[str],
     )
 
 
+class ClientRun:
+    """This node's client of one run, with snapshots of its state for a resumed server.
+
+    ``snapshots[r]`` is the client's state when round ``r`` first reached it: its state after
+    every round before ``r``. A server resumed after round ``R`` needs the state after ``R``:
+    the snapshot of the first round after ``R`` that reached this node, or, when none did, the
+    current state. Snapshots of rounds up to the server's last checkpoint (``keep_after``) are
+    no longer needed and are dropped."""
+
+    def __init__(self, client, config_key: str) -> None:
+        self.client, self.config_key = client, config_key
+        self.snapshots: dict[int, tuple] = {}
+        self.last_round = 0
+        self.restored_for: str | None = None  # the Flower run that last rolled it back
+
+    def snapshot(self, rnd: int, keep_after: int | None) -> None:
+        if rnd > self.last_round:
+            if keep_after is not None:
+                tensors: dict = {}
+                tree = checkpoint.encode_tree(self.client.state_dict(), tensors)  # copies
+                self.snapshots[rnd] = (tree, tensors)
+                self.snapshots = {r: s for r, s in self.snapshots.items() if r > keep_after}
+            self.last_round = rnd
+
+    def rollback(self, after: int) -> None:
+        later = [r for r in self.snapshots if r > after]
+        if later:
+            tree, tensors = self.snapshots[min(later)]
+            self.client.load_state_dict(checkpoint.decode_tree(tree, tensors))
+        self.snapshots = {r: s for r, s in self.snapshots.items() if r <= after}
+        self.last_round = min(self.last_round, after)
+
+
 class NodeWorker:
     """Runs fedtune client ``partition_id`` for every run this SuperNode takes part in."""
 
-    def __init__(self, partition_id: int, data_dir: str | None = None,
-                 split_root_cert: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, partition_id: int, data_dir: str | None = None, split_root_cert: str | None = None
+    ) -> None:
         self.cid, self.data_dir, self.split_root_cert = partition_id, data_dir, split_root_cert
         self.contexts: dict[str, Context] = {}  # config hash -> context (model loaded once)
-        self.clients: dict[tuple[str, str], object] = {}  # (run id, config hash) -> Client
+        self.runs: dict[str, ClientRun] = {}  # run key -> this node's client of that run
         self.lock = threading.Lock()  # one message at a time: the model is shared
 
     def context(self, cfg: config.RunConfig, key: str, labels: list[str]) -> Context:
@@ -86,47 +127,69 @@ class NodeWorker:
                 data = own_data(cfg, Path(self.data_dir), self.cid, labels, tok)
             ctx = build_context(cfg, data=data)
             if self.cid >= len(ctx.data.client_idx):
-                raise ConfigError(f"partition-id {self.cid} but the run has "
-                                  f"{len(ctx.data.client_idx)} clients")  # fmt: skip
+                raise ConfigError(
+                    f"partition-id {self.cid} but the run has {len(ctx.data.client_idx)} clients"
+                )
             self.contexts[key] = ctx
         return self.contexts[key]
 
     def process(self, header: dict, blob: bytes) -> bytes:
-        """One Flower message: decode, ``Client.handle``, encode; returns a :func:`rpc.pack`
-        frame with the reply bytes, the client's compute and what this side counted."""
+        """One Flower message: decode, run the client's work, encode; returns a
+        :func:`rpc.pack` frame with the reply bytes, the client's compute and what this side
+        counted."""
         text = header["config"]
         key = hashlib.sha256(text.encode()).hexdigest()[:16]
         cfg = config.from_dict(tomllib.loads(text))
         ctx = self.context(cfg, key, header.get("labels", []))
         # OpenMP keeps the thread count per OS thread and gRPC serves from a pool: set it here
         torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
-        fw = frameworks.get(cfg.fed.framework)
-        run = (str(header["run"]), key)
-        if run not in self.clients:  # a new run: forget the client state of earlier runs
-            self.clients = {k: v for k, v in self.clients.items() if k[0] == run[0]}
-            self.clients[run] = fw.Client(ctx, self.cid)
-        client = self.clients[run]
         wire = Wire(max_bytes=cfg.fed.max_message_bytes)
         msg = receive_counted(wire, blob)
         if msg.receiver != client_name(self.cid):
             raise MessageError(f"node {client_name(self.cid)} got a message for {msg.receiver}")
+        client = self.client_for(header, key, ctx, msg.round)
         meter = ComputeMeter(ctx.device, cfg.flops, ctx.flop_cache)
-        split, stream = header.get("split"), None
+        split, stream, reply = header.get("split"), None, None
         try:
             if split:
-                stream = rpc.Stream(split["address"], split["token"], root_cert=self.split_root_cert,
-                                    timeout=float(split["timeout"]), what="split server")  # fmt: skip
+                stream = rpc.Stream(
+                    split["address"],
+                    split["token"],
+                    root_cert=self.split_root_cert,
+                    timeout=float(split["timeout"]),
+                    what="split server",
+                )
             link = RemoteLink(stream, wire, meter) if stream else None
-            with meter.measure():
-                reply = client.handle(msg, link)
+            if not header.get("drop"):  # fault simulation: got the message, never answers
+                executor = make_executor(cfg, ctx.model, ctx.data.pad_id, ctx.device)
+                work = {self.cid: partial(client.handle, msg, link)}
+                reply = executor.run(work, {self.cid: meter})[self.cid]
         finally:
             if stream is not None:
                 stream.close()
         out = wire.send(reply) if reply is not None else b""
         totals = wire.ledger.round_totals(msg.round).get(client_name(self.cid), {})
         counted = {d: sum(totals.get(d, {}).values()) for d in (UP, DOWN)}
-        return rpc.pack({"stats": meter.stats.as_dict(), "counted": counted,
-                         "reply": reply is not None}, out)  # fmt: skip
+        return rpc.pack(
+            {"stats": meter.stats.as_dict(), "counted": counted, "reply": reply is not None}, out
+        )
+
+    def client_for(self, header: dict, key: str, ctx: Context, rnd: int):
+        """This node's client of the run ``header`` names (its state kept across rounds and
+        across a resumed ServerApp), rolled back when the server resumes the run."""
+        run_key, flower_run = str(header.get("run_key") or header["run"]), str(header["run"])
+        resumed = header.get("resumed_after")
+        if run_key not in self.runs:  # a new run: forget the client state of earlier runs
+            if resumed is not None:
+                log.warning("no client state kept for resumed run %s: starting afresh", run_key)
+            fw = frameworks.get(ctx.cfg.fed.framework)
+            self.runs = {run_key: ClientRun(fw.client(ctx, self.cid), key)}
+        run = self.runs[run_key]
+        if resumed is not None and run.restored_for != flower_run:
+            run.rollback(int(resumed))
+            run.restored_for = flower_run
+        run.snapshot(rnd, header.get("keep_after"))
+        return run.client
 
     def handle(self, requests: Iterator[bytes], context, peer: str) -> Iterator[bytes]:
         for frame in requests:
@@ -142,8 +205,14 @@ class NodeWorker:
             yield out
 
 
-def start_worker(partition_id: int, token: str, *, data_dir: str | None = None,
-                 split_root_cert: str | None = None, bind: str = "127.0.0.1:0"):  # fmt: skip
+def start_worker(
+    partition_id: int,
+    token: str,
+    *,
+    data_dir: str | None = None,
+    split_root_cert: str | None = None,
+    bind: str = "127.0.0.1:0",
+):
     """Start the worker on loopback; returns ``(worker, grpc_server, port)``."""
     worker = NodeWorker(partition_id, data_dir, split_root_cert)
     server, port = rpc.serve(worker.handle, bind, lambda: {token: "clientapp"}, workers=4)

@@ -89,8 +89,10 @@ class SplitService:
             for data in requests:
                 msg = receive_counted(self.wire, data)
                 if msg.sender != me or msg.round != self.round:
-                    raise MessageError(f"split link of {me} got a message from {msg.sender} "
-                                       f"for round {msg.round} in round {self.round}")  # fmt: skip
+                    raise MessageError(
+                        f"split link of {me} got a message from {msg.sender} "
+                        f"for round {msg.round} in round {self.round}"
+                    )
                 with self.lock, self.meter.measure():
                     reply = self.server.serve(msg)
                 yield self.wire.send(reply)
@@ -100,14 +102,27 @@ class SplitService:
             self._finish(me)
 
 
-def start_split_service(server, wire: Wire, bind: str, *, certfile=None, keyfile=None,
-                        max_bytes=rpc.DEFAULT_MAX_BYTES, workers=8):  # fmt: skip
+def start_split_service(
+    server,
+    wire: Wire,
+    bind: str,
+    *,
+    certfile=None,
+    keyfile=None,
+    max_bytes=rpc.DEFAULT_MAX_BYTES,
+    workers=8,
+):
     """Start the split server's stream endpoint; returns ``(service, grpc_server, port)``."""
     service = SplitService(server, wire)
     grpc_server, port = rpc.serve(
-        service.handle, bind, lambda: service.tokens, certfile=certfile, keyfile=keyfile,
-        max_bytes=max_bytes, workers=workers,
-    )  # fmt: skip
+        service.handle,
+        bind,
+        lambda: service.tokens,
+        certfile=certfile,
+        keyfile=keyfile,
+        max_bytes=max_bytes,
+        workers=workers,
+    )
     return service, grpc_server, port
 
 

@@ -1,47 +1,136 @@
-"""Federated frameworks. Each module has the same small interface:
+"""Federated frameworks: a registry of plug-ins with one small interface.
 
-* ``NAME`` - the ``fed.framework`` value that selects it;
-* ``Server(ctx)`` with
-    - ``round(rnd, clients) -> Generator``: yields ``{cid: Message}`` to send to clients,
-      receives ``{cid: Message}`` replies (possibly several exchanges per round, e.g. KD's
-      upload and broadcast phases), and returns a dict of round metrics;
-    - ``eval_state() -> dict[str, Tensor]``: the trainable state that is evaluated and saved;
-    - optionally ``serve(msg) -> Message``: answers per-batch client requests (split learning);
-* optionally ``extra_eval(ctx, server, clients) -> dict``: more metrics at evaluation rounds
-  (e.g. KD's mean client accuracy);
-* optionally ``Server.params_exchanged() -> int`` for ``summary.json`` (default: the size of
-  ``eval_state()``);
-* ``Client(ctx, cid)`` with ``handle(msg, link) -> Message | None``; ``link.call(msg)`` reaches
-  ``Server.serve`` through the counted wire;
-* ``Server.state_dict()`` / ``load_state_dict(d)`` and the same on ``Client``: everything needed
-  to resume after a round, as a tree of dicts / lists / tensors / small JSON-able values
-  (checkpointed by :mod:`fedtune.checkpoint`).
+A framework is registered once (the PEFT pattern)::
 
-Faults: the replies a ``round`` generator receives may be any subset of the clients it sent to
-(dropout, deadline); it aggregates what it got and reports ``rejected`` / ``rejected_reasons``
-for replies that fail validation (:func:`fedtune.aggregate.screen_updates`) instead of raising.
-A runtime may also abandon a round (``gen.close()``) when too few clients are left.
+    register("fedllm", Server, Client, title="FedLLM")            # no options
+    register("kd", Server, Client, config=KDConfig, title="KD-FedLLM")  # section [kd]
 
-The runtime (in-process simulation, Flower) drives these objects and moves every message through
-:class:`fedtune.messages.Wire`, so bytes are counted in one place for every runtime.
+and from then on the CLI, the config (``fed.framework``, the ``[kd]`` section and its
+``--help``), the report and the plots read it from here. Built-in frameworks live in one
+package each (``fedllm``, ``kd/``, ``split/``) and register themselves when first looked up.
+
+The interface (see :class:`Server`, :class:`Client`):
+
+* ``Server(ctx)`` holds the global state. ``round(rnd, clients)`` is a generator: it yields
+  ``{cid: Message}`` to send, receives ``{cid: Message}`` replies (any subset of the clients it
+  sent to: dropout, deadline, unreadable replies are simply absent) and returns the round's
+  metrics; it may yield several times per round (KD's upload and broadcast phases). It reports
+  replies that fail validation as ``rejected`` / ``rejected_reasons`` instead of raising.
+* ``Client(ctx, cid)``'s ``handle(msg, link)`` answers one message. It is either a generator
+  that yields :mod:`~fedtune.execution.jobs` (Train / Predict) and returns the reply, so an
+  executor can run many clients' jobs together; or a plain method (split learning, whose steps
+  interleave with the network). ``link.call(msg)`` reaches a :class:`Serving` server.
+* Both have ``state_dict()`` / ``load_state_dict(d)``: everything needed to resume after a
+  round, as a tree of dicts / lists / tensors / small JSON-able values.
+
+Frameworks never know which runtime (in-process, Flower) or executor runs them.
 """
 
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 from ..errors import ConfigError
 
-REGISTRY = {
-    "fedllm": "fedtune.frameworks.fedllm",
-    "kd": "fedtune.frameworks.kd",
-    "split": "fedtune.frameworks.split",
-}
+BUILTIN = ("fedtune.frameworks.fedllm", "fedtune.frameworks.kd", "fedtune.frameworks.split")
 
 
-def get(name: str) -> ModuleType:
-    """The framework module registered under ``name``."""
-    if name not in REGISTRY:
-        raise ConfigError(f"unknown framework {name!r}; available: {', '.join(REGISTRY)}")
-    return importlib.import_module(REGISTRY[name])
+class Server(Protocol):
+    def round(self, rnd: int, clients: list[int]) -> Generator[dict, dict, dict]: ...
+
+    def eval_state(self) -> dict:
+        """The trainable state that is evaluated and saved (LoRA + head)."""
+        ...
+
+    def params_exchanged(self) -> int:
+        """Trainable parameters a client exchanges per round, for ``summary.json``."""
+        ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, d: dict) -> None: ...
+
+
+@runtime_checkable
+class Serving(Protocol):
+    """A server that also answers per-batch requests from clients (split learning): runtimes
+    give such a server a per-batch channel (in-process: a direct call; Flower: a stream)."""
+
+    def serve(self, msg: Any) -> Any: ...
+
+
+class Client(Protocol):
+    def handle(self, msg: Any, link: Any) -> Any: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, d: dict) -> None: ...
+
+
+@dataclass(frozen=True)
+class Framework:
+    """A registered framework. ``client_eval(ctx, server, clients)`` (optional) adds metrics at
+    evaluation rounds from the clients' own models, where the runtime holds them in-process."""
+
+    name: str
+    server: Callable[..., Server]
+    client: Callable[..., Client]
+    config: type | None = None
+    title: str = ""
+    client_eval: Callable[..., dict] | None = None
+
+
+_REGISTRY: dict[str, Framework] = {}
+_loaded = False
+
+
+def register(
+    name: str,
+    server: Callable[..., Server],
+    client: Callable[..., Client],
+    *,
+    config: type | None = None,
+    title: str = "",
+    client_eval: Callable[..., dict] | None = None,
+) -> Framework:
+    """Register a framework under ``name`` (``fed.framework=name``); ``config`` is the frozen
+    dataclass of its ``[name]`` config section. Registering a name again replaces it."""
+    fw = Framework(name, server, client, config, title or name, client_eval)
+    _REGISTRY[name] = fw
+    return fw
+
+
+def _load_builtins() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in BUILTIN:
+            importlib.import_module(module)
+
+
+def get(name: str) -> Framework:
+    """The framework registered under ``name``."""
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown framework {name!r}; available: {', '.join(names())}")
+    return _REGISTRY[name]
+
+
+def names() -> list[str]:
+    _load_builtins()
+    return list(_REGISTRY)
+
+
+def sections() -> dict[str, type]:
+    """``{name: config section class}`` of the frameworks that have options."""
+    _load_builtins()
+    return {n: fw.config for n, fw in _REGISTRY.items() if fw.config is not None}
+
+
+def titles() -> dict[str, str]:
+    """Display names, e.g. ``{"kd": "KD-FedLLM"}``."""
+    _load_builtins()
+    return {n: fw.title for n, fw in _REGISTRY.items()}

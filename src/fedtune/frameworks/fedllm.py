@@ -4,8 +4,8 @@ a1  the server sends the global LoRA + head tensors to each sampled client;
 a2  each client fine-tunes them on its private data (Adam, lr 1e-3 by default);
 a3  each client uploads its updated tensors and its sample count;
 a4  the server checks every upload (names, shapes, dtypes, NaN/Inf, ``fed.max_update_norm``),
-    drops the invalid ones and combines the rest with ``fed.aggregator`` (FedAvg weighted by
-    sample count by default; coordinate-wise median or trimmed mean against poisoned clients).
+    drops the invalid ones and combines the rest with the ``fed.aggregator`` strategy (FedAvg
+    weighted by sample count by default; median or trimmed mean against poisoned clients).
     Clients that did not reply (dropout, deadline) are simply absent from the replies.
 """
 
@@ -16,21 +16,23 @@ from collections.abc import Generator
 import numpy as np
 import torch
 
-from ..aggregate import aggregate, screen_updates
+from .. import seeds
+from ..aggregate import build, screen_updates
 from ..context import Context
-from ..engine import BATCHED_STREAM, ClientJob, train_many
+from ..execution.jobs import CrossEntropy, Train
+from ..execution.train import LocalResult, num_local_steps
 from ..messages import PARAMETERS, SERVER, Message, client_name
-from ..train import seed_everything, train_local
-
-NAME = "fedllm"
+from ..models import num_params
+from . import register
 
 
 class Server:
-    """Holds the global trainable state; one ``round`` = a1 (send) then a4 (average)."""
+    """Holds the global trainable state; one ``round`` = a1 (send) then a4 (aggregate)."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.global_state = {k: v.clone() for k, v in ctx.init_state.items()}
+        self.strategy = build(ctx.cfg.fed)
 
     def round(self, rnd: int, clients: list[int]) -> Generator[dict, dict, dict]:
         # a1: broadcast the global adapter.
@@ -39,28 +41,35 @@ class Server:
             for cid in clients
         }
         # a4: validate the uploads (a3), then aggregate the accepted ones.
-        fed = self.ctx.cfg.fed
         sent = {cid: self.global_state for cid in replies}
-        ok, rejected = screen_updates({c: m.tensors for c, m in replies.items()}, sent,
-                                      fed.max_update_norm, {c: m.meta for c, m in replies.items()})  # fmt: skip
+        ok, rejected = screen_updates(
+            {c: m.tensors for c, m in replies.items()},
+            sent,
+            self.ctx.cfg.fed.max_update_norm,
+            {c: m.meta for c, m in replies.items()},
+        )
         metrics: dict = {"rejected": len(rejected), "rejected_reasons": rejected}
         if not ok:  # nothing usable: the global state stays as it was
             return metrics
         weights = [float(replies[c].meta["num_samples"]) for c in ok]
-        self.global_state = aggregate([replies[c].tensors for c in ok], weights, fed.aggregator,
-                                      fed.trim_ratio)  # fmt: skip
+        states = [replies[c].tensors for c in ok]
+        self.global_state = self.strategy(self.global_state, states, weights)
         losses = [float(replies[c].meta["loss"]) for c in ok]
         return {"train_loss": float(np.average(losses, weights=weights)), **metrics}
 
     def eval_state(self) -> dict[str, torch.Tensor]:
         return self.global_state
 
+    def params_exchanged(self) -> int:
+        return num_params(self.global_state)
+
     def state_dict(self) -> dict:
         """What a checkpoint must hold to resume (tensors and small JSON-able values)."""
-        return {"global_state": self.global_state}
+        return {"global_state": self.global_state, "aggregator": self.strategy.state_dict()}
 
     def load_state_dict(self, d: dict) -> None:
         self.global_state = {k: v.to(self.ctx.device) for k, v in d["global_state"].items()}
+        self.strategy.load_state_dict(d["aggregator"])
 
 
 class Client:
@@ -76,48 +85,22 @@ class Client:
     def load_state_dict(self, d: dict) -> None:
         self.opt_state = d["opt_state"]
 
-    def handle(self, msg: Message, link=None) -> Message:
-        ctx, rnd = self.ctx, msg.round
-        seed_everything(ctx.cfg.seed, rnd, self.cid)  # dropout is reproducible per (round, client)
+    def handle(self, msg: Message, link=None) -> Generator[Train, LocalResult, Message]:
+        cfg, idx = self.ctx.cfg, self.ctx.client_samples(self.cid)
         # a2: local fine-tuning starting from the received global adapter.
-        result = train_local(
-            ctx.model,
+        result = yield Train(
             msg.tensors,
             self.opt_state,
-            ctx.data.train,
-            ctx.client_samples(self.cid),
-            ctx.cfg.train,
-            np.random.default_rng([ctx.cfg.seed, rnd, self.cid]),
-            ctx.data.pad_id,
-            ctx.device,
-            desc=f"round {rnd} client {self.cid}",
-            progress=ctx.progress,
+            self.ctx.data.train,
+            idx,
+            CrossEntropy(),
+            seeds.client(cfg.seed, msg.round, self.cid),
+            steps=num_local_steps(len(idx), cfg.train),
         )
-        return self.upload(rnd, result)
-
-    def upload(self, rnd: int, result) -> Message:
-        """a3: the trained adapter with the sample count used as its FedAvg weight."""
         self.opt_state = result.opt_state
-        return Message(
-            PARAMETERS,
-            rnd,
-            client_name(self.cid),
-            SERVER,
-            result.state,
-            {"num_samples": len(self.ctx.client_samples(self.cid)), "loss": result.loss,
-             "steps": result.steps},
-        )  # fmt: skip
+        # a3: the trained adapter with the sample count used as its FedAvg weight.
+        meta = {"num_samples": len(idx), "loss": result.loss, "steps": result.steps}
+        return Message(PARAMETERS, msg.round, client_name(self.cid), SERVER, result.state, meta)
 
 
-def handle_many(ctx: Context, clients: list[Client], msgs: list[Message]) -> list[Message]:
-    """a2 + a3 for several clients in one batched loop (``fed.engine=batched``): the same
-    updates as calling each ``Client.handle`` in turn (see :mod:`fedtune.engine`)."""
-    jobs = [
-        ClientJob(m.tensors, c.opt_state, ctx.client_samples(c.cid),
-                  np.random.default_rng([ctx.cfg.seed, m.round, c.cid]))
-        for c, m in zip(clients, msgs, strict=True)
-    ]  # fmt: skip
-    seed_everything(ctx.cfg.seed, msgs[0].round, BATCHED_STREAM)  # one dropout stream per round
-    results = train_many(ctx.model, jobs, ctx.data.train, ctx.cfg.train, ctx.data.pad_id,
-                         ctx.device)  # fmt: skip
-    return [c.upload(m.round, r) for c, m, r in zip(clients, msgs, results, strict=True)]
+register("fedllm", Server, Client, title="FedLLM")

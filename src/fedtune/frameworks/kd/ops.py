@@ -5,7 +5,7 @@
   confidence weighting of softened client probabilities);
 * public-set selection: :func:`prune_public` (entropy or margin of the global model) and
   :func:`alignment_weights` (toward the clients' aggregate label histogram);
-* the loss :func:`kd_loss` and the training loop :func:`distill` (server b5, client b8).
+* the loss is :class:`fedtune.execution.jobs.Distill` (server b5, client b8).
 
 Shapes: ``S`` public samples in this round's selection, ``C`` classes, ``K`` clients.
 """
@@ -16,19 +16,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-
-from . import compute
-from .config import TrainConfig
-from .data import Tokenized, batches
-from .train import (
-    LocalResult,
-    finish_training,
-    forward_logits,
-    optimizer_step,
-    start_training,
-    to_device,
-)
 
 # ----------------------------------------------------------------------------- wire format
 
@@ -138,8 +125,11 @@ def median_knowledge(probs: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Ten
     med = (x.gather(0, lo) + x.gather(0, hi)).squeeze(0) / 2  # [S, C]
     total = med.sum(-1)
     kept = (n > 0) & torch.isfinite(total) & (total > 0)
-    teacher = torch.where(kept.unsqueeze(-1), med / total.clamp(min=1e-12).unsqueeze(-1),
-                          torch.full_like(med, 1.0 / c))  # fmt: skip
+    teacher = torch.where(
+        kept.unsqueeze(-1),
+        med / total.clamp(min=1e-12).unsqueeze(-1),
+        torch.full_like(med, 1.0 / c),
+    )
     return teacher, kept
 
 
@@ -181,85 +171,3 @@ def alignment_weights(labels: np.ndarray, target_hist: np.ndarray) -> np.ndarray
     if w.sum() <= 0:  # no overlap at all: leave the set unchanged
         return np.ones(len(labels))
     return w * len(w) / w.sum()
-
-
-# ----------------------------------------------------------------------------- distillation
-
-
-def kd_loss(
-    student_logits: torch.Tensor,
-    teacher_probs: torch.Tensor,
-    temperature: float,
-    weights: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``T^2 * KL(teacher || softmax(student / T))``, (weighted) mean over the batch.
-
-    ``student_logits [B, C]``, ``teacher_probs [B, C]`` (zeros allowed), ``weights [B]``.
-    The T^2 factor keeps gradient magnitudes comparable across temperatures (Hinton et al.)."""
-    kl = kd_loss_rows(student_logits, teacher_probs, temperature)  # [B]
-    if weights is None:
-        return kl.mean()
-    return (weights * kl).sum() / weights.sum().clamp(min=1e-12)
-
-
-def kd_loss_rows(
-    student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """``T^2 * KL(teacher || softmax(student / T))`` per row: ``[B, C], [B, C] -> [B]``."""
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    return temperature**2 * F.kl_div(log_q, teacher_probs, reduction="none").sum(-1)  # 0log0=0
-
-
-def distill(
-    model: torch.nn.Module,
-    state: dict[str, torch.Tensor],
-    opt_state: dict | None,
-    data: Tokenized,
-    idx: np.ndarray,
-    teacher: torch.Tensor,
-    cfg: TrainConfig,
-    *,
-    temperature: float,
-    epochs: int,
-    batch_size: int,
-    rng: np.random.Generator,
-    pad_id: int,
-    device: torch.device,
-    weights: np.ndarray | None = None,
-    resample: np.ndarray | None = None,
-    labels: np.ndarray | None = None,
-) -> LocalResult:
-    """Distil ``teacher [S, C]`` (probabilities on ``data[idx]``, ``idx [S]``) into ``state``.
-
-    Each epoch visits the S samples once in shuffled (length-grouped) batches, or, with
-    ``resample [S]`` probabilities, S draws with replacement. ``weights [S]`` weight the loss
-    (0 = skip the sample). ``labels [S]`` adds cross-entropy on true labels (server option)."""
-    params, opt = start_training(model, state, opt_state, cfg)
-    w = torch.ones(len(idx)) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
-    # A view of the selection whose "labels" are row positions, so each batch knows its
-    # teacher rows; batches() then gives the same shuffling and length grouping as training.
-    view = Tokenized([data.ids[i] for i in idx], np.arange(len(idx)))
-    active = np.flatnonzero(w.numpy() > 0)
-    loss_sum = torch.zeros((), device=device)  # accumulated on device: no sync per step
-    # Teacher, weights and labels go to the device once; each step indexes them there.
-    teacher, w_dev = teacher.to(device), w.to(device)
-    labels_dev = None if labels is None else torch.as_tensor(labels, device=device)
-    steps = samples = 0
-    for _ in range(epochs if len(active) else 0):
-        pos = active if resample is None else rng.choice(len(idx), size=len(idx), p=resample)
-        for batch in batches(view, pos, batch_size, pad_id, rng, cfg.group_by_length):
-            batch = to_device(batch, device)
-            rows = batch.pop("labels")  # [B] positions in the selection
-            with compute.step(("distill", cfg.autocast, *batch["input_ids"].shape)):
-                out = forward_logits(model, batch, cfg.autocast)
-                bw = None if resample is not None else w_dev[rows]
-                loss = kd_loss(out, teacher[rows], temperature, bw)
-                if labels_dev is not None:
-                    loss = loss + F.cross_entropy(out, labels_dev[rows])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            optimizer_step(opt, params, cfg)
-            loss_sum += loss.detach()
-            steps += 1
-            samples += len(rows)
-    return finish_training(model, opt, cfg, loss_sum, steps, samples)

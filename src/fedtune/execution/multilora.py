@@ -24,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from .errors import ModelError
+from ..errors import ModelError
 
 
 class Rows:
@@ -130,8 +130,15 @@ class MultiNet:
 
     def flat_grad(self) -> torch.Tensor:
         """The gradients of all stacked parameters as one ``[N, P]`` tensor (zeros if none)."""
-        return torch.cat([p.grad.reshape(self.n, -1) if p.grad is not None
-                          else p.new_zeros((self.n, p[0].numel())) for p in self.params()], 1)  # fmt: skip
+        return torch.cat(
+            [
+                p.grad.reshape(self.n, -1)
+                if p.grad is not None
+                else p.new_zeros((self.n, p[0].numel()))
+                for p in self.params()
+            ],
+            1,
+        )
 
     def view(self, buf: torch.Tensor, slot: int, name: str) -> torch.Tensor:
         """State tensor ``name`` of ``slot`` inside a ``[N, P]`` buffer (a view)."""
@@ -146,16 +153,19 @@ class MultiNet:
             raise ModelError(f"state does not match the model's trainable tensors: {extra}")
         for name, (_, shape, _) in self.layout.items():
             if tuple(state[name].shape) != shape:
-                raise ModelError(f"state tensor {name!r} has shape {tuple(state[name].shape)}, "
-                                 f"expected {shape}")  # fmt: skip
+                raise ModelError(
+                    f"state tensor {name!r} has shape {tuple(state[name].shape)}, expected {shape}"
+                )
             self.view(self.flat, slot, name).copy_(state[name])
 
     @torch.no_grad()
     def state(self, slot: int) -> dict[str, torch.Tensor]:
         """Slot ``slot`` as a trainable-state dict: the names, order and dtypes of
         :func:`fedtune.models.trainable_state`."""
-        return {name: self.view(self.flat, slot, name).to(dtype, copy=True)
-                for name, (_, _, dtype) in self.layout.items()}  # fmt: skip
+        return {
+            name: self.view(self.flat, slot, name).to(dtype, copy=True)
+            for name, (_, _, dtype) in self.layout.items()
+        }
 
 
 def build(peft_model: nn.Module, n: int) -> MultiNet:

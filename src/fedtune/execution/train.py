@@ -1,13 +1,17 @@
-"""Training, evaluation and inference on the shared model, one trainable state at a time.
+"""The training loop, inference and evaluation on the shared model, one state at a time.
 
-Every function takes the shared LoRA model and a trainable state (``dict[name, Tensor]``),
-loads the state into the model, computes, and returns new tensors. Nothing here keeps a copy of
-the model, so N simulated clients cost one backbone plus N small states.
+:func:`train` runs a :class:`~fedtune.execution.jobs.Train` job and :func:`predict` a
+:class:`~fedtune.execution.jobs.Predict` job (the sequential executor's work; the batched
+executor runs the same jobs for many clients at once, see :mod:`.engine`). Every function loads
+a trainable state (``dict[name, Tensor]``) into the shared LoRA model, computes, and returns
+new tensors. Nothing keeps a copy of the model: N simulated clients cost one backbone plus N
+small states.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,15 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import compute
-from .config import TrainConfig
-from .data import Tokenized, batches
-from .models import load_trainable_state, trainable_state
-
-
-def seed_everything(*parts: int) -> None:
-    """Seed torch's RNGs (dropout) from a tuple such as (seed, round, client)."""
-    torch.manual_seed(int(np.random.SeedSequence(list(parts)).generate_state(1)[0]))
+from .. import compute, seeds
+from ..config import TrainConfig
+from ..data import Tokenized, batches
+from ..models import load_trainable_state, trainable_state
+from .jobs import Predict, Train
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -102,42 +102,55 @@ def num_local_steps(n: int, cfg: TrainConfig) -> int:
     return cfg.local_steps or cfg.local_epochs * -(-n // cfg.batch_size)
 
 
-def train_local(
+def job_batches(job: Train, cfg: TrainConfig, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The padded batches of a :class:`~fedtune.execution.jobs.Train` job, in order: the same
+    sequence for every executor (both draw them from this function)."""
+    rng = seeds.rng(job.stream)
+    size = job.batch_size or cfg.batch_size
+    idx = np.asarray(job.idx)
+    steps, passes = 0, 0
+    while len(idx) and (steps < job.steps if job.steps else passes < job.epochs):
+        pos = idx
+        if job.resample is not None:
+            pos = idx[rng.choice(len(idx), size=len(idx), p=job.resample)]
+        for batch in batches(job.data, pos, size, pad_id, rng, cfg.group_by_length):
+            yield batch
+            steps += 1
+            if job.steps and steps >= job.steps:
+                return
+        passes += 1
+
+
+def train(
     model: nn.Module,
-    state: dict[str, torch.Tensor],
-    opt_state: dict | None,
-    data: Tokenized,
-    idx: np.ndarray,
+    job: Train,
     cfg: TrainConfig,
-    rng: np.random.Generator,
     pad_id: int,
     device: torch.device,
-    desc: str = "local",
     progress: bool = False,
 ) -> LocalResult:
-    """Fine-tune ``state`` on ``data[idx]`` with cross-entropy (FedLLM a2, KD b1).
+    """The training loop: run ``job`` on the shared model, one step per batch of
+    :func:`job_batches`, with the job's loss (cross-entropy, distillation, ...).
 
-    Runs ``cfg.local_steps`` steps, or ``cfg.local_epochs`` passes of shuffled batches
-    (``input_ids [B, L]`` dynamically padded). Returns the new state and optimizer state."""
-    params, opt = start_training(model, state, opt_state, cfg)
-    total = num_local_steps(len(idx), cfg)
+    Loads the job's state, rebuilds the optimizer around it, and returns the trained state,
+    the optimizer state and the mean loss."""
+    seeds.seed_torch(job.stream)
+    params, opt = start_training(model, job.state, job.opt_state, cfg)
+    loss_fn = job.loss.to(device)
     loss_sum = torch.zeros((), device=device)  # accumulated on device: no sync per step
     steps = samples = 0
-    bar = tqdm(total=total, desc=desc, leave=False, disable=not progress, unit="step")
-    while steps < total:
-        for batch in batches(data, idx, cfg.batch_size, pad_id, rng, cfg.group_by_length):
-            batch = to_device(batch, device)
-            with compute.step(("train", cfg.autocast, *batch["input_ids"].shape)):
-                loss = F.cross_entropy(forward_logits(model, batch, cfg.autocast), batch["labels"])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            optimizer_step(opt, params, cfg)
-            loss_sum += loss.detach()
-            steps += 1
-            samples += len(batch["labels"])
-            bar.update(1)
-            if steps >= total:
-                break
+    bar = tqdm(total=job.steps or None, leave=False, disable=not progress, unit="step")
+    for batch in job_batches(job, cfg, pad_id):
+        batch = to_device(batch, device)
+        with compute.step((job.loss.name, cfg.autocast, *batch["input_ids"].shape)):
+            loss = loss_fn(forward_logits(model, batch, cfg.autocast), batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        optimizer_step(opt, params, cfg)
+        loss_sum += loss.detach()
+        steps += 1
+        samples += len(batch["labels"])
+        bar.update(1)
     bar.close()
     return finish_training(model, opt, cfg, loss_sum, steps, samples)
 
@@ -171,6 +184,15 @@ def predict_logits(
     result[torch.as_tensor(order)] = logits  # back to idx order
     model.train()
     return result
+
+
+def predict(
+    model: nn.Module, job: Predict, cfg: TrainConfig, pad_id: int, device: torch.device
+) -> torch.Tensor:
+    """Run a :class:`~fedtune.execution.jobs.Predict` job: logits ``[len(idx), C]``."""
+    return predict_logits(
+        model, job.state, job.data, job.idx, cfg.eval_batch_size, pad_id, device, cfg.autocast
+    )
 
 
 def classification_metrics(logits: torch.Tensor, labels: np.ndarray) -> dict[str, float]:

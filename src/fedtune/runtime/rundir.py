@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import RunConfig, to_toml
-from .data import default_data_dir
-from .errors import ConfigError
-from .messages import DOWN, UP, Ledger
-from .models import load_trainable_state
+from ..config import RunConfig, to_toml
+from ..data import default_data_dir
+from ..errors import ConfigError
+from ..messages import DOWN, UP, Ledger
+from ..models import load_trainable_state
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -42,8 +42,10 @@ class RunDir:
         if (path / "summary.json").exists():
             raise ConfigError(f"run directory {path} already holds a run; choose another --out")
         if (path / "metrics.jsonl").exists() or (path / "config.toml").exists():
-            raise ConfigError(f"run directory {path} holds an unfinished run; continue it with "
-                              f"--resume {path}, or choose another --out")  # fmt: skip
+            raise ConfigError(
+                f"run directory {path} holds an unfinished run; continue it with "
+                f"--resume {path}, or choose another --out"
+            )
 
     @staticmethod
     def check_resumable(out: str | Path) -> None:

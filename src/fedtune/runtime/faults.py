@@ -14,13 +14,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from .config import FedConfig
-from .messages import Message
-
-DROPOUT_STREAM = 104_729  # seed stream of the dropout draws, apart from sampling and training
+from .. import seeds
+from ..config import FedConfig
+from ..messages import Message
 
 
 def drops_out(p: float, seed: int, rnd: int, cid: int, attempt: int = 0) -> bool:
@@ -29,7 +27,7 @@ def drops_out(p: float, seed: int, rnd: int, cid: int, attempt: int = 0) -> bool
     other clients were sampled, nor on the order they are visited in."""
     if p <= 0:
         return False
-    return bool(np.random.default_rng([seed, rnd, attempt, cid, DROPOUT_STREAM]).random() < p)
+    return bool(seeds.rng((seed, rnd, attempt, cid, seeds.DROPOUT)).random() < p)
 
 
 def misses_deadline(seconds: float, cid: int, fed: FedConfig) -> bool:

@@ -6,8 +6,9 @@ hyper-parameters, RNG states) as JSON in the file's metadata. It is written to a
 fsynced and renamed over the previous one, so a crash (even SIGKILL) at any instant leaves
 either the previous complete checkpoint or the new complete one. Nothing is pickled.
 
-What it holds (see :func:`capture`): the round it was taken after; the server's and every
-simulated client's ``state_dict()`` (global adapter and head, KD server model and optimizer,
+What it holds (see :func:`capture`): the round it was taken after; the server's
+``state_dict()`` and the transport's (in-process: every client's ``state_dict()``; Flower: the
+run key under which the SuperNodes keep their clients' state) (global adapter and head, KD server model and optimizer,
 split server optimizers, client optimizer states / local models); the Wire's byte ledger (so
 ``summary.json`` totals match an uninterrupted run); the metrics history (``metrics.jsonl`` is
 rewritten from it on resume, dropping lines of rounds after the checkpoint); and the RNG states.
@@ -28,9 +29,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import RunConfig, resume_key
-from .errors import ConfigError
-from .messages import Ledger
+from ..config import RunConfig, resume_key
+from ..errors import ConfigError
+from ..messages import Ledger
 
 VERSION = 1
 FILE = Path("checkpoint") / "state.safetensors"
@@ -59,8 +60,11 @@ def encode_tree(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(obj, dict):
         if all(isinstance(k, str) and not k.startswith("__") for k in obj):
             return {k: encode_tree(v, tensors) for k, v in obj.items()}
-        return {"__items__": [[encode_tree(k, tensors), encode_tree(v, tensors)]
-                              for k, v in obj.items()]}  # fmt: skip
+        return {
+            "__items__": [
+                [encode_tree(k, tensors), encode_tree(v, tensors)] for k, v in obj.items()
+            ]
+        }
     if isinstance(obj, tuple):
         return {"__tuple__": [encode_tree(v, tensors) for v in obj]}
     if isinstance(obj, list):
@@ -104,8 +108,11 @@ def restore_ledger(ledger: Ledger, rows: list[list]) -> None:
 
 
 def rng_states() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-            "python": random.getstate()}  # fmt: skip
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
 
 
 def restore_rng(states: dict) -> None:
@@ -117,31 +124,31 @@ def restore_rng(states: dict) -> None:
 # ----------------------------------------------------------------------------- save / load
 
 
-def capture(rnd: int, cfg: RunConfig, server, clients: dict, ledger: Ledger, history: list) -> dict:
-    """The run's state after round ``rnd``, as a tree for :func:`save`."""
+def capture(rnd: int, cfg: RunConfig, server, transport, history: list) -> dict:
+    """The run's state after round ``rnd``, as a tree for :func:`save`. ``transport`` gives
+    the clients' side (:meth:`~fedtune.runtime.loop.Transport.state_dict`) and the ledger."""
     return {
         "version": VERSION,
         "round": rnd,
         "config": resume_key(cfg),
         "server": server.state_dict(),
-        "clients": {str(cid): c.state_dict() for cid, c in clients.items()},
-        "ledger": ledger_rows(ledger),
+        "clients": transport.state_dict(),
+        "ledger": ledger_rows(transport.wire.ledger),
         "history": history,
         "rng": rng_states(),
     }
 
 
-def restore(state: dict, cfg: RunConfig, server, clients: dict, ledger: Ledger) -> tuple[int, list]:
-    """Load a :func:`capture` tree into fresh server / clients / ledger. Returns
-    ``(round it was taken after, metrics history)``."""
+def restore(state: dict, cfg: RunConfig, server, transport) -> tuple[int, list]:
+    """Load a :func:`capture` tree into a fresh server, the transport's clients and its
+    ledger. Returns ``(round it was taken after, metrics history)``."""
     if state.get("version") != VERSION:
         raise ConfigError(f"checkpoint version {state.get('version')} is not {VERSION}")
     if json.dumps(state["config"], sort_keys=True) != json.dumps(resume_key(cfg), sort_keys=True):
         raise ConfigError("the checkpoint was written under another config than config.toml")
     server.load_state_dict(state["server"])
-    for cid, c in clients.items():
-        c.load_state_dict(state["clients"][str(cid)])
-    restore_ledger(ledger, state["ledger"])
+    transport.load_state_dict(state["clients"], int(state["round"]))
+    restore_ledger(transport.wire.ledger, state["ledger"])
     restore_rng(state["rng"])
     return int(state["round"]), list(state["history"])
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import ModelError
-from .train import autocast
+from ...errors import ModelError
+from ...execution.train import autocast
 
 COMPRESSIONS = ("none", "fp16", "bf16", "int8", "topk")
 _NORMS = ("ln_f", "norm", "final_layernorm", "final_layer_norm")
@@ -57,8 +57,10 @@ def parts(model: nn.Module) -> Parts:
     lists = [n for n, m in (body.named_children() if body else []) if isinstance(m, nn.ModuleList)]
     norms = [n for n in _NORMS if body is not None and hasattr(body, n)]
     if len(lists) != 1 or not norms or not hasattr(hf, "score"):
-        raise ModelError(f"cannot split {type(hf).__name__}: need one block list, a final norm "
-                         "and a 'score' head")  # fmt: skip
+        raise ModelError(
+            f"cannot split {type(hf).__name__}: need one block list, a final norm "
+            "and a 'score' head"
+        )
     return Parts(body, lists[0], norms[0], hf.score)
 
 
@@ -76,8 +78,10 @@ def block_of(model: nn.Module) -> dict[str, int | None]:
         if not q.requires_grad:
             continue
         if id(q) not in where and id(q) not in head:
-            raise ModelError(f"split learning needs every trainable tensor inside a transformer "
-                             f"block or the head; {name!r} is neither")  # fmt: skip
+            raise ModelError(
+                f"split learning needs every trainable tensor inside a transformer "
+                f"block or the head; {name!r} is neither"
+            )
         out[name] = where.get(id(q))
     return out
 
@@ -128,16 +132,18 @@ def last_positions(mask: torch.Tensor) -> torch.Tensor:
     return (pos * (mask != 0)).argmax(-1)
 
 
-def client_forward(model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, k: int,
-                   amp: str = "off") -> torch.Tensor:  # fmt: skip
+def client_forward(
+    model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, k: int, amp: str = "off"
+) -> torch.Tensor:
     """c1: embeddings and blocks ``[0, k)``. ``input_ids, mask [B, L]`` -> ``h [B, L, H]``."""
     p = parts(model)
     with _only_blocks(p, 0, k, final_norm=False), autocast(input_ids.device, amp):
         return p.body(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
 
 
-def server_forward(model: nn.Module, h: torch.Tensor, mask: torch.Tensor, k: int,
-                   amp: str = "off") -> torch.Tensor:  # fmt: skip
+def server_forward(
+    model: nn.Module, h: torch.Tensor, mask: torch.Tensor, k: int, amp: str = "off"
+) -> torch.Tensor:
     """c3: blocks ``[k, n)``, final norm and pooling. ``h [B, L, H]`` -> pooled ``[B, H]``."""
     p = parts(model)
     with _only_blocks(p, k, len(p.blocks), final_norm=True, first_input=h), autocast(h.device, amp):

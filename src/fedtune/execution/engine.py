@@ -1,0 +1,222 @@
+"""Batched engine: the jobs of many clients as one step of one network.
+
+``fed.engine = "batched"`` makes the batched executor (:mod:`.executors`) hand the round's
+:class:`~fedtune.execution.jobs.Train` jobs of many clients to :func:`train_many` and their
+:class:`~fedtune.execution.jobs.Predict` jobs on the same samples to :func:`predict_many`
+(FedLLM's a2, KD's b1, b2 and b8). Step ``t`` of the fused
+loop concatenates step ``t``'s batch of every client that still has steps, runs ONE
+forward/backward through the shared backbone with each row using its own client's adapter
+(:mod:`.multilora`), and applies every client's optimizer step at once:
+
+* the loss is the SUM over clients of each client's mean loss, so the gradient reaching client
+  ``n``'s adapter is exactly its solo gradient (rows never interact in a transformer);
+* Adam/AdamW/SGD are elementwise, so one update over the stacked ``[N, ...]`` tensors equals N
+  separate updates, given a per-client step counter (clients may have different histories) and
+  a per-client mask (a client with fewer local steps stops early: its tensors are untouched);
+* gradient clipping uses each client's own norm.
+
+So batched training equals training the clients one after another (tests/test_engine.py), up
+to float rounding and the dropout RNG stream. Each client's batches are drawn by the same
+:func:`.train.job_batches` as the sequential path.
+No host synchronisation happens inside a step (losses accumulate on the device).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import compute, seeds
+from ..config import TrainConfig
+from ..data import batches
+from . import multilora
+from .jobs import Predict, Train
+from .stacked import StackedOptimizer, optimizer_template
+from .train import LocalResult, autocast, job_batches
+
+MIN_BUCKET_ROWS = 16  # smallest sub-batch a fused step is split into (see length_buckets)
+_NETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # peft model -> MultiNet
+
+
+def multinet(model, n: int) -> multilora.MultiNet:
+    """The cached multi-client network of ``model`` with at least ``n`` slots."""
+    net = _NETS.get(model)
+    if net is None or net.n < n:
+        with torch.inference_mode(False):  # its tensors are trained later: never inference tensors
+            net = multilora.build(model, n)
+        _NETS[model] = net
+    return net
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """Host -> device copy that does not block the host (pinned staging on CUDA)."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def fuse(parts: list[tuple[int, dict]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Concatenate per-client batches ``(slot, batch)`` into one right-padded batch.
+
+    Returns ``input_ids``/``attention_mask [B, L]`` (L = longest part), ``labels [B]`` and
+    ``rows [B]`` (the slot of each row)."""
+    length = max(b["input_ids"].shape[1] for _, b in parts)
+    ids, mask = [], []
+    for _, b in parts:
+        extra = length - b["input_ids"].shape[1]
+        ids.append(F.pad(b["input_ids"], (0, extra), value=pad_id))
+        mask.append(F.pad(b["attention_mask"], (0, extra), value=0))
+    rows = [torch.full((len(b["labels"]),), slot, dtype=torch.long) for slot, b in parts]
+    return {
+        "input_ids": torch.cat(ids),
+        "attention_mask": torch.cat(mask),
+        "labels": torch.cat([b["labels"] for _, b in parts]),
+        "rows": torch.cat(rows),
+        "pos": torch.arange(sum(len(b["labels"]) for _, b in parts)),
+    }
+
+
+def length_buckets(batch: dict[str, torch.Tensor], min_rows: int) -> list[dict[str, torch.Tensor]]:
+    """Split a fused batch into length-sorted sub-batches when that saves >= 5% of the padded
+    tokens per halving (each client's batch has its own length, so the fused batch pads to
+    the longest of all). Sub-batches keep >= ``min_rows`` rows; each is trimmed to its own
+    longest row. Returns ``[batch]`` itself when no split pays."""
+    lengths = batch["attention_mask"].sum(1)
+    order = torch.argsort(lengths, stable=True)
+    rows, best, best_cost = len(lengths), [order], len(lengths) * int(lengths.max())
+    k = 2
+    while rows // k >= min_rows:
+        chunks = order.tensor_split(k)
+        cost = sum(len(c) * int(lengths[c].max()) for c in chunks)
+        if cost > 0.95 * best_cost:
+            break
+        best, best_cost, k = chunks, cost, 2 * k
+    if len(best) == 1:
+        return [batch]
+    return [
+        {key: (v[c, : int(lengths[c].max())] if v.dim() == 2 else v[c]) for key, v in batch.items()}
+        for c in best
+    ]
+
+
+def train_many(
+    model, jobs: list[Train], cfg: TrainConfig, pad_id: int, device
+) -> list[LocalResult]:
+    """Run every :class:`~fedtune.execution.jobs.Train` job as :func:`.train.train` would, all at
+    once: one fused step per local step index. Returns one ``LocalResult`` per job, in order.
+
+    Each job keeps its own loss: a fused step runs the forward pass of all rows (in
+    length-sorted sub-batches when that saves padding), then each client's loss on its own rows;
+    their sum is back-propagated once."""
+    n = len(jobs)
+    mnet = multinet(model, n)
+    opt = StackedOptimizer(mnet, cfg, optimizer_template(model, cfg))
+    for slot, job in enumerate(jobs):
+        mnet.load(slot, job.state)
+        opt.load(slot, job.opt_state if cfg.optimizer_state == "keep" else None)
+    mnet.net.train()
+    seeds.seed_torch(seeds.batched(jobs[0].stream))  # one dropout stream for the fused job
+    losses = [job.loss.to(device) for job in jobs]
+    streams = [job_batches(job, cfg, pad_id) for job in jobs]
+    loss_sum = torch.zeros(n, device=device)  # per-client, on device: no sync per step
+    steps, samples = [0] * n, [0] * n
+    while True:
+        parts = []
+        for slot, stream in enumerate(streams):
+            b = next(stream, None)
+            if b is not None:
+                parts.append((slot, b))
+                steps[slot] += 1
+                samples[slot] += len(b["labels"])
+        if not parts:
+            break
+        fused = fuse(parts, pad_id)  # on the host: bucketing below needs no device sync
+        subs = length_buckets(fused, MIN_BUCKET_ROWS)
+        sizes = [len(b["labels"]) for _, b in parts]
+        uniform = len(subs) == 1 and len(set(sizes)) == 1
+        key = (
+            "train_many",
+            cfg.autocast,
+            tuple((losses[s].name, len(b["labels"])) for s, b in parts),
+            uniform,
+            tuple(tuple(sub["input_ids"].shape) for sub in subs),
+        )
+        opt.zero_grad()
+        with compute.step(key):
+            logits = fused_logits(mnet, subs, parts, uniform, cfg.autocast, device)
+            labels = to_device(fused["labels"], device)
+            total, start = 0, 0
+            for (slot, _), size in zip(parts, sizes, strict=True):
+                rows = slice(start, start + size)
+                loss = losses[slot](logits[rows], {"labels": labels[rows]})
+                loss_sum[slot] += loss.detach()
+                total, start = total + loss, start + size
+            total.backward()
+        active = torch.zeros(mnet.n, dtype=torch.bool)
+        active[[s for s, _ in parts]] = True
+        opt.step(to_device(active, device))
+    mnet.set_rows(None)
+    mean = loss_sum.cpu().tolist()
+    return [
+        LocalResult(
+            state=mnet.state(slot),
+            opt_state=opt.state_dict(slot) if cfg.optimizer_state == "keep" else None,
+            loss=mean[slot] / max(steps[slot], 1),
+            steps=steps[slot],
+            samples=samples[slot],
+        )
+        for slot in range(n)
+    ]
+
+
+def fused_logits(mnet, subs: list[dict], parts: list, uniform: bool, amp: str, device):
+    """Logits ``[B, C]`` of a fused batch, in fused row order, from its sub-batches."""
+    out, pos = [], []
+    for sub in subs:
+        batch = {k: to_device(v, device) for k, v in sub.items()}
+        slots = to_device(torch.tensor([s for s, _ in parts]), device) if uniform else None
+        mnet.set_rows(batch["rows"], slots)
+        with autocast(batch["input_ids"].device, amp):
+            o = mnet.net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out.append(o.logits.float())
+        pos.append(batch["pos"])
+    if len(out) == 1:
+        return out[0]
+    return torch.cat(out)[torch.argsort(torch.cat(pos))]
+
+
+@torch.inference_mode()
+def predict_many(model, jobs: list[Predict], cfg: TrainConfig, pad_id: int, device) -> list:
+    """Every job's logits ``[len(idx), C]`` (float32, CPU, ``idx`` order) on the SAME samples
+    (KD's b2), computed as one pass whose batches hold ``eval_batch_size / N`` samples of each
+    of the N clients (length-sorted, so little padding)."""
+    n, data, idx = len(jobs), jobs[0].data, np.asarray(jobs[0].idx)
+    mnet = multinet(model, n)
+    for slot, job in enumerate(jobs):
+        mnet.load(slot, job.state)
+    mnet.net.eval()
+    order = np.argsort([len(data.ids[i]) for i in idx], kind="stable")
+    per = max(1, cfg.eval_batch_size // n)  # samples per fused batch: each repeated n times
+    outs: list[torch.Tensor] = []
+    for batch in batches(data, idx[order], per, pad_id):
+        b = len(batch["labels"])
+        ids = to_device(batch["input_ids"].repeat(n, 1), device)
+        mask = to_device(batch["attention_mask"].repeat(n, 1), device)
+        slots = torch.arange(n, device=device)
+        mnet.set_rows(slots.repeat_interleave(b), slots)
+        amp = cfg.autocast
+        with compute.step(("infer_many", amp, n, *ids.shape)), autocast(ids.device, amp):
+            logits = mnet.net(input_ids=ids, attention_mask=mask).logits.float()
+        outs.append(logits.view(n, b, -1))
+    mnet.set_rows(None)
+    mnet.net.train()
+    logits = torch.cat(outs, dim=1).cpu()  # [n, S, C] in sorted order
+    result = torch.empty_like(logits)
+    result[:, torch.as_tensor(order)] = logits
+    return list(result.unbind(0))

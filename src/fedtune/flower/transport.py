@@ -1,0 +1,230 @@
+"""The Flower transport: the round loop's exchanges travel through a Flower ``Grid``.
+
+Every fedtune :class:`~fedtune.messages.Message` is encoded once (``Wire.send``, counted) and
+travels as the ``blob`` bytes of a Flower ``ConfigRecord``; replies are decoded and counted on
+arrival. Each SuperNode counts the same bytes on its side and reports them; the two counts must
+agree. A framework whose server answers per-batch requests (:class:`~fedtune.frameworks.Serving`,
+split learning) gets a direct gRPC stream per client and round (:mod:`.split_link`).
+
+Client state lives on the SuperNodes (:mod:`.node`), keyed by a run key that the server
+creates once per run and keeps in its checkpoint. A resumed run sends the same key and the
+round it resumes after; each node rolls its client back to its state after that round.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from .. import config
+from ..compute import ComputeStats
+from ..context import Context
+from ..errors import ConfigError, FedtuneError, MessageError
+from ..frameworks import Framework, Server, Serving
+from ..messages import DOWN, UP, Wire, client_name
+from ..messages import Message as FedMessage
+from ..runtime import faults
+from ..runtime.records import RoundState
+from .client_app import RECORD
+from .split_link import receive_counted, start_split_service
+
+
+def exchange(grid: Grid, messages: list[Message], timeout: float, poll: float = 0.1) -> list:
+    """``grid.send_and_receive`` with a short poll: Flower 1.41's polls every 3 s, which adds
+    up to 3 s to every exchange of every round; this pulls replies every ``poll`` seconds."""
+    pending = set(grid.push_messages(messages))
+    deadline, out = time.monotonic() + timeout, []
+    while pending and time.monotonic() < deadline:
+        got = list(grid.pull_messages(pending))
+        out += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if any(m.has_error() for m in got):
+            break  # the caller reports it; waiting for the others would only delay that
+        if pending:
+            time.sleep(poll)
+    return out
+
+
+def reason(m: Message) -> str:
+    """The one-line cause in a Flower error reply (``"<class 'X'>:<'text'>"`` -> ``text``)."""
+    found = re.fullmatch(r"<class '[\w.]+'>:<'(.*)'>", m.error.reason, re.S)
+    return found.group(1) if found else m.error.reason
+
+
+def discover(grid: Grid, n: int, timeout: float) -> dict[int, int]:
+    """Wait for ``n`` SuperNodes and ask each its partition id: ``{cid: node_id}``."""
+    deadline = time.monotonic() + timeout
+    while len(ids := list(grid.get_node_ids())) < n:
+        if time.monotonic() > deadline:
+            raise FedtuneError(f"{len(ids)} of {n} SuperNodes connected after {timeout:g} s")
+        time.sleep(0.5)
+    asks = [
+        Message(RecordDict({RECORD: ConfigRecord({})}), dst_node_id=i, message_type="query")
+        for i in ids
+    ]
+    nodes: dict[int, int] = {}
+    for m in exchange(grid, asks, timeout):
+        if m.has_error():
+            raise FedtuneError(f"SuperNode {m.metadata.src_node_id}: {reason(m)}")
+        pid = int(m.content[RECORD]["partition-id"])
+        if pid in nodes:
+            raise ConfigError(f"two SuperNodes have partition-id {pid}")
+        nodes[pid] = m.metadata.src_node_id
+    missing = sorted(set(range(n)) - set(nodes))
+    if missing:
+        raise ConfigError(
+            f"no SuperNode answered with partition-id {missing} (have {sorted(nodes)})"
+        )
+    return {c: nodes[c] for c in range(n)}
+
+
+class FlowerTransport:
+    """Exchanges over a Flower ``grid``; ``rc`` is the ServerApp's run config."""
+
+    name = "flower"
+
+    def __init__(self, grid: Grid, rc: dict, log=print) -> None:
+        self.grid, self.rc, self.log = grid, rc, log
+        self.wire = Wire()
+        self.timeout = float(rc.get("round-timeout", 3600))
+        self.run_key = secrets.token_hex(16)  # names this run's client state on the nodes
+        self.resumed_after: int | None = None
+        self.service = self.grpc_server = None
+        self.tokens: dict[int, str] = {}
+        self.counted: dict[int, dict[str, int]] = {}
+
+    def start(self, ctx: Context, fw: Framework, server: Server) -> None:
+        cfg = ctx.cfg
+        self.fed = cfg.fed
+        self.wire.max_bytes = cfg.fed.max_message_bytes
+        n = len(ctx.data.client_idx)
+        self.nodes = discover(self.grid, n, float(self.rc.get("node-timeout", 120)))
+        self.by_node = {node: cid for cid, node in self.nodes.items()}
+        pairs = ", ".join(f"{c}->{v}" for c, v in self.nodes.items())
+        self.log(f"fedtune: {n} SuperNodes: {pairs}")
+        if isinstance(server, Serving):
+            rc = self.rc
+            self.service, self.grpc_server, port = start_split_service(
+                server,
+                self.wire,
+                str(rc.get("split-bind", "0.0.0.0:0")),
+                certfile=str(rc.get("split-certfile", "")) or None,
+                keyfile=str(rc.get("split-keyfile", "")) or None,
+                workers=n + 4,
+            )
+            self.service.address = f"{rc.get('split-host', '127.0.0.1')}:{port}"
+            self.log(
+                f"fedtune: split server listening on port {port}, "
+                f"clients use {self.service.address}"
+            )
+        self.header = {
+            "config": config.to_toml(cfg),
+            "labels": ctx.data.label_names,
+            "timeout": self.timeout,
+        }
+
+    def begin_round(self, rs: RoundState) -> None:
+        self.counted = {cid: {UP: 0, DOWN: 0} for cid in rs.sampled}
+        if self.service is not None:  # a client that drops out never opens its stream
+            working = [c for c in rs.sampled if c not in rs.dropping]
+            self.tokens = self.service.begin_round(rs.rnd, working, rs.server_meter)
+
+    def exchange(self, rs: RoundState, outgoing: dict[int, FedMessage]) -> dict[int, FedMessage]:
+        out = []
+        for cid, msg in outgoing.items():
+            h = dict(
+                self.header,
+                run_key=self.run_key,
+                resumed_after=self.resumed_after,
+                keep_after=self.keep_after(rs.rnd),
+                drop=cid in rs.dropping,
+            )
+            if cid in self.tokens:
+                h["split"] = {
+                    "address": self.service.address,
+                    "token": self.tokens[cid],
+                    "timeout": self.timeout,
+                }
+            rec = ConfigRecord({"header": json.dumps(h), "blob": self.wire.send(msg)})
+            out.append(
+                Message(
+                    RecordDict({RECORD: rec}),
+                    dst_node_id=self.nodes[cid],
+                    message_type="train",
+                    group_id=str(rs.rnd),
+                )
+            )
+        got: dict[int, FedMessage | None] = {}
+        answered: set[int] = set()
+        for m in exchange(self.grid, out, self.timeout):
+            cid = self.by_node.get(m.metadata.src_node_id)
+            if cid is None or cid not in outgoing or cid in answered:
+                continue
+            if m.has_error():
+                raise FedtuneError(f"{client_name(cid)} failed in round {rs.rnd}: {reason(m)}")
+            answered.add(cid)
+            rec = m.content[RECORD]
+            h = json.loads(str(rec["header"]))
+            rs.meters[cid].stats.add(ComputeStats(**h["stats"]))
+            for d in (UP, DOWN):
+                self.counted[cid][d] += int(h["counted"][d])
+            if not h["reply"]:
+                continue
+            if faults.misses_deadline(rs.meters[cid].stats.seconds, cid, self.fed):
+                rs.lost[cid] = "deadline"  # its reply is discarded, never received
+                continue
+            try:
+                got[cid] = receive_counted(self.wire, bytes(rec["blob"]))
+            except MessageError as e:
+                rs.lost[cid] = f"unreadable reply: {e}"
+        for cid in outgoing:
+            if cid not in answered or cid in rs.dropping:
+                rs.lost.setdefault(cid, "dropout")  # got its download and never answered
+        # in the sending order, like the in-process transport (float sums depend on it)
+        return {c: got[c] for c in outgoing if got.get(c) is not None}
+
+    def keep_after(self, rnd: int) -> int | None:
+        """The last round a checkpoint was (or will have been) written after before ``rnd``:
+        nodes keep client snapshots from then on; None when checkpoints are off."""
+        every = self.fed.checkpoint_every
+        if not every:
+            return None
+        return max(self.resumed_after or 0, (rnd - 1) // every * every)
+
+    def end_round(self, rs: RoundState) -> None:
+        totals = self.wire.ledger.round_totals(rs.rnd)
+        for cid in (c for c in rs.sampled if c not in rs.lost):
+            t = totals.get(client_name(cid), {})
+            mine = {d: sum(t.get(d, {}).values()) for d in (UP, DOWN)}
+            if mine != self.counted[cid]:
+                raise MessageError(
+                    f"round {rs.rnd}: server counted {mine} bytes for "
+                    f"{client_name(cid)}, the client {self.counted[cid]}"
+                )
+
+    def local_clients(self) -> None:
+        return None  # the clients' models live on the SuperNodes
+
+    def state_dict(self) -> dict:
+        return {"run_key": self.run_key}
+
+    def load_state_dict(self, d: dict, after_round: int) -> None:
+        if "run_key" not in d:
+            raise ConfigError(
+                "the checkpoint was written by the in-process runtime; "
+                "resume it with `fedtune run --resume`"
+            )
+        self.run_key, self.resumed_after = str(d["run_key"]), after_round
+
+    def summary(self) -> dict:
+        return {"nodes": {str(c): str(v) for c, v in self.nodes.items()}}
+
+    def close(self) -> None:
+        if self.grpc_server is not None:
+            self.service.close()
+            self.grpc_server.stop(grace=1)

@@ -1,0 +1,124 @@
+"""KD-FedLLM's client: fine-tunes its own model (b1), uploads its public logits (b2, b3) and
+distils the global logits into its model (b8). See the package docstring."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+
+import numpy as np
+import torch
+
+from ... import seeds
+from ...context import Context
+from ...errors import MessageError
+from ...execution.jobs import CrossEntropy, Distill, Predict, Train
+from ...execution.train import evaluate, num_local_steps
+from ...messages import LABELS, LOGITS, METADATA, SERVER, Message, client_name
+from .common import distill_batch_size, public_candidates, received_logits, selection_view
+from .ops import pack_logits
+
+
+class Client:
+    """A client's persistent local model is its trainable state + optimizer state (no model
+    copy) and the public selection of the current round."""
+
+    def __init__(self, ctx: Context, cid: int) -> None:
+        self.ctx, self.cid = ctx, cid
+        self.state = {k: v.clone() for k, v in ctx.init_state.items()}
+        self.opt_state: dict | None = None
+        self.candidates = public_candidates(ctx)
+        self.selection = self.candidates  # indices into train of this round's public samples
+
+    def state_dict(self) -> dict:
+        return {"state": self.state, "opt_state": self.opt_state, "selection": self.selection}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.state = {k: v.to(self.ctx.device) for k, v in d["state"].items()}
+        self.opt_state, self.selection = d["opt_state"], np.asarray(d["selection"])
+
+    def handle(self, msg: Message, link=None) -> Generator[Train | Predict, object, Message | None]:
+        if msg.kind == METADATA and msg.meta.get("request") == "labels":
+            return self.send_histogram(msg.round)
+        if msg.kind == METADATA:
+            self.select(msg)
+            # b1: fine-tune the local model on the private data.
+            cfg, idx = self.ctx.cfg, self.ctx.client_samples(self.cid)
+            steps = num_local_steps(len(idx), cfg.train)
+            stream = seeds.client(cfg.seed, msg.round, self.cid)
+            result = yield Train(
+                self.state, self.opt_state, self.ctx.data.train, idx, CrossEntropy(), stream, steps
+            )
+            self.state, self.opt_state = result.state, result.opt_state
+            # b2: logits on the public selection (its labels are never read here).
+            logits = yield Predict(self.state, self.ctx.data.train, self.selection)
+            return self.upload(msg.round, result.loss, logits)
+        if msg.kind == LOGITS:
+            return (yield from self.distill_global(msg))
+        raise MessageError(f"client {self.cid} cannot handle a {msg.kind!r} message")
+
+    def send_histogram(self, rnd: int) -> Message:
+        """Alignment: the private label counts ``[C]`` (int32), sent once."""
+        d = self.ctx.data
+        hist = np.bincount(
+            d.train.labels[self.ctx.client_samples(self.cid)], minlength=d.num_labels
+        )
+        return Message(
+            LABELS,
+            rnd,
+            client_name(self.cid),
+            SERVER,
+            {"histogram": torch.from_numpy(hist.astype(np.int32))},
+        )
+
+    def select(self, msg: Message) -> None:
+        if "keep" in msg.tensors:  # the server pruned the public set for this round
+            n = len(self.candidates)
+            mask = np.unpackbits(msg.tensors["keep"].numpy(), count=n).astype(bool)
+            self.selection = self.candidates[mask]
+
+    def upload(self, rnd: int, loss: float, logits: torch.Tensor) -> Message:
+        """b3: upload the logits, compressed; the loss is fixed-width so sizes do not depend
+        on it."""
+        kd = self.ctx.cfg.kd
+        meta = {"num_samples": len(self.ctx.client_samples(self.cid)), "loss": f"{loss:.6e}"}
+        tensors = pack_logits(logits, kd.topk, kd.logit_dtype)
+        return Message(LOGITS, rnd, client_name(self.cid), SERVER, tensors, meta)
+
+    def distill_global(self, msg: Message) -> Generator[Train, object, None]:
+        """b8: distil the global model's logits on the selection into the local model."""
+        ctx, kd = self.ctx, self.ctx.cfg.kd
+        if kd.client_distill_epochs == 0:
+            return None
+        global_logits = received_logits(msg, len(self.selection), ctx.data.num_labels, SERVER)
+        result = yield Train(
+            self.state,
+            self.opt_state,
+            selection_view(ctx.data.train, self.selection),
+            np.arange(len(self.selection)),
+            Distill((global_logits / kd.temperature).softmax(-1), kd.temperature),
+            seeds.client(ctx.cfg.seed, msg.round, self.cid, job=1),
+            epochs=kd.client_distill_epochs,
+            batch_size=distill_batch_size(ctx),
+        )
+        self.state, self.opt_state = result.state, result.opt_state
+        return None
+
+
+def client_eval(ctx: Context, server, clients: dict[int, Client]) -> dict:
+    """Mean test accuracy of the clients' local models (the global model is the headline)."""
+    if not ctx.cfg.kd.client_eval:
+        return {}
+    cfg, d = ctx.cfg, ctx.data
+    accs = [
+        evaluate(
+            ctx.model,
+            cl.state,
+            d.test,
+            cfg.train.eval_batch_size,
+            d.pad_id,
+            ctx.device,
+            cfg.train.autocast,
+        )["accuracy"]
+        for _, cl in sorted(clients.items())
+    ]
+    return {"client_accuracy": float(np.mean(accs)), "client_accuracies": accs}

@@ -1,0 +1,75 @@
+"""What KD-FedLLM's server and clients share: the public selection and the logit checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ... import seeds
+from ...context import Context
+from ...data import Tokenized
+from ...errors import ConfigError, MessageError
+from ...execution.train import predict_logits
+from ...messages import Message
+from .ops import unpack_logits
+
+
+def public_candidates(ctx: Context) -> np.ndarray:
+    """Indices into ``ctx.data.train`` of the public samples in use (``[N]``, sorted)."""
+    pub, n = ctx.data.public_idx, ctx.cfg.kd.public_samples
+    if len(pub) == 0:
+        raise ConfigError("config key data.public_size: KD-FedLLM needs a public set (> 0)")
+    if n > len(pub):
+        raise ConfigError(f"config key kd.public_samples: {n} > public set size {len(pub)}")
+    return public_subset(pub, n, ctx.cfg.seed)
+
+
+def public_subset(public_idx: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """A seeded uniform subset of ``n`` public indices (``[n]``, sorted); 0 = all of them.
+
+    Not the first ``n``: dataset files are often grouped by class (Banking77's train.csv is),
+    so a prefix would hold a handful of classes. The subsets are nested (the first ``n`` of
+    one seeded permutation), so a public-size sweep compares growing sets, not different ones."""
+    if n == 0 or n >= len(public_idx):
+        return np.asarray(public_idx)
+    order = seeds.rng((seed, seeds.PUBLIC_SUBSET)).permutation(len(public_idx))
+    return np.sort(np.asarray(public_idx)[order[:n]])
+
+
+def distill_batch_size(ctx: Context) -> int:
+    return ctx.cfg.kd.distill_batch_size or ctx.cfg.train.batch_size
+
+
+def public_logits(ctx: Context, state: dict[str, torch.Tensor], idx: np.ndarray) -> torch.Tensor:
+    """``state``'s logits ``[len(idx), C]`` on public samples ``idx`` (indices into train)."""
+    cfg, d = ctx.cfg, ctx.data
+    return predict_logits(
+        ctx.model,
+        state,
+        d.train,
+        idx,
+        cfg.train.eval_batch_size,
+        d.pad_id,
+        ctx.device,
+        cfg.train.autocast,
+    )
+
+
+def received_logits(msg: Message, rows: int, num_classes: int, sender: str) -> torch.Tensor:
+    """Unpack and check a LOGITS message: ``[rows, C]``, no NaN / +inf (top-k gives -inf)."""
+    try:
+        logits = unpack_logits(msg.tensors, num_classes)
+    except (KeyError, RuntimeError, IndexError) as e:
+        raise MessageError(f"logits from {sender} are malformed: {e}") from None
+    if logits.shape != (rows, num_classes) or logits.isnan().any() or torch.isposinf(logits).any():
+        raise MessageError(
+            f"logits from {sender}: shape {list(logits.shape)} or NaN/Inf, "
+            f"expected [{rows}, {num_classes}]"
+        )
+    return logits
+
+
+def selection_view(data: Tokenized, idx: np.ndarray) -> Tokenized:
+    """The public samples ``data[idx]`` as a dataset whose labels are their row positions
+    ``0..S-1``: a distillation job's batches then know their rows of the teacher ``[S, C]``."""
+    return Tokenized([data.ids[i] for i in idx], np.arange(len(idx)))

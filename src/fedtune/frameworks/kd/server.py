@@ -1,0 +1,171 @@
+"""KD-FedLLM's server: aggregates client knowledge (b4), distils it into the global model (b5),
+computes the global logits (b6) and broadcasts them (b7). See the package docstring."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+
+import numpy as np
+import torch
+
+from ... import seeds
+from ...aggregate import meta_problem
+from ...context import Context
+from ...errors import ConfigError, MessageError
+from ...execution.jobs import Distill, Train
+from ...execution.train import train
+from ...messages import LOGITS, METADATA, SERVER, Message, client_name
+from .common import (
+    distill_batch_size,
+    public_candidates,
+    public_logits,
+    received_logits,
+    selection_view,
+)
+from .ops import (
+    aggregate_knowledge,
+    alignment_weights,
+    label_distribution,
+    pack_logits,
+    prune_public,
+    tv_distance,
+)
+
+
+class Server:
+    """The global model (state + optimizer state), the last global logits on the public set
+    and the clients' label histograms (alignment only)."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.candidates = public_candidates(ctx)
+        if ctx.cfg.kd.topk >= ctx.data.num_labels:
+            raise ConfigError(
+                f"config key kd.topk: must be < the number of classes "
+                f"({ctx.data.num_labels}), got {ctx.cfg.kd.topk}"
+            )
+        self.state = {k: v.clone() for k, v in ctx.init_state.items()}
+        self.opt_state: dict | None = None
+        self.global_logits: torch.Tensor | None = None  # [N, C] from the last b6
+        self.histograms: dict[int, np.ndarray] = {}  # cid -> [C] private label counts
+
+    def round(self, rnd: int, clients: list[int]) -> Generator[dict, dict, dict]:
+        ctx, kd = self.ctx, self.ctx.cfg.kd
+        c, n = ctx.data.num_labels, len(self.candidates)
+        metrics: dict = {}
+        rejected: dict[str, str] = {}  # client id -> why its reply was not used
+        # Alignment: ask each client for its label histogram the first time it is sampled.
+        missing = [cid for cid in clients if cid not in self.histograms]
+        if kd.align != "none" and missing:
+            replies = yield {
+                cid: Message(METADATA, rnd, SERVER, client_name(cid), meta={"request": "labels"})
+                for cid in missing
+            }
+            for cid, msg in replies.items():
+                t = msg.tensors.get("histogram", torch.zeros(0))
+                hist = np.zeros(0) if t.is_floating_point() else t.numpy().astype(np.int64)
+                if hist.shape != (c,) or (hist < 0).any() or hist.sum() == 0:
+                    rejected[str(cid)] = "malformed label histogram"  # asked again next round
+                else:
+                    self.histograms[cid] = hist
+        # Pruning: this round's selection by the global model's logits (the initial model's in
+        # round 1, computed here); clients learn it from a bitmask in the start message.
+        start: dict[str, torch.Tensor] = {}
+        sel = np.arange(n)
+        if kd.prune != "none":
+            if self.global_logits is None:
+                self.global_logits = public_logits(ctx, self.state, self.candidates)
+            sel = prune_public(self.global_logits, kd.prune, kd.prune_keep)
+            mask = np.zeros(n, dtype=bool)
+            mask[sel] = True
+            start["keep"] = torch.from_numpy(np.packbits(mask))
+        metrics["public_samples"] = len(sel)
+
+        # b1-b3 happen in Client.handle; the replies are the uploaded client logits.
+        replies = yield {
+            cid: Message(METADATA, rnd, SERVER, client_name(cid), start, {"step": "start"})
+            for cid in clients
+        }
+        # b4: global knowledge = weighted mean of the clients' softened probabilities, over the
+        # clients that replied (dropout, deadline) with valid logits and metadata.
+        logits, cids = [], []
+        for i in sorted(replies):
+            try:
+                if why := meta_problem(replies[i].meta):
+                    raise MessageError(why)
+                if kd.align != "none" and i not in self.histograms:
+                    raise MessageError("no valid label histogram")
+                logits.append(received_logits(replies[i], len(sel), c, client_name(i)))
+                cids.append(i)
+            except MessageError as e:
+                rejected[str(i)] = str(e)
+        metrics.update(rejected=len(rejected), rejected_reasons=rejected)
+        if not cids:  # nothing usable: the global model stays as it was
+            return metrics
+        sizes = [int(float(replies[i].meta["num_samples"])) for i in cids]
+        teacher, kept = aggregate_knowledge(
+            logits, kd.temperature, kd.aggregate, sizes, kd.entropy_threshold
+        )
+        metrics["train_loss"] = float(
+            np.average([float(replies[i].meta["loss"]) for i in cids], weights=sizes)
+        )
+        metrics["knowledge_kept"] = float(kept.float().mean())
+        weights = kept.numpy().astype(np.float64)  # samples every client was unsure of: 0
+        public_y = ctx.data.train.labels[self.candidates[sel]]
+        labels = public_y if kd.server_uses_public_labels else None
+        if kd.align != "none":
+            # Public labels are unknown by default: use the teacher's argmax (the clients'
+            # consensus), available from round 1 on, unlike the untrained global model's.
+            pseudo = public_y if kd.server_uses_public_labels else teacher.argmax(-1).numpy()
+            target = sum(self.histograms[i] for i in cids)
+            weights = weights * alignment_weights(pseudo, target)
+            goal = target / target.sum()
+            metrics["align_tv_before"] = tv_distance(label_distribution(pseudo, c), goal)
+            metrics["align_tv_after"] = tv_distance(label_distribution(pseudo, c, weights), goal)
+        resample = weights / weights.sum() if kd.align == "resample" and weights.sum() > 0 else None
+        # b5: distil the global knowledge into the global model (the server's own optimizer).
+        if resample is None:  # weighted rows; rows of weight 0 are skipped
+            rows, w = np.flatnonzero(weights > 0), torch.as_tensor(weights, dtype=torch.float32)
+        else:  # each epoch draws S rows with these probabilities
+            rows, w = np.arange(len(sel)), None
+        y = None if labels is None else torch.as_tensor(labels)
+        job = Train(
+            self.state,
+            self.opt_state,
+            selection_view(ctx.data.train, self.candidates[sel]),
+            rows,
+            Distill(teacher, kd.temperature, w, y),
+            (ctx.cfg.seed, rnd, seeds.KD_SERVER),
+            epochs=kd.server_epochs,
+            batch_size=distill_batch_size(ctx),
+            resample=resample,
+        )
+        result = train(ctx.model, job, ctx.cfg.train, ctx.data.pad_id, ctx.device)
+        self.state, self.opt_state = result.state, result.opt_state
+        metrics["server_distill_loss"] = result.loss
+        # b6: the global model's logits on all candidates (the next round prunes with them).
+        self.global_logits = public_logits(ctx, self.state, self.candidates)
+        # b7: broadcast them on this round's selection; b8 happens in Client.handle.
+        down = pack_logits(self.global_logits[sel], kd.topk, kd.logit_dtype)
+        yield {cid: Message(LOGITS, rnd, SERVER, client_name(cid), down) for cid in replies}
+        return metrics
+
+    def eval_state(self) -> dict[str, torch.Tensor]:
+        return self.state
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must hold to resume (tensors and small JSON-able values)."""
+        return {
+            "state": self.state,
+            "opt_state": self.opt_state,
+            "global_logits": self.global_logits,
+            "histograms": self.histograms,
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        self.state = {k: v.to(self.ctx.device) for k, v in d["state"].items()}
+        self.opt_state, self.global_logits = d["opt_state"], d["global_logits"]
+        self.histograms = {int(k): np.asarray(v) for k, v in d["histograms"].items()}
+
+    def params_exchanged(self) -> int:
+        return 0  # only logits travel; see the module docstring

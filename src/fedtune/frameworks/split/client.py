@@ -1,0 +1,99 @@
+"""Split-FedLLM's client: its first blocks' forward (c1), the exchange with the server (c2, c4)
+and the backward through its blocks (c5); uploads its LoRA each round (cc3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ... import compute, seeds
+from ...context import Context
+from ...data import batches
+from ...execution.train import make_optimizer, optimizer_step, to_device
+from ...messages import ACTIVATIONS, GRADIENTS, LABELS, PARAMETERS, SERVER, Message, client_name
+from ...models import load_trainable_state
+from .layers import round_samples
+from .model import client_forward, compress, decompress, head_logits
+
+
+class Client:
+    """A simulated client: its optimizer over its own blocks' LoRA, never a model copy."""
+
+    def __init__(self, ctx: Context, cid: int) -> None:
+        self.ctx, self.cid = ctx, cid
+        self.opt: torch.optim.Optimizer | None = None
+        self.saved_opt: dict | None = None  # optimizer state from a checkpoint, loaded lazily
+
+    def state_dict(self) -> dict:
+        return {"opt": self.opt.state_dict() if self.opt is not None else self.saved_opt}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.opt, self.saved_opt = None, d["opt"]
+
+    def handle(self, msg: Message, link) -> Message:
+        ctx, rnd, me = self.ctx, msg.round, client_name(self.cid)
+        t, s = ctx.cfg.train, ctx.cfg.split
+        stream = seeds.client(ctx.cfg.seed, rnd, self.cid)
+        seeds.seed_torch(stream)  # dropout is reproducible per (round, client)
+        k = int(msg.meta["split_layer"])
+        load_trainable_state(ctx.model, msg.tensors)
+        params = dict(ctx.model.named_parameters())
+        mine = [params[n] for n in msg.tensors]
+        if self.opt is None or t.optimizer_state == "reset":
+            self.opt = make_optimizer(mine, t)
+            if self.saved_opt is not None and t.optimizer_state == "keep":
+                self.opt.load_state_dict(self.saved_opt)  # resumed from a checkpoint
+            self.saved_opt = None
+        ctx.model.train()
+        idx = round_samples(ctx, self.cid, rnd)
+        rng = seeds.rng(stream)
+        round_batches = list(
+            batches(ctx.data.train, idx, t.batch_size, ctx.data.pad_id, rng, t.group_by_length)
+        )
+        if not s.u_shaped:  # c2 (labels): the labels of every batch of the round, in order
+            labels = torch.cat([b["labels"] for b in round_batches])
+            link.call(Message(LABELS, rnd, me, SERVER, {"labels": labels}))
+        losses = []
+        for batch in round_batches:
+            losses.append(self.step(to_device(batch, ctx.device), k, link, rnd))
+        # cc3: upload the client-side LoRA with the number of samples it was trained on.
+        return Message(
+            PARAMETERS,
+            rnd,
+            me,
+            SERVER,
+            {n: params[n].detach().clone() for n in msg.tensors},
+            {"num_samples": len(idx), "loss": float(np.mean(losses)), "steps": len(round_batches)},
+        )
+
+    def step(self, batch: dict, k: int, link, rnd: int) -> float:
+        """One split training step on ``input_ids [B, L]``; returns the batch loss."""
+        ctx, s, amp = self.ctx, self.ctx.cfg.split, self.ctx.cfg.train.autocast
+        me, key = client_name(self.cid), ("split-client", amp, *batch["input_ids"].shape, k)
+        self.opt.zero_grad(set_to_none=True)
+        # c1: embeddings + blocks [0, k) with the client's LoRA.
+        with compute.step((*key, "forward")):
+            h = client_forward(ctx.model, batch["input_ids"], batch["attention_mask"], k, amp)
+        # c2: cut-layer activations + mask to the server (c3 runs there; the link pauses our meter).
+        x, meta = compress(h, s.compression, s.topk_ratio)
+        mask = batch["attention_mask"].bool()
+        reply = link.call(Message(ACTIVATIONS, rnd, me, SERVER, {**x, "mask": mask}, meta))
+        if s.u_shaped:  # the head and the loss stay here; send back d loss / d pooled
+            pooled = decompress(reply.tensors, reply.meta).to(ctx.device).requires_grad_()
+            with compute.step((*key, "head")):
+                loss = F.cross_entropy(head_logits(ctx.model, pooled, amp), batch["labels"])
+                loss.backward()
+            g, gmeta = compress(pooled.grad, s.compression, s.topk_ratio)
+            reply = link.call(Message(GRADIENTS, rnd, me, SERVER, g, gmeta))
+            loss_value = loss.detach().item()
+        else:
+            loss_value = float(reply.meta["loss"])
+        # c4 -> c5: back-propagate the received d loss / d h and update the client LoRA.
+        grad = decompress(reply.tensors, reply.meta).to(ctx.device, h.dtype)
+        with compute.step((*key, "backward")):
+            h.backward(grad)
+        optimizer_step(
+            self.opt, [p for g in self.opt.param_groups for p in g["params"]], ctx.cfg.train
+        )
+        return loss_value

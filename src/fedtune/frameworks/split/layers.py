@@ -1,0 +1,115 @@
+"""Which samples a split client trains on, and where each client's model is cut."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ... import seeds
+from ...context import Context
+from ...errors import ConfigError
+from ...messages import ACTIVATIONS, GRADIENTS, LABELS, PARAMETERS, SERVER, Message, encode
+from .model import client_forward, compress, num_blocks, part_names
+
+
+def round_samples(ctx: Context, cid: int, rnd: int) -> np.ndarray:
+    """The sample indices client ``cid`` trains on in round ``rnd`` (shuffled, seeded).
+
+    ``split.samples_per_round`` samples, else ``train.local_steps`` batches, else
+    ``train.local_epochs`` passes; more than one pass concatenates fresh permutations."""
+    idx, t = ctx.client_samples(cid), ctx.cfg.train
+    n = (
+        ctx.cfg.split.samples_per_round
+        or (t.local_steps * t.batch_size)
+        or t.local_epochs * len(idx)
+    )
+    rng = seeds.rng(seeds.client(ctx.cfg.seed, rnd, cid, job=1))
+    return np.concatenate([rng.permutation(idx) for _ in range(-(-n // len(idx)))])[:n]
+
+
+def client_step_flops(ctx: Context, k: int) -> int:
+    """FLOPs of one client forward + backward (c1 + c5) at split layer ``k`` on a full-length
+    batch ``[batch_size, model.max_length]``, counted with torch's FlopCounterMode."""
+    b, length = ctx.cfg.train.batch_size, ctx.cfg.model.max_length
+    ids = torch.ones(b, length, dtype=torch.long, device=ctx.device)
+    with FlopCounterMode(display=False) as counter:
+        h = client_forward(ctx.model, ids, torch.ones_like(ids), k, ctx.cfg.train.autocast)
+        h.float().sum().backward()
+    ctx.model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def wire_bytes_per_round(ctx: Context, k: int, num_samples: int) -> int:
+    """Estimated bytes (up + down) one client at split layer ``k`` puts on the wire per round:
+    the real messages encoded, with every batch padded to ``model.max_length``."""
+    cfg, b = ctx.cfg, ctx.cfg.train.batch_size
+    hidden = ctx.model.config.hidden_size
+    x, meta = compress(
+        torch.zeros(b, cfg.model.max_length, hidden), cfg.split.compression, cfg.split.topk_ratio
+    )
+    mask = {"mask": torch.ones(b, cfg.model.max_length, dtype=torch.bool)}
+    per_batch = 2 * len(encode(Message(ACTIVATIONS, 1, SERVER, "client-0", {**x, **mask}, meta)))
+    if cfg.split.u_shaped:  # pooled states down and their gradient up, [B, H] each
+        p, meta = compress(torch.zeros(b, hidden), cfg.split.compression, cfg.split.topk_ratio)
+        per_batch += 2 * len(encode(Message(GRADIENTS, 1, SERVER, "client-0", p, meta)))
+    labels = {"labels": torch.zeros(num_samples, dtype=torch.long)}
+    once = len(encode(Message(LABELS, 1, SERVER, "client-0", labels)))
+    state = {n: ctx.init_state[n] for n in part_names(ctx.model, k, "client", cfg.split.u_shaped)}
+    once += 2 * len(encode(Message(PARAMETERS, 1, SERVER, "client-0", state, {"num_samples": 0})))
+    return -(-num_samples // b) * per_batch + once
+
+
+def choose_split_layers(ctx: Context) -> list[int]:
+    """Each client's split layer ``k`` (``1 <= k < n`` blocks).
+
+    policy=fixed: ``split.client_split_layers`` or ``split.split_layer`` for all.
+    policy=budget: the deepest ``k`` whose estimated client FLOPs per round (full-length
+    batches) and bytes per round fit the client's budgets. Deeper cuts keep more of the model,
+    and more of the raw input's traces, on the client, and both costs grow with ``k`` (client
+    blocks; client LoRA exchanged in cc1/cc3), so the deepest layer that fits is the most the
+    client can afford. No fitting layer is a ConfigError."""
+    s, n = ctx.cfg.split, num_blocks(ctx.model)
+    num_clients = len(ctx.data.client_idx)
+    for key in ("client_split_layers", "client_compute_budgets", "client_bandwidth_budgets"):
+        values = getattr(s, key)
+        if values and len(values) != num_clients:
+            raise ConfigError(
+                f"config key split.{key}: needs {num_clients} values "
+                f"(one per client), got {len(values)}"
+            )
+    layers = list(s.client_split_layers) or [s.split_layer] * num_clients
+    if s.policy == "budget":
+        # Client FLOPs are linear in k from k = 1 on (identical blocks), so two counts suffice.
+        f1, f2 = client_step_flops(ctx, 1), client_step_flops(ctx, 2)
+        full = client_step_flops(ctx, n)  # whole model on the client: the base of relative budgets
+        layers = []
+        for cid in range(num_clients):
+            m = len(round_samples(ctx, cid, 1))
+            steps = -(-m // ctx.cfg.train.batch_size)
+            compute_budget = s.client_compute_budgets[cid] if s.client_compute_budgets else math.inf
+            if compute_budget <= 1:
+                compute_budget *= full * steps
+            bw_budget = s.client_bandwidth_budgets[cid] if s.client_bandwidth_budgets else math.inf
+            fits = [
+                k
+                for k in range(1, n)
+                if steps * (f1 + (k - 1) * (f2 - f1)) <= compute_budget
+                and wire_bytes_per_round(ctx, k, m) <= bw_budget
+            ]
+            if not fits:
+                raise ConfigError(
+                    f"config key split.client_compute_budgets: no split layer fits client {cid}; "
+                    f"layer 1 needs {steps * f1:.3g} FLOPs and "
+                    f"{wire_bytes_per_round(ctx, 1, m):.3g} bytes per round"
+                )
+            layers.append(max(fits))
+    for cid, k in enumerate(layers):
+        if not 1 <= k < n:
+            raise ConfigError(
+                f"config key split.split_layer: client {cid} split layer {k} must "
+                f"be in [1, {n - 1}] for a model with {n} blocks"
+            )
+    return layers

@@ -1,0 +1,209 @@
+"""Split-FedLLM's server: the server half of every step (c3, c4) and the round's aggregation
+of the client-side LoRA (cc1, cc4). See the package docstring."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ... import compute
+from ...aggregate import build, screen_updates
+from ...context import Context
+from ...errors import MessageError
+from ...execution.train import make_optimizer, optimizer_step
+from ...messages import (
+    ACTIVATIONS,
+    GRADIENTS,
+    LABELS,
+    METADATA,
+    PARAMETERS,
+    SERVER,
+    Message,
+    client_name,
+)
+from ...models import load_trainable_state
+from .layers import choose_split_layers
+from .model import compress, decompress, head_logits, part_names, server_forward
+
+
+class Server:
+    """Holds the global state (all LoRA + head) and the server-side model(s) trained in c3."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx, self.s = ctx, ctx.cfg.split
+        self.layers = choose_split_layers(ctx)
+        u = self.s.u_shaped
+        self.client_keys = [part_names(ctx.model, k, "client", u) for k in self.layers]
+        self.server_keys = [part_names(ctx.model, k, "server", u) for k in self.layers]
+        self.cid = {client_name(c): c for c in range(len(self.layers))}
+        self.global_state = {k: v.clone() for k, v in ctx.init_state.items()}
+        self.strategy = build(ctx.cfg.fed)  # per tensor: each has its own set of parties
+        self.states: dict = {}  # slot ('shared' or cid) -> server-side tensors
+        self.opts: dict = {}  # slot -> optimizer, kept across rounds like the clients' Adam
+        self.labels: dict[int, torch.Tensor] = {}  # cid -> this round's labels not yet used
+        self.pending: dict[int, tuple] = {}  # U-shaped: cid -> (h, pooled) between two calls
+        self.serve_seconds = 0.0
+        self.saved_opts: dict = {}  # slot -> optimizer state from a checkpoint, loaded lazily
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must hold to resume: the global state and the server-side
+        optimizer states (the per-round server copies start from the global state)."""
+        opts = {**self.saved_opts, **{s: o.state_dict() for s, o in self.opts.items()}}
+        return {
+            "global_state": self.global_state,
+            "opts": opts,
+            "aggregator": self.strategy.state_dict(),
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        self.global_state = {k: v.to(self.ctx.device) for k, v in d["global_state"].items()}
+        self.opts, self.saved_opts = {}, dict(d["opts"])
+        self.strategy.load_state_dict(d["aggregator"])
+
+    def slot(self, cid: int):
+        return "shared" if self.s.server_mode == "shared" else cid
+
+    def round(self, rnd: int, clients: list[int]) -> Generator[dict, dict, dict]:
+        self.serve_seconds = 0.0
+        if self.ctx.cfg.train.optimizer_state == "reset":
+            self.opts.clear()
+            self.saved_opts.clear()
+        everyone = range(len(self.layers))
+        for cid in clients:  # server-side model(s) start the round from the global state
+            keys = [
+                n for c in everyone if self.slot(c) == self.slot(cid) for n in self.server_keys[c]
+            ]
+            self.states[self.slot(cid)] = {
+                n: self.global_state[n].clone() for n in dict.fromkeys(keys)
+            }
+        # cc1: each client gets the averaged client-side LoRA of its blocks and its split layer.
+        replies: dict[int, Message] = yield {
+            cid: Message(
+                PARAMETERS,
+                rnd,
+                SERVER,
+                client_name(cid),
+                {n: self.global_state[n] for n in self.client_keys[cid]},
+                {"split_layer": self.layers[cid]},
+            )
+            for cid in clients
+        }
+        # cc4: validate the uploads (cc3); per tensor, combine (fed.aggregator, FedAvg by
+        # sample count by default) over every party that trained it. Clients that did not reply
+        # (dropout, deadline) or were rejected contribute no adapter.
+        fed = self.ctx.cfg.fed
+        sent = {c: {n: self.global_state[n] for n in self.client_keys[c]} for c in replies}
+        ok, rejected = screen_updates(
+            {c: m.tensors for c, m in replies.items()},
+            sent,
+            fed.max_update_norm,
+            {c: m.meta for c, m in replies.items()},
+        )
+        metrics: dict = {
+            "rejected": len(rejected),
+            "rejected_reasons": rejected,
+            "split_layers": [self.layers[c] for c in clients],
+            "server_serve_seconds": self.serve_seconds,
+        }
+        if not ok:  # nothing usable: the global state stays as it was
+            return metrics
+        sums: dict[str, list] = {}
+        for cid in ok:
+            msg, w = replies[cid], float(replies[cid].meta["num_samples"])
+            for n, t in msg.tensors.items():
+                sums.setdefault(n, []).append((t, w))
+            for n in self.server_keys[cid]:
+                sums.setdefault(n, []).append((self.states[self.slot(cid)][n], w))
+        for n, items in sums.items():
+            # one shared server model counts once, with the samples of all clients it served
+            merged: dict[int, list] = {}
+            for t, w in items:
+                merged.setdefault(id(t), [t, 0.0])[1] += w
+            ts, ws = zip(*merged.values(), strict=True)
+            dev = self.global_state[n].device  # uploads arrive on the CPU, server copies on device
+            ref = {n: self.global_state[n]}
+            self.global_state[n] = self.strategy(ref, [{n: t.to(dev)} for t in ts], ws)[n]
+        weights = [float(replies[c].meta["num_samples"]) for c in ok]
+        losses = [float(replies[c].meta["loss"]) for c in ok]
+        return {"train_loss": float(np.average(losses, weights=weights)), **metrics}
+
+    def serve(self, msg: Message) -> Message:
+        """Answer one client request: LABELS (c2), ACTIVATIONS (c3) or, U-shaped, GRADIENTS."""
+        t0 = time.perf_counter()
+        cid = self.cid[msg.sender]
+        # The server's FLOPs for one request depend only on its kind, cut and tensor shapes.
+        shapes = tuple(tuple(t.shape) for t in msg.tensors.values())
+        key = (
+            "split-server",
+            msg.kind,
+            self.layers[cid],
+            self.s.u_shaped,
+            self.ctx.cfg.train.autocast,
+            shapes,
+        )
+        with compute.step(key):
+            reply = self._serve(cid, msg)
+        self.serve_seconds += time.perf_counter() - t0
+        return reply
+
+    def _serve(self, cid: int, msg: Message) -> Message:
+        if msg.kind == LABELS:
+            self.labels[cid] = msg.tensors["labels"].to(self.ctx.device)
+            reply = Message(
+                METADATA, msg.round, SERVER, msg.sender, {}, {"received": len(self.labels[cid])}
+            )
+        elif msg.kind == ACTIVATIONS:
+            reply = self._forward(cid, msg)
+        elif msg.kind == GRADIENTS and cid in self.pending:
+            h, pooled = self.pending.pop(cid)
+            g = decompress(msg.tensors, msg.meta).to(self.ctx.device, pooled.dtype)
+            reply = self._backward(cid, msg.round, h, pooled, g, {})
+        else:
+            raise MessageError(f"split server cannot serve a {msg.kind} message from {msg.sender}")
+        return reply
+
+    def _forward(self, cid: int, msg: Message) -> Message:
+        ctx, k = self.ctx, self.layers[cid]
+        state = self.states[self.slot(cid)]
+        load_trainable_state(ctx.model, {n: state[n] for n in self.server_keys[cid]})
+        ctx.model.train()
+        h = decompress(msg.tensors, msg.meta).to(ctx.device).requires_grad_()
+        mask = msg.tensors["mask"].to(ctx.device).long()
+        # c3: the remaining blocks, final norm and pooling (and, unless U-shaped, the head).
+        pooled = server_forward(ctx.model, h, mask, k, ctx.cfg.train.autocast)
+        if self.s.u_shaped:  # return the pooled last hidden states; the client has the head
+            self.pending[cid] = (h, pooled)
+            x, meta = compress(pooled, self.s.compression, self.s.topk_ratio)
+            return Message(ACTIVATIONS, msg.round, SERVER, msg.sender, x, meta)
+        labels, self.labels[cid] = self.labels[cid][: len(h)], self.labels[cid][len(h) :]
+        loss = F.cross_entropy(head_logits(ctx.model, pooled, ctx.cfg.train.autocast), labels)
+        return self._backward(cid, msg.round, h, loss, None, {"loss": loss.detach().item()})
+
+    def _backward(self, cid: int, rnd: int, h, out, grad, meta: dict) -> Message:
+        """c3 (end): back-propagate ``out`` (the loss, or pooled states with gradient ``grad``),
+        update the server-side LoRA and head; c4: send ``dL/dh`` back."""
+        ctx, slot, keys = self.ctx, self.slot(cid), self.server_keys[cid]
+        params = dict(ctx.model.named_parameters())
+        if slot not in self.opts:
+            self.opts[slot] = make_optimizer([params[n] for n in self.states[slot]], ctx.cfg.train)
+            if slot in self.saved_opts:  # resumed from a checkpoint
+                self.opts[slot].load_state_dict(self.saved_opts.pop(slot))
+        opt = self.opts[slot]
+        opt.zero_grad(set_to_none=True)  # right before backward: no other party's grads leak in
+        out.backward(grad)
+        optimizer_step(opt, [params[n] for n in keys], ctx.cfg.train)
+        self.states[slot].update({n: params[n].detach().clone() for n in keys})
+        x, cmeta = compress(h.grad, self.s.compression, self.s.topk_ratio)
+        return Message(GRADIENTS, rnd, SERVER, client_name(cid), x, {**cmeta, **meta})
+
+    def eval_state(self) -> dict[str, torch.Tensor]:
+        return self.global_state
+
+    def params_exchanged(self) -> int:
+        """Mean number of client-side parameters a client downloads and uploads per round."""
+        sizes = [sum(self.global_state[n].numel() for n in keys) for keys in self.client_keys]
+        return int(round(float(np.mean(sizes))))

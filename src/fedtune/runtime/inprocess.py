@@ -1,0 +1,114 @@
+"""The in-process transport: the server and every client in one process, one shared model.
+
+Every message crosses a counting :class:`~fedtune.messages.Wire` (encoded, counted, decoded),
+so a client receives exactly what a network would deliver. The clients' work runs on an
+executor (:mod:`fedtune.execution.executors`: sequential, or batched with ``fed.engine``);
+each client's compute is metered on its own.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from ..compute import ComputeMeter, paused
+from ..context import Context
+from ..errors import MessageError
+from ..execution.executors import Executor, make_executor
+from ..frameworks import Framework, Server, Serving
+from ..messages import Message, Wire
+from . import faults
+from .records import RoundState
+
+
+class Link:
+    """A client's handle on the server for per-batch requests (split learning).
+
+    ``call`` sends through the wire, pauses the client's meter while the server works (that
+    work is metered as the server's), and returns the server's reply as received over the wire."""
+
+    def __init__(
+        self,
+        wire: Wire,
+        server: Serving,
+        meter: ComputeMeter | None = None,
+        server_meter: ComputeMeter | None = None,
+    ) -> None:
+        self.wire, self.server = wire, server
+        self.meter, self.server_meter = meter, server_meter
+
+    def call(self, msg: Message) -> Message:
+        msg = self.wire.transfer(msg)
+        with paused(self.meter):
+            if self.server_meter is None:
+                reply = self.server.serve(msg)
+            else:
+                with self.server_meter.measure():
+                    reply = self.server.serve(msg)
+        return self.wire.transfer(reply)
+
+
+class InProcess:
+    """Clients are objects in this process; their jobs run on ``executor`` (default: the one
+    ``fed.engine`` names)."""
+
+    name = "in-process"
+
+    def __init__(self, executor: Executor | None = None) -> None:
+        self.executor = executor
+        self.wire = Wire()
+        self.clients: dict = {}
+
+    def start(self, ctx: Context, fw: Framework, server: Server) -> None:
+        self.ctx, self.server = ctx, server
+        self.wire.max_bytes = ctx.cfg.fed.max_message_bytes
+        self.clients = {cid: fw.client(ctx, cid) for cid in range(len(ctx.data.client_idx))}
+        if self.executor is None:
+            self.executor = make_executor(ctx.cfg, ctx.model, ctx.data.pad_id, ctx.device)
+
+    def begin_round(self, rs: RoundState) -> None:
+        pass
+
+    def exchange(self, rs: RoundState, outgoing: dict[int, Message]) -> dict[int, Message]:
+        received = {cid: self.wire.transfer(m) for cid, m in outgoing.items()}
+        for cid in sorted(received.keys() & rs.dropping):
+            rs.lost[cid] = "dropout"  # it got the message and never answers
+        todo = {cid: m for cid, m in received.items() if cid not in rs.lost}
+        serving = isinstance(self.server, Serving)
+        work = {}
+        for cid, msg in todo.items():
+            link = (
+                Link(self.wire, self.server, rs.meters[cid], rs.server_meter) if serving else None
+            )
+            work[cid] = partial(self.clients[cid].handle, msg, link)
+        answers = self.executor.run(work, rs.meters)
+        replies: dict[int, Message] = {}
+        for cid, reply in answers.items():
+            if reply is None:
+                continue
+            if faults.misses_deadline(rs.meters[cid].stats.seconds, cid, self.ctx.cfg.fed):
+                rs.lost[cid] = "deadline"  # its reply is discarded, never received
+                continue
+            try:
+                replies[cid] = self.wire.transfer(reply)
+            except MessageError as e:
+                rs.lost[cid] = f"unreadable reply: {e}"
+        return replies
+
+    def end_round(self, rs: RoundState) -> None:
+        pass
+
+    def local_clients(self) -> dict:
+        return self.clients
+
+    def state_dict(self) -> dict:
+        return {str(cid): c.state_dict() for cid, c in self.clients.items()}
+
+    def load_state_dict(self, d: dict, after_round: int) -> None:
+        for cid, c in self.clients.items():
+            c.load_state_dict(d[str(cid)])
+
+    def summary(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
