@@ -28,7 +28,7 @@ def no_dropout(model: nn.Module) -> None:
 def two_rounds(ctx, sizes, batched_rounds: tuple[bool, bool]):
     """Each client trains 2 rounds from the same start (optimizer state kept between them)."""
     cfg, d = ctx.cfg, ctx.data
-    idx = [ctx.client_samples(c) for c in range(len(sizes))]
+    idx = [ctx.data.client_idx[c] for c in range(len(sizes))]
     states = [dict(ctx.init_state) for _ in sizes]
     opts: list = [None] * len(sizes)
     for rnd, batched in enumerate(batched_rounds, start=1):
@@ -216,10 +216,10 @@ def test_bf16_backbone_keeps_float32_adapters(synth_dir):
             ctx.init_state,
             None,
             ctx.data.train,
-            ctx.client_samples(c),
+            ctx.data.client_idx[c],
             CrossEntropy(),
             (c,),
-            steps=num_local_steps(len(ctx.client_samples(c)), cfg.train),
+            steps=num_local_steps(len(ctx.data.client_idx[c]), cfg.train),
         )
         for c in range(3)
     ]
@@ -230,7 +230,7 @@ def test_bf16_backbone_keeps_float32_adapters(synth_dir):
             k: v.dtype for k, v in ctx.init_state.items()
         }
         assert all(torch.isfinite(v.float()).all() for v in r.state.values())
-        assert r.loss == r.loss and r.steps == -(-len(ctx.client_samples(0)) // 8)
+        assert r.loss == r.loss and r.steps == -(-len(ctx.data.client_idx[0]) // 8)
 
 
 def test_length_buckets_split_only_when_padding_drops():
@@ -258,7 +258,7 @@ def test_frozen_head_is_shared_by_all_rows(synth_dir):
     cfg = config.with_overrides(cfg, model={"lora_dropout": 0.0, "train_head": False})
     ctx = build_context(cfg)
     assert not any("score" in k for k in ctx.init_state)
-    idx = ctx.client_samples(0)
+    idx = ctx.data.client_idx[0]
     job = Train(
         ctx.init_state,
         None,

@@ -83,15 +83,15 @@ def test_client_is_not_a_model_copy(synth_dir):
 
     cfg = tiny_cfg(synth_dir)
     ctx = build_context(cfg)
-    client = fedllm.Client(ctx, 0)
+    client = fedllm.Client(ctx.client(0))
     assert not any(isinstance(v, torch.nn.Module) for v in vars(client).values() if v is not ctx)
     before = trainable_state(ctx.model)
-    server = fedllm.Server(ctx)
+    server = fedllm.Server(ctx.server())
     gen = server.round(1, [0])
     msg = next(gen)[0]
     executor = Sequential(ctx.model, cfg, ctx.data.pad_id, ctx.device)
     reply = drive(client.handle(msg), executor.execute)
     assert set(reply.tensors) == set(before) and reply.meta["num_samples"] == len(
-        ctx.client_samples(0)
+        ctx.data.client_idx[0]
     )
     assert client.opt_state is not None  # Adam moments stay with the client (optimizer_state=keep)

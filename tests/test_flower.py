@@ -241,3 +241,66 @@ def test_split_service_serves_whole_streams_in_sampling_order():
     finally:
         service.close()
         grpc_server.stop(grace=None).wait()
+
+
+def test_serverapp_killed_after_round_1_resumes_to_the_same_run(tmp_path):
+    """SIGKILL the ServerApp once round 1 of 3 is checkpointed (the SuperNodes may already be
+    training round 2), then ``--resume``: the same metrics and adapter as an uninterrupted run.
+
+    KD-FedLLM, whose clients hold the most state (local model and its Adam state): the nodes
+    keep each client's state under the run key from the checkpoint, with snapshots since the
+    last checkpoint, and roll back to it when the resumed ServerApp's first message arrives."""
+    import os
+    import signal
+
+    from fedtune.runtime import checkpoint
+
+    data = write_synthetic(tmp_path / "data")
+    cfg = config.with_overrides(
+        make_cfg(data, "kd"), fed={"rounds": 3}, flops="off"
+    )  # FLOP counting picks other kernels on a fresh process's first steps: off for exactness
+    fed = LocalFederation(tmp_path / "fed", 3)
+    try:
+        fed.start()
+        fed.run(cfg, tmp_path / "whole", timeout=400)
+        cut = tmp_path / "cut"
+        proc = fed.launch(cfg, cut)
+        deadline = time.monotonic() + 300
+        while True:
+            state = checkpoint.load(cut) if (cut / checkpoint.FILE).is_file() else None
+            if state is not None and state["round"] >= 1:
+                break
+            assert time.monotonic() < deadline and proc.poll() is None, fed.log("run-cut")
+            time.sleep(0.05)
+        pids = fed.serverapps()
+        assert pids, "no ServerApp process to kill"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        killed_after = state["round"]
+        proc.terminate()
+        proc.wait(30)
+        assert not (cut / "summary.json").exists()
+        fed.run(cfg, cut, timeout=400, resume=True)
+        assert f"resuming {cut} after round" in fed.log("run-cut-resumed")
+    finally:
+        fed.stop()
+    assert killed_after == 1 or killed_after == 2  # round 2 may finish before the kill lands
+    a, b = metrics(tmp_path / "whole"), metrics(cut)
+    assert [r["round"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b, strict=True):
+        for k in (*EXACT, "train_loss", "client_accuracy"):
+            assert ra.get(k) == rb.get(k), (ra["round"], k, ra.get(k), rb.get(k))
+        for cid, pa in ra["per_client"].items():
+            pb = rb["per_client"][cid]
+            assert (pa["bytes_up"], pa["bytes_down"]) == (pb["bytes_up"], pb["bytes_down"])
+    from safetensors.torch import load_file
+
+    wa = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    wb = load_file(cut / "adapter" / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch_equal(wa[k], wb[k]) for k in wa)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))

@@ -8,10 +8,10 @@ import torch
 from conftest import tiny_cfg
 from fedtune import config, frameworks
 from fedtune.context import build_context
-from fedtune.errors import ConfigError
+from fedtune.errors import ConfigError, MessageError
 from fedtune.execution.jobs import Distill
 from fedtune.frameworks import kd
-from fedtune.frameworks.kd.common import public_subset
+from fedtune.frameworks.kd.common import public_subset, received_logits
 from fedtune.frameworks.kd.ops import (
     aggregate_knowledge,
     alignment_weights,
@@ -126,6 +126,37 @@ def test_topk_keeps_the_largest_and_renormalises():
     assert (q.argmax(-1) == torch.tensor([1, 3])).all()
 
 
+def test_logits_wire_format_is_pinned():
+    """Names, dtypes and shapes of KD's logits on the wire for every logit_dtype and topk."""
+    x = torch.randn(6, 77)
+    for dtype, values_dtype in (
+        ("float32", torch.float32),
+        ("float16", torch.float16),
+        ("int8", torch.int8),
+    ):
+        for topk in (0, 5):
+            t = pack_logits(x, topk, dtype)
+            k = topk or 77
+            want = {"values": (values_dtype, (6, k))}
+            if topk:
+                want["indices"] = (torch.uint8, (6, k))
+            if dtype == "int8":
+                want["scale"] = (torch.float32, (6,))
+            assert {n: (v.dtype, tuple(v.shape)) for n, v in t.items()} == want, (dtype, topk)
+    assert pack_logits(torch.randn(2, 300), 3)["indices"].dtype == torch.int16
+
+
+def test_malformed_logits_name_their_sender():
+    packed = pack_logits(torch.randn(3, 4), topk=2)
+    packed["indices"][0, 0] = 9  # a class the receiver does not have
+    msg = Message(LOGITS, 1, client_name(2), SERVER, packed)
+    with pytest.raises(MessageError, match=r"logits from client-2 are malformed: .*range"):
+        received_logits(msg, 3, 4, client_name(2))
+    ok = Message(LOGITS, 1, client_name(2), SERVER, pack_logits(torch.randn(3, 4), topk=2))
+    with pytest.raises(MessageError, match=r"expected \[2, 4\]"):
+        received_logits(ok, 2, 4, client_name(2))  # 3 rows where 2 were expected
+
+
 def test_pruning_keeps_the_least_confident_samples():
     logits = torch.tensor([[9.0, 0, 0], [0.1, 0, 0], [3.0, 2.9, 0], [5.0, 0, 0]])
     assert prune_public(logits, "entropy", 0.5).tolist() == [1, 2]
@@ -163,17 +194,18 @@ def test_kd_config_is_validated_and_presets_load(tmp_path):
 def test_topk_must_be_below_the_number_of_classes(synth_dir):
     ctx = build_context(kd_cfg(synth_dir, topk=4))
     with pytest.raises(ConfigError, match="kd.topk"):
-        kd.Server(ctx)
+        kd.Server(ctx.server())
 
 
 # ----------------------------------------------------------------------------- on the wire
 
 
 def one_round(cfg):
-    ctx = build_context(cfg)
-    server, transport = kd.Server(ctx), InProcess()
-    transport.start(ctx, frameworks.get("kd"), server)
-    metrics = run_round(ctx, server, transport, 1, [0, 1, 2]).metrics
+    ctx, transport = build_context(cfg), InProcess()
+    sctx = transport.prepare(cfg, ctx)
+    server = kd.Server(sctx)
+    transport.start(sctx, frameworks.get("kd"), server)
+    metrics = run_round(sctx, server, transport, 1, [0, 1, 2]).metrics
     return ctx, server, transport.clients, transport.wire.ledger.round_totals(1), metrics
 
 
@@ -184,7 +216,7 @@ def upload_size(values: dict[str, torch.Tensor], cid: int, num_samples: int) -> 
 
 def test_bytes_up_are_the_public_logits_and_topk_cuts_them(synth_dir):
     ctx, server, clients, totals, metrics = one_round(kd_cfg(synth_dir, public_samples=40))
-    s, c, n = 40, ctx.data.num_labels, len(ctx.client_samples(0))
+    s, c, n = 40, ctx.data.num_labels, len(ctx.data.client_idx[0])
     full = upload_size({"values": torch.zeros(s, c)}, 0, n)
     header = full - s * c * 4
     assert 0 < header < 400  # routing + metadata JSON; the payload is S x C float32

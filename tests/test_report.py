@@ -8,8 +8,9 @@ import shutil
 
 import pytest
 
-from fedtune import config, experiments, report
+from fedtune import config, experiments, paper, report
 from fedtune.cli import main
+from fedtune.errors import ConfigError
 
 # framework -> (final accuracy per seed, bytes up, bytes down, client FLOPs per round).
 # The planted disagreement: KD-FedLLM sends more bytes than Split-FedLLM (the paper: fewest).
@@ -102,7 +103,7 @@ def test_aggregates_mean_std_and_rows(compare_dir):
 
 def test_table_one_ranks_and_planted_disagreement(compare_dir):
     rows = [report.aggregate(g) for g in report.group_runs(report.find_runs([compare_dir]))]
-    table, disagreements = report.table_one(rows)
+    table, disagreements = paper.table_one(rows)
     ranks = {(t["metric"], t["framework"]): t["rank"] for t in table}
     assert ranks[("accuracy", "fedllm")] == 1 and ranks[("accuracy", "split")] == 2
     assert ranks[("accuracy", "kd")] == 3
@@ -148,12 +149,12 @@ def test_settings_are_the_keys_that_vary(tmp_path):
 
 
 def test_rank_ties_share_the_best_rank():
-    assert report.rank({"a": 1.0, "b": 1.0, "c": 0.5}, higher_is_better=True) == {
+    assert paper.rank({"a": 1.0, "b": 1.0, "c": 0.5}, higher_is_better=True) == {
         "a": 1,
         "b": 1,
         "c": 3,
     }
-    assert report.rank({"a": 3.0, "b": 1.0, "c": 2.0}, higher_is_better=False) == {
+    assert paper.rank({"a": 3.0, "b": 1.0, "c": 2.0}, higher_is_better=False) == {
         "a": 3,
         "b": 1,
         "c": 2,
@@ -196,7 +197,7 @@ def test_plot_command_redraws_report(compare_dir, tmp_path):
 
 
 def test_paper_grid(tmp_path):
-    specs, notes = experiments.paper_specs(quick=True, seeds=(0,), model="tiny-gpt2")
+    specs, notes = paper.paper_specs(quick=True, seeds=(0,), model="tiny-gpt2")
     assert [s.name for s in specs] == [
         "fedllm-r4-s0",
         "fedllm-r8-s0",
@@ -210,7 +211,7 @@ def test_paper_grid(tmp_path):
     ]
     assert all(s.cfg.fed.rounds == 2 and s.cfg.data.samples_per_client == 48 for s in specs)
     assert specs[3].cfg.fed.framework == "kd" and specs[3].cfg.kd.public_samples == 29
-    full, _ = experiments.paper_specs(model="gpt2")
+    full, _ = paper.paper_specs(model="gpt2")
     assert len(full) == 27 and full[-1].cfg.split.samples_per_round == 1667
     assert full[0].cfg.fed.rounds == 100 and full[0].cfg.model.name == "gpt2"
 
@@ -238,7 +239,7 @@ def test_run_all_skips_finished_and_reruns_unfinished(tmp_path, monkeypatch, syn
     experiments.run_all(specs, tmp_path, log=lambda *_: None)
     assert calls == ["kd-s0"] and resumed[-1]  # same config: resumed from its checkpoint
     other = experiments.compare_specs(tiny_cfg(synth_dir, train={"lr": 0.1}), (0,), ("fedllm",))
-    with pytest.raises(config.ConfigError, match="another config"):
+    with pytest.raises(ConfigError, match="another config"):
         experiments.run_all(other, tmp_path, log=lambda *_: None)
 
 

@@ -9,7 +9,7 @@ from conftest import tiny_cfg
 from fedtune.config import ModelConfig, load, with_overrides
 from fedtune.context import build_context
 from fedtune.data import batches, collate
-from fedtune.errors import ConfigError
+from fedtune.errors import ConfigError, MessageError
 from fedtune.frameworks import split
 from fedtune.frameworks.split import layers
 from fedtune.frameworks.split.model import (
@@ -84,14 +84,14 @@ def test_one_split_round_equals_one_unsplit_sgd_step(synth_dir, u_shaped):
     )
     cfg = with_overrides(cfg, model={"lora_dropout": 0.0})
     ctx = build_context(cfg)
-    server, client = split.Server(ctx), split.Client(ctx, 0)
+    server, client = split.Server(ctx.server()), split.Client(ctx.client(0))
     gen = server.round(1, [0])
     wire = Wire()
     reply = client.handle(wire.transfer(next(gen)[0]), Link(wire, server, None))
     with pytest.raises(StopIteration):
         gen.send({0: wire.transfer(reply)})
     # the same batch through the unsplit model
-    idx = layers.round_samples(ctx, 0, 1)
+    idx = client_round(ctx, 0)
     rng = np.random.default_rng([cfg.seed, 1, 0])
     (batch,) = batches(ctx.data.train, idx, 8, ctx.data.pad_id, rng, False)
     load_trainable_state(ctx.model, ctx.init_state)
@@ -104,14 +104,22 @@ def test_one_split_round_equals_one_unsplit_sgd_step(synth_dir, u_shaped):
             assert torch.allclose(server.eval_state()[n], expected, rtol=1e-5, atol=1e-6), n
 
 
+def client_round(ctx, c: int) -> np.ndarray:
+    """Indices into the full train set of client ``c``'s round-1 samples."""
+    own = ctx.data.client_idx[c]
+    return own[layers.round_samples(ctx.cfg, np.arange(len(own)), c, 1)]
+
+
+def server_ctx(cfg):
+    return build_context(cfg).server()
+
+
 def test_activation_bytes_per_batch_and_int8_is_4x_smaller(synth_dir):
     b, hidden = 8, 32
     cfg = split_cfg(synth_dir, samples_per_round=b)  # one batch per round
     ctx = build_context(cfg)
     # each client sends one batch; the ledger reports the mean over the 3 clients
-    lengths = [
-        max(len(ctx.data.train.ids[i]) for i in layers.round_samples(ctx, c, 1)) for c in range(3)
-    ]
+    lengths = [max(len(ctx.data.train.ids[i]) for i in client_round(ctx, c)) for c in range(3)]
     sent = {}
     for mode in ("none", "int8"):
         s = simulate(with_overrides(cfg, split={"compression": mode}), log=None)
@@ -126,7 +134,7 @@ def test_activation_bytes_per_batch_and_int8_is_4x_smaller(synth_dir):
     # At SmolLM2's hidden size the per-token scales are negligible: ~4x.
     x = torch.randn(8, 80, 576)
     payload = {
-        m: sum(t.numel() * t.element_size() for t in compress(x, m)[0].values())
+        m: sum(t.numel() * t.element_size() for t in compress(x, m).values())
         for m in ("none", "int8")
     }
     assert 3.9 < payload["none"] / payload["int8"] <= 4
@@ -135,15 +143,34 @@ def test_activation_bytes_per_batch_and_int8_is_4x_smaller(synth_dir):
 def test_compression_roundtrips():
     x = torch.randn(3, 5, 64)
     for mode, tol in (("none", 0), ("fp16", 1e-3), ("bf16", 1e-2), ("int8", 0.02)):
-        t, meta = compress(x, mode)
-        err = (decompress(t, meta) - x).abs().max() / x.abs().max()
+        t = compress(x, mode)
+        err = (decompress(t, mode, 64) - x).abs().max() / x.abs().max()
         assert err <= tol, mode
-    t, meta = compress(x, "topk", topk_ratio=0.25)
-    assert t["values"].shape == (3, 5, 16) and t["indices"].dtype == torch.int16
-    y = decompress(t, meta)
+    t = compress(x, "int8")
+    assert set(t) == {"values", "scale"} and t["scale"].shape == (3, 5)
+    assert torch.allclose(t["scale"], x.abs().amax(-1) / 127)  # symmetric, not centred
+    t = compress(x, "topk", topk_ratio=0.25)
+    assert t["values"].shape == (3, 5, 16) and t["indices"].dtype == torch.uint8  # H <= 256
+    y = decompress(t, "topk", 64)
     assert (y != 0).sum(-1).eq(16).all()
     kept = x.abs() >= x.abs().topk(16, dim=-1).values[..., -1:]
     assert torch.equal(y[kept], x[kept]) and (y[~kept] == 0).all()
+    assert compress(torch.randn(2, 576), "topk")["indices"].dtype == torch.int16  # SmolLM2
+    assert compress(torch.randn(2, 576), "topk")["values"].shape == (2, 58)  # ceil(57.6)
+
+
+def test_decompress_checks_the_receivers_mode_and_hidden_size():
+    x = torch.linspace(-1, 1, 64).repeat(4, 1)  # top-k by magnitude keeps index 63
+    with pytest.raises(MessageError, match="split.compression=int8"):
+        decompress(compress(x, "fp16"), "int8", 64)  # sender and receiver disagree
+    with pytest.raises(MessageError, match="split.compression=none"):
+        decompress(compress(x, "topk"), "none", 64)
+    with pytest.raises(MessageError, match=r"\[4, 64\]: expected 32 entries"):
+        decompress(compress(x, "none"), "none", 32)  # the receiver's H, not the sender's
+    with pytest.raises(MessageError, match="out of range"):
+        decompress(compress(x, "topk"), "topk", 32)
+    mask = torch.ones(4, dtype=torch.bool)  # other tensors of the message are ignored
+    assert torch.equal(decompress({**compress(x, "none"), "mask": mask}, "none", 64), x)
 
 
 def test_client_flops_fall_as_the_cut_moves_to_the_input(synth_dir):
@@ -195,10 +222,10 @@ def test_budget_policy_picks_the_deepest_layer_that_fits(synth_dir):
         },
     )
     ctx = build_context(budget)
-    assert layers.choose_split_layers(ctx) == [3, 1, 2]
+    assert layers.choose_split_layers(ctx.server()) == [3, 1, 2]
     too_small = with_overrides(budget, split={"client_bandwidth_budgets": [1e18, 1e18, 10.0]})
     with pytest.raises(ConfigError, match="split.client_compute_budgets"):
-        layers.choose_split_layers(build_context(too_small))
+        layers.choose_split_layers(server_ctx(too_small))
 
 
 def test_split_config_is_validated(synth_dir):
@@ -207,9 +234,9 @@ def test_split_config_is_validated(synth_dir):
     with pytest.raises(ConfigError, match="split.split_layer"):
         split_cfg(synth_dir, split_layer=0)
     with pytest.raises(ConfigError, match="split.split_layer"):  # 4 blocks: k must be <= 3
-        split.Server(build_context(split_cfg(synth_dir, split_layer=4)))
+        split.Server(server_ctx(split_cfg(synth_dir, split_layer=4)))
     with pytest.raises(ConfigError, match="split.client_split_layers"):
-        split.Server(build_context(split_cfg(synth_dir, client_split_layers=[1, 2])))
+        split.Server(server_ctx(split_cfg(synth_dir, client_split_layers=[1, 2])))
 
 
 @pytest.mark.slow  # ~15 s alone, a minute on a busy 2-core machine

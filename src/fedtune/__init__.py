@@ -7,8 +7,8 @@ Quick use::
     summary = fedtune.run(cfg, out="runs/demo")
 
 Building blocks: :mod:`fedtune.config`, :mod:`fedtune.models`, :mod:`fedtune.data`,
-:mod:`fedtune.messages`, :mod:`fedtune.compute`, :mod:`fedtune.train`,
-:mod:`fedtune.frameworks`, :mod:`fedtune.simulation`.
+:mod:`fedtune.messages`, :mod:`fedtune.compute`, :mod:`fedtune.execution`,
+:mod:`fedtune.frameworks`, :mod:`fedtune.runtime`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def run(cfg: RunConfig | dict[str, Any] | str | Path, out: str | Path | None = N
 
     ``cfg`` is a :class:`RunConfig`, a nested dict of config values, or a TOML path.
     With ``out``, the run directory (config, metrics.jsonl, summary.json, adapter) is written.
-    Extra keyword arguments go to :func:`fedtune.simulation.simulate` (e.g. ``ctx=``)."""
+    Extra keyword arguments go to :func:`fedtune.runtime.simulate` (e.g. ``ctx=``)."""
     from .runtime import simulate
 
     if isinstance(cfg, str | Path):

@@ -137,6 +137,10 @@ def register(name: str, factory: Callable[[Any], Strategy]) -> None:
     _STRATEGIES[name] = factory
 
 
+def unregister(name: str) -> None:
+    _STRATEGIES.pop(name, None)
+
+
 def names() -> list[str]:
     return list(_STRATEGIES)
 

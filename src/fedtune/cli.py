@@ -82,11 +82,11 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from . import experiments
+    from . import experiments, paper
 
     seeds = experiments.parse_seeds(args.seeds) if args.seeds else None
     overrides = [*args.overrides, *_no_progress(args)]
-    specs, notes = experiments.paper_specs(args.quick, seeds, args.model, overrides)
+    specs, notes = paper.paper_specs(args.quick, seeds, args.model, overrides)
     if args.dry_run:
         for spec in specs:
             print(spec.name)

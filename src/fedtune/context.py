@@ -1,37 +1,60 @@
-"""The per-process context every framework works in: config, shared model, data, device."""
+"""The context a party works in: config, the process's shared model, device, and its own data.
+
+One process loads the backbone once (:func:`build_context`) and gives each party a view of the
+same :class:`Context` with only its own data:
+
+* ``ctx.server()`` -> :data:`ServerContext`: the test set, the public set and the clients'
+  sample counts (:class:`~fedtune.data.ServerData`), never a client's samples;
+* ``ctx.client(cid)`` -> :data:`ClientContext`: client ``cid``'s private samples and the public
+  texts (:class:`~fedtune.data.ClientData`); ``ctx.cid`` is its id.
+
+The simulation builds one context holding all the data (:class:`~fedtune.data.FedData`) and
+hands out views; a deployed server or SuperNode builds only its own view.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Generic, TypeVar
 
-import numpy as np
 import torch
 from torch import nn
 
 from .config import RunConfig
-from .data import FedData, prepare
+from .data import ClientData, FedData, ServerData, prepare
 from .models import init_trainable_state, load_model
+
+D = TypeVar("D", FedData, ServerData, ClientData)
 
 
 @dataclass
-class Context:
-    """Shared by the server and all simulated clients of one process.
-
-    ``model`` is the single LoRA-wrapped backbone; ``init_state`` is the seeded initial
-    trainable state (LoRA A/B + head) every party starts from."""
+class Context(Generic[D]):
+    """``model`` is the single LoRA-wrapped backbone of the process; ``init_state`` the seeded
+    initial trainable state (LoRA A/B + head) every party starts from."""
 
     cfg: RunConfig
     model: nn.Module
     tokenizer: object
-    data: FedData
+    data: D
     device: torch.device
     init_state: dict[str, torch.Tensor]
     progress: bool = False
     flop_cache: dict = field(default_factory=dict)  # step key -> FLOPs (compute.step)
+    cid: int = -1  # the client's id in a ClientContext
 
-    def client_samples(self, cid: int) -> np.ndarray:
-        return self.data.client_idx[cid]
+    def server(self) -> ServerContext:
+        """The server's view of a process context."""
+        data = self.data if isinstance(self.data, ServerData) else self.data.server_view()
+        return replace(self, data=data, cid=-1)
+
+    def client(self, cid: int) -> ClientContext:
+        """Client ``cid``'s view of a process context."""
+        return replace(self, data=self.data.client_view(cid), cid=cid)
+
+
+ServerContext = Context[ServerData]
+ClientContext = Context[ClientData]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,10 +63,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_context(cfg: RunConfig, data: FedData | None = None) -> Context:
+def build_context(cfg: RunConfig, data: FedData | ServerData | None = None) -> Context:
     """Load (or reuse) the shared model, prepare the data and the seeded initial state.
 
-    Pass ``data`` to bring your own :class:`~fedtune.data.FedData` instead of ``cfg.data``."""
+    Pass ``data`` to bring your own :class:`~fedtune.data.FedData` (or a server's
+    :class:`~fedtune.data.ServerData`) instead of ``cfg.data``."""
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     device = resolve_device(cfg.device)
     from .models import load_tokenizer

@@ -42,7 +42,8 @@ class Tokenized:
 
 @dataclass
 class FedData:
-    """Everything a federated run needs from the data layer."""
+    """Everything a federated run needs from the data layer, as loaded in one process (the
+    simulation). Each party gets only its view: :meth:`server_view`, :meth:`client_view`."""
 
     label_names: list[str]
     train: Tokenized
@@ -50,10 +51,84 @@ class FedData:
     public_idx: np.ndarray  # indices into train
     client_idx: list[np.ndarray] = field(default_factory=list)  # one index array per client
     pad_id: int = 0
+    views: dict = field(default_factory=dict, repr=False, compare=False)  # built once each
 
     @property
     def num_labels(self) -> int:
         return len(self.label_names)
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_idx)
+
+    def public(self, hide_labels: bool = False) -> Tokenized:
+        """The public set as its own dataset (rows in ``public_idx`` order); with
+        ``hide_labels`` every label is -1. Built once, so all parties share the object."""
+        key = "public-hidden" if hide_labels else "public"
+        if key not in self.views:
+            public = subset(self.train, self.public_idx)
+            if hide_labels:
+                public = Tokenized(public.ids, np.full(len(public), -1, dtype=np.int64))
+            self.views[key] = public
+        return self.views[key]
+
+    def server_view(self) -> ServerData:
+        sizes = [len(c) for c in self.client_idx]
+        return ServerData(self.label_names, self.test, self.public(), sizes, self.pad_id)
+
+    def client_view(self, cid: int) -> ClientData:
+        """Client ``cid``'s own samples, the public texts (labels hidden) and the test set
+        (the simulation lets clients test their own models; a deployed client has none)."""
+        train = subset(self.train, self.client_idx[cid])
+        hidden = self.public(hide_labels=True)
+        return ClientData(self.label_names, train, hidden, self.test, self.pad_id)
+
+
+@dataclass
+class ServerData:
+    """What the server holds: the test set, the public set and the clients' sample counts
+    (never their samples)."""
+
+    label_names: list[str]
+    test: Tokenized
+    public: Tokenized
+    client_sizes: list[int]
+    pad_id: int = 0
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_sizes)
+
+
+@dataclass
+class ClientData:
+    """What one client holds: its private samples, the public texts (their labels are -1:
+    clients never see them) and, in the simulation, the test set."""
+
+    label_names: list[str]
+    train: Tokenized
+    public: Tokenized
+    test: Tokenized
+    pad_id: int = 0
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def samples(self) -> np.ndarray:
+        """Indices of the private samples in ``train``: ``[0, n)``."""
+        return np.arange(len(self.train))
+
+
+def subset(data: Tokenized, idx: np.ndarray) -> Tokenized:
+    """``data[idx]`` as a dataset of its own (token lists shared, labels copied)."""
+    idx = np.asarray(idx, dtype=np.int64)
+    return Tokenized([data.ids[i] for i in idx], data.labels[idx])
 
 
 # ----------------------------------------------------------------------------- loading

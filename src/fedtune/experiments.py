@@ -1,4 +1,4 @@
-"""Many runs in one process: the three-way comparison and the paper's case-study grid.
+"""Many runs in one process: the three-way comparison (the paper's grid is in :mod:`.paper`).
 
 ``fedtune compare`` and ``fedtune reproduce paper`` build a list of :class:`RunSpec` (a name
 and a config), run them one after another in this process with :func:`run_all` (so the shared
@@ -27,36 +27,7 @@ from pathlib import Path
 from . import config
 from .config import RunConfig
 from .errors import ConfigError
-from .report import FRAMEWORKS, find_runs, write_report
-
-# The paper's case study (arXiv 2501.04436, section V): one factor varied per framework.
-# framework -> (preset, config key, values, run-name prefix)
-PAPER_GRID = {
-    "fedllm": ("paper-fedllm.toml", "model.lora_r", (4, 8, 16), "r"),
-    "kd": ("paper-kd.toml", "kd.public_samples", (1000, 2500, 5002), "pub"),
-    "split": ("paper-split.toml", "split.samples_per_round", (500, 1000, 1667), "spr"),
-}
-PAPER_SEEDS = (0, 1, 42)
-PAPER_SAMPLES_PER_CLIENT = 1667
-
-# --quick: the demo-fedllm.toml recipe, sized for a 2-core CPU. The sample-count factors of the
-# grid (public samples, samples per round) shrink by the same ratio as the client data.
-QUICK = {
-    "fed.rounds": 2,
-    "data.samples_per_client": 48,
-    "data.test_size": 200,
-    "train.batch_size": 8,
-    "train.autocast": "bf16",
-    "train.group_by_length": True,
-    "kd.client_eval": False,  # testing every KD client's model too would double KD's eval time
-}
-QUICK_SEEDS = (0,)  # one seed: 9 runs fit the 20-minute CPU budget (--seeds 0,1 for a spread)
-SCALED_KEYS = ("kd.public_samples", "split.samples_per_round")
-
-# Without a local GPT-2: the offline SmolLM2-135M (30 blocks); the split layer keeps the paper's
-# cut at half the depth (GPT-2: 6 of 12 blocks).
-FALLBACK_MODEL = "smollm2-135m"
-FALLBACK_SPLIT_LAYER = 15
+from .report import find_runs, write_report
 
 
 @dataclass(frozen=True)
@@ -85,7 +56,7 @@ def configs_dir() -> Path:
 
 
 def compare_specs(
-    base: RunConfig, seeds: tuple[int, ...], frameworks: tuple[str, ...] = FRAMEWORKS
+    base: RunConfig, seeds: tuple[int, ...], frameworks: tuple[str, ...] = ("fedllm", "kd", "split")
 ) -> list[RunSpec]:
     """The same config under each framework and seed: ``<framework>-s<seed>``."""
     specs = []
@@ -94,67 +65,6 @@ def compare_specs(
             cfg = config.with_overrides(base, fed={"framework": fw}, seed=seed)
             specs.append(RunSpec(f"{fw}-s{seed}", cfg))
     return specs
-
-
-def gpt2_available() -> bool:
-    """Whether GPT-2 is in the local Hugging Face cache (this must work without network)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
-        return False
-    files = ("model.safetensors", "pytorch_model.bin")
-    return isinstance(try_to_load_from_cache("gpt2", "config.json"), str) and any(
-        isinstance(try_to_load_from_cache("gpt2", f), str) for f in files
-    )
-
-
-def paper_specs(
-    quick: bool = False,
-    seeds: tuple[int, ...] | None = None,
-    model: str | None = None,
-    overrides: list[str] | None = None,
-    presets: Path | None = None,
-) -> tuple[list[RunSpec], list[str]]:
-    """The case-study grid and notes for the report (model choice, quick scaling)."""
-    presets = presets or configs_dir()
-    seeds = seeds or (QUICK_SEEDS if quick else PAPER_SEEDS)
-    notes = []
-    if model is None:
-        model = "gpt2" if gpt2_available() else FALLBACK_MODEL
-        if model == FALLBACK_MODEL:
-            notes.append(
-                f"GPT-2 is not in the local Hugging Face cache (no network): the offline "
-                f"{FALLBACK_MODEL} stands in; Split-FedLLM cuts it at block "
-                f"{FALLBACK_SPLIT_LAYER} of 30 (the paper: 6 of 12)."
-            )
-    common = [f"model.name={model}"]
-    if model == FALLBACK_MODEL:
-        common.append(f"split.split_layer={FALLBACK_SPLIT_LAYER}")
-    scale = 1.0
-    if quick:
-        common += [f"{k}={_literal(v)}" for k, v in QUICK.items()]
-        scale = QUICK["data.samples_per_client"] / PAPER_SAMPLES_PER_CLIENT
-        notes.append(
-            f"--quick: {QUICK['fed.rounds']} rounds, {QUICK['data.samples_per_client']} "
-            f"samples per client, {QUICK['data.test_size']} test samples, batch "
-            f"{QUICK['train.batch_size']}, bf16 autocast; public samples and samples per "
-            f"round scaled by {scale:.4f} (= {QUICK['data.samples_per_client']}/"
-            f"{PAPER_SAMPLES_PER_CLIENT}). Numbers show the method, not the paper's "
-            f"accuracy."
-        )
-    specs = []
-    for fw, (preset, key, values, prefix) in PAPER_GRID.items():
-        for value in values:
-            v = max(1, round(value * scale)) if key in SCALED_KEYS else value
-            item = [*common, f"{key}={v}", *(overrides or [])]
-            for seed in seeds:
-                cfg = config.load(presets / preset, [*item, f"seed={seed}"])
-                specs.append(RunSpec(f"{fw}-{prefix}{v}-s{seed}", cfg))
-    return specs, notes
-
-
-def _literal(v) -> str:
-    return ("true" if v else "false") if isinstance(v, bool) else str(v)
 
 
 # ----------------------------------------------------------------------------- running

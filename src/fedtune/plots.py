@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .report import FRAMEWORKS, TITLES, Group, Run, aggregate, curve, group_runs  # noqa: E402
+from .report import Group, Run, aggregate, curve, framework_order, group_runs, title  # noqa: E402
 
 COLORS = {"fedllm": "tab:blue", "kd": "tab:orange", "split": "tab:green"}
 MARKERS = ("o", "s", "^", "D", "v", "P")
@@ -127,7 +127,7 @@ def accuracy_vs_setting(groups: list[Group], out: Path) -> str:
     """The paper's Fig. 3: final accuracy (mean ± std over seeds) under each framework's varied
     factor, one panel per framework."""
     frameworks = [f for f in dict.fromkeys(g.framework for g in groups)]
-    frameworks.sort(key=lambda f: (f not in FRAMEWORKS, f))
+    frameworks.sort(key=framework_order)
     fig, axes = plt.subplots(
         1, len(frameworks), figsize=(3.6 * len(frameworks), 3.8), sharey=True, squeeze=False
     )
@@ -147,7 +147,7 @@ def accuracy_vs_setting(groups: list[Group], out: Path) -> str:
         ax.set_xticks(xs, ticks)
         ax.set_xlim(-0.5, len(rows) - 0.5)
         ax.set_xlabel(", ".join(keys) or "setting")
-        ax.set_title(TITLES.get(fw, fw))
+        ax.set_title(title(fw))
         ax.grid(True, alpha=0.3)
     axes[0][0].set_ylabel("final test accuracy")
     fig.suptitle("Accuracy under the varied factor (Fig. 3)")

@@ -9,9 +9,8 @@ report can be built and tested anywhere. The pipeline, top to bottom:
    config keys that differ *between* a framework's groups are its "setting" (the varied factor
    of a sweep, e.g. ``model.lora_r``), found from the configs rather than declared anywhere.
 3. :func:`aggregate` / :func:`curve`: per group, means (and the std of accuracy) over seeds.
-4. :func:`table_one`: the paper's Table I rebuilt as ranks from the measured numbers, beside
-   the paper's claims, with a disagreement line for each rank that the claim does not allow.
-5. :func:`build_report`: the markdown.
+4. :func:`build_report`: the markdown, with the paper's Table I rebuilt from the measured
+   numbers (:mod:`fedtune.paper`).
 """
 
 from __future__ import annotations
@@ -23,31 +22,23 @@ from pathlib import Path
 
 import numpy as np
 
-FRAMEWORKS = ("fedllm", "kd", "split")
-TITLES = {"fedllm": "FedLLM", "kd": "KD-FedLLM", "split": "Split-FedLLM"}
 # Keys that never define a setting: the seed is what a group averages over; the rest is cosmetic.
 IGNORED_KEYS = {"seed", "name", "progress"}
 
-# The paper's Table I (arXiv 2501.04436) as ranks, 1 = best: most accurate, fewest bytes per
-# client per round, least client compute. A claim is (the paper's words, the ranks it allows):
-# "FedLLM and Split-FedLLM are both high" is a tie, so either may come first.
-CLAIMS: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {
-    "accuracy": {
-        "fedllm": ("high", (1, 2)),
-        "kd": ("lower (depends on the public data)", (3,)),
-        "split": ("high (close to FedLLM)", (1, 2)),
-    },
-    "communication": {
-        "fedllm": ("high (all LoRA parameters each round)", (2,)),
-        "kd": ("low (logits)", (1,)),
-        "split": ("highest (activations + gradients per batch)", (3,)),
-    },
-    "client compute": {
-        "fedllm": ("high (full model on the client)", (2,)),
-        "kd": ("high, plus logit generation and distillation", (3,)),
-        "split": ("low (first blocks only)", (1,)),
-    },
-}
+
+def title(framework: str) -> str:
+    """A framework's display name from the registry (``kd`` -> ``KD-FedLLM``)."""
+    from . import frameworks
+
+    return frameworks.titles().get(framework, framework)
+
+
+def framework_order(framework: str) -> tuple:
+    """Sort key: registered frameworks in registration order, then others by name."""
+    from . import frameworks
+
+    names = frameworks.names()
+    return (names.index(framework) if framework in names else len(names), framework)
 
 
 @dataclass
@@ -80,7 +71,7 @@ class Group:
     def label(self) -> str:
         """``FedLLM`` or ``FedLLM lora_r=4``: the short name used in tables and legends."""
         parts = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in self.setting]
-        return " ".join([TITLES.get(self.framework, self.framework), *parts])
+        return " ".join([title(self.framework), *parts])
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -124,7 +115,7 @@ def _sort_key(value) -> tuple:
 def group_runs(runs: list[Run]) -> list[Group]:
     """Groups in framework order, settings sorted by value within a framework."""
     groups: list[Group] = []
-    frameworks = sorted({r.framework for r in runs}, key=lambda f: (f not in FRAMEWORKS, f))
+    frameworks = sorted({r.framework for r in runs}, key=framework_order)
     for fw in frameworks:
         mine = [r for r in runs if r.framework == fw]
         keys = sorted(
@@ -204,71 +195,7 @@ def curve(group: Group) -> dict[str, np.ndarray]:
     }
 
 
-# ----------------------------------------------------------------------------- Table I
-
-
-def framework_means(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """Per framework, the three Table I quantities: the mean over its settings (each setting
-    weighted equally). Client compute is FLOPs, or seconds when FLOPs were not counted."""
-    use_flops = any(r["client_flops"] > 0 for r in rows)
-    out: dict[str, dict[str, float]] = {}
-    for fw in dict.fromkeys(r["framework"] for r in rows):
-        mine = [r for r in rows if r["framework"] == fw]
-        out[fw] = {
-            "accuracy": _mean(r["accuracy_mean"] for r in mine),
-            "communication": _mean(r["bytes_total"] for r in mine),
-            "client compute": _mean(
-                r["client_flops" if use_flops else "client_seconds"] for r in mine
-            ),
-        }
-    return out
-
-
-def rank(values: dict[str, float], higher_is_better: bool) -> dict[str, int]:
-    """Competition ranking (1 = best; equal values share a rank: 1, 1, 3)."""
-    sign = -1 if higher_is_better else 1
-    return {k: 1 + sum(sign * w < sign * v for w in values.values()) for k, v in values.items()}
-
-
-def table_one(rows: list[dict]) -> tuple[list[dict], list[str]]:
-    """Rows ``{metric, framework, claim, claimed_ranks, value, rank, agrees}`` and one
-    disagreement line per mismatch. Needs all three frameworks (the claims rank three)."""
-    means = framework_means(rows)
-    if not set(FRAMEWORKS) <= set(means):
-        return [], []
-    table, disagreements = [], []
-    for metric, claims in CLAIMS.items():
-        values = {fw: means[fw][metric] for fw in FRAMEWORKS}
-        ranks = rank(values, higher_is_better=(metric == "accuracy"))
-        for fw in FRAMEWORKS:
-            words, allowed = claims[fw]
-            agrees = ranks[fw] in allowed
-            table.append(
-                {
-                    "metric": metric,
-                    "framework": fw,
-                    "claim": words,
-                    "claimed_ranks": allowed,
-                    "value": values[fw],
-                    "rank": ranks[fw],
-                    "agrees": agrees,
-                }
-            )
-            if not agrees:
-                disagreements.append(
-                    f"Disagreement on {metric}: {TITLES[fw]} ranks {ranks[fw]} measured, "
-                    f"the paper implies rank {_ranks(allowed)}: {words}."
-                )
-    return table, disagreements
-
-
 # ----------------------------------------------------------------------------- formatting
-
-
-def _ranks(allowed: tuple[int, ...]) -> str:
-    return (
-        "-".join(str(a) for a in (allowed[0], allowed[-1])) if len(allowed) > 1 else str(allowed[0])
-    )
 
 
 def fmt_si(x: float, unit: str = "") -> str:
@@ -288,14 +215,6 @@ def fmt_acc(mean: float, std: float, n: int = 2) -> str:
     return f"{mean:.4f} ± {std:.4f}" if n > 1 else f"{mean:.4f}"
 
 
-def _metric_value(metric: str, value: float, use_flops: bool) -> str:
-    if metric == "accuracy":
-        return f"{value:.4f}"
-    if metric == "communication":
-        return fmt_si(value, "B")
-    return fmt_si(value, "FLOP") if use_flops else f"{value:.3g} s"
-
-
 def results_table(rows: list[dict]) -> list[str]:
     head = (
         "| framework | seeds | final accuracy (mean ± std) | macro-F1 | bytes up / client / round "
@@ -311,31 +230,6 @@ def results_table(rows: list[dict]) -> list[str]:
             f"| {fmt_si(r['bytes_down'], 'B')} | {fmt_si(r['client_flops'], 'FLOP')} "
             f"| {r['client_seconds']:.3g} | {fmt_si(r['client_peak_memory'], 'B')} |"
         )
-    return lines
-
-
-def table_one_lines(rows: list[dict]) -> list[str]:
-    table, disagreements = table_one(rows)
-    if not table:
-        return ["Table I needs runs of all three frameworks; not rebuilt."]
-    use_flops = any(r["client_flops"] > 0 for r in rows)
-    unit = "FLOPs" if use_flops else "seconds (FLOPs were not counted)"
-    lines = [
-        "Ranks: 1 = best (most accurate; fewest bytes up + down per client per round; least "
-        f"client compute per round, in {unit}). A framework with several settings is their "
-        "mean. The paper's claims are qualitative; a tie in the claim allows either rank.",
-        "",
-        "| metric | framework | paper claim | paper rank | measured | measured rank | agrees |",
-        "|" + " --- |" * 7,
-    ]
-    for t in table:
-        lines.append(
-            f"| {t['metric']} | {TITLES[t['framework']]} | {t['claim']} "
-            f"| {_ranks(t['claimed_ranks'])} | {_metric_value(t['metric'], t['value'], use_flops)} "
-            f"| {t['rank']} | {'yes' if t['agrees'] else '**no**'} |"
-        )
-    lines.append("")
-    lines += [f"- **{d}**" for d in disagreements] or ["The measured ranks agree with every claim."]
     return lines
 
 
@@ -364,6 +258,8 @@ def build_report(
 ) -> str:
     """The markdown report. ``plots`` are image file names (relative to the report) to embed;
     ``notes`` are extra lines for the setup section."""
+    from . import paper  # the paper's claims; paper.py builds on this module
+
     if not runs:
         return f"# {title}\n\nNo finished runs found.\n"
     groups = group_runs(runs)
@@ -383,7 +279,7 @@ def build_report(
         "",
         "## Table I: the paper's claims against the measurement",
         "",
-        *table_one_lines(rows),
+        *paper.table_one_lines(rows),
     ]
     if plots:
         lines += ["", "## Plots"]

@@ -1,9 +1,9 @@
 """Real deployment on Flower (``flwr`` 1.41): the same frameworks, messages and byte counting
 as the simulation, across machines.
 
-* :mod:`.server_app` - the ServerApp: builds the fedtune context, drives each framework's
-  ``Server.round`` generator like :func:`fedtune.simulation.run_round`, ships every encoded
-  :class:`~fedtune.messages.Message` inside a Flower ``ConfigRecord`` and writes the run dir;
+* :mod:`.server_app` - the ServerApp: the round loop of :mod:`fedtune.runtime.loop` (the one
+  ``fedtune run`` uses) over :mod:`.transport`, which ships every encoded
+  :class:`~fedtune.messages.Message` inside a Flower ``ConfigRecord``;
 * :mod:`.client_app` - the ClientApp: forwards each message's bytes to the node's worker;
 * :mod:`.node` - the worker inside the SuperNode process (model loaded once, client state kept);
 * :mod:`.split_link` - Split-FedLLM's per-batch exchange over a direct gRPC stream;

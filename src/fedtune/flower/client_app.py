@@ -32,14 +32,19 @@ def _node_value(context: Context, key: str) -> str:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Which fedtune client this node is (its partition id)."""
-    pid = int(_node_value(context, "partition-id"))
-    return Message(RecordDict({RECORD: ConfigRecord({"partition-id": pid})}), reply_to=msg)
+    """Which fedtune client this node is and how many samples it holds (the worker loads the
+    run's model and this client's data to answer)."""
+    return forward(msg, context)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One fedtune message to this node's client, and its reply."""
+    return forward(msg, context)
+
+
+def forward(msg: Message, context: Context) -> Message:
+    """Hand the message's header and bytes to this node's worker; return its answer."""
     rec = msg.content[RECORD]
     header = json.loads(str(rec["header"]))
     header["run"] = context.run_id

@@ -35,7 +35,7 @@ import torch
 
 from .. import config, frameworks
 from ..compute import ComputeMeter
-from ..context import Context, build_context
+from ..context import ClientContext, build_context
 from ..data import FedData, Tokenized, read_csv, tokenize
 from ..errors import ConfigError, DataError, FedtuneError, MessageError
 from ..execution.executors import make_executor
@@ -86,7 +86,7 @@ class ClientRun:
         self.client, self.config_key = client, config_key
         self.snapshots: dict[int, tuple] = {}
         self.last_round = 0
-        self.restored_for: str | None = None  # the Flower run that last rolled it back
+        self.owner: str | None = None  # the Flower run that drives it now
 
     def snapshot(self, rnd: int, keep_after: int | None) -> None:
         if rnd > self.last_round:
@@ -113,11 +113,12 @@ class NodeWorker:
         self, partition_id: int, data_dir: str | None = None, split_root_cert: str | None = None
     ) -> None:
         self.cid, self.data_dir, self.split_root_cert = partition_id, data_dir, split_root_cert
-        self.contexts: dict[str, Context] = {}  # config hash -> context (model loaded once)
+        self.contexts: dict[str, ClientContext] = {}  # config hash -> context (model once)
         self.runs: dict[str, ClientRun] = {}  # run key -> this node's client of that run
         self.lock = threading.Lock()  # one message at a time: the model is shared
 
-    def context(self, cfg: config.RunConfig, key: str, labels: list[str]) -> Context:
+    def context(self, cfg: config.RunConfig, key: str, labels: list[str]) -> ClientContext:
+        """This node's client context for a config: the model loaded once, its own data."""
         if key not in self.contexts:
             data = None
             if self.data_dir:
@@ -130,7 +131,7 @@ class NodeWorker:
                 raise ConfigError(
                     f"partition-id {self.cid} but the run has {len(ctx.data.client_idx)} clients"
                 )
-            self.contexts[key] = ctx
+            self.contexts[key] = ctx.client(self.cid)
         return self.contexts[key]
 
     def process(self, header: dict, blob: bytes) -> bytes:
@@ -141,6 +142,8 @@ class NodeWorker:
         key = hashlib.sha256(text.encode()).hexdigest()[:16]
         cfg = config.from_dict(tomllib.loads(text))
         ctx = self.context(cfg, key, header.get("labels", []))
+        if header.get("query"):  # the server greets the node: who it is, how much data it has
+            return rpc.pack({"partition-id": self.cid, "samples": len(ctx.data.train)})
         # OpenMP keeps the thread count per OS thread and gRPC serves from a pool: set it here
         torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
         wire = Wire(max_bytes=cfg.fed.max_message_bytes)
@@ -174,7 +177,7 @@ class NodeWorker:
             {"stats": meter.stats.as_dict(), "counted": counted, "reply": reply is not None}, out
         )
 
-    def client_for(self, header: dict, key: str, ctx: Context, rnd: int):
+    def client_for(self, header: dict, key: str, ctx: ClientContext, rnd: int):
         """This node's client of the run ``header`` names (its state kept across rounds and
         across a resumed ServerApp), rolled back when the server resumes the run."""
         run_key, flower_run = str(header.get("run_key") or header["run"]), str(header["run"])
@@ -183,11 +186,15 @@ class NodeWorker:
             if resumed is not None:
                 log.warning("no client state kept for resumed run %s: starting afresh", run_key)
             fw = frameworks.get(ctx.cfg.fed.framework)
-            self.runs = {run_key: ClientRun(fw.client(ctx, self.cid), key)}
+            self.runs = {run_key: ClientRun(fw.client(ctx), key)}
         run = self.runs[run_key]
-        if resumed is not None and run.restored_for != flower_run:
-            run.rollback(int(resumed))
-            run.restored_for = flower_run
+        if run.owner is None:
+            run.owner = flower_run
+        elif run.owner != flower_run:
+            if resumed is None:  # e.g. a message of the killed ServerApp delivered late
+                raise MessageError(f"run {run_key} continues in Flower run {run.owner}")
+            run.rollback(int(resumed))  # the first message of the resumed ServerApp
+            run.owner = flower_run
         run.snapshot(rnd, header.get("keep_after"))
         return run.client
 

@@ -17,13 +17,14 @@ import json
 import re
 import secrets
 import time
+from dataclasses import replace
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from .. import config
 from ..compute import ComputeStats
-from ..context import Context
+from ..context import Context, ServerContext, build_context
 from ..errors import ConfigError, FedtuneError, MessageError
 from ..frameworks import Framework, Server, Serving
 from ..messages import DOWN, UP, Wire, client_name
@@ -56,25 +57,28 @@ def reason(m: Message) -> str:
     return found.group(1) if found else m.error.reason
 
 
-def discover(grid: Grid, n: int, timeout: float) -> dict[int, int]:
-    """Wait for ``n`` SuperNodes and ask each its partition id: ``{cid: node_id}``."""
+def discover(grid: Grid, n: int, timeout: float, header: dict) -> dict[int, tuple[int, int]]:
+    """Wait for ``n`` SuperNodes and ask each which client it is and how many samples it
+    holds: ``{cid: (node_id, samples)}``. ``header`` carries the run's config (each node loads
+    its model and data to answer)."""
     deadline = time.monotonic() + timeout
     while len(ids := list(grid.get_node_ids())) < n:
         if time.monotonic() > deadline:
             raise FedtuneError(f"{len(ids)} of {n} SuperNodes connected after {timeout:g} s")
         time.sleep(0.5)
-    asks = [
-        Message(RecordDict({RECORD: ConfigRecord({})}), dst_node_id=i, message_type="query")
-        for i in ids
-    ]
-    nodes: dict[int, int] = {}
+    ask = ConfigRecord({"header": json.dumps(dict(header, query=True)), "blob": b""})
+    asks = [Message(RecordDict({RECORD: ask}), dst_node_id=i, message_type="query") for i in ids]
+    nodes: dict[int, tuple[int, int]] = {}
     for m in exchange(grid, asks, timeout):
         if m.has_error():
             raise FedtuneError(f"SuperNode {m.metadata.src_node_id}: {reason(m)}")
-        pid = int(m.content[RECORD]["partition-id"])
+        answer = json.loads(str(m.content[RECORD]["header"]))
+        pid, samples = int(answer["partition-id"]), int(answer["samples"])
         if pid in nodes:
             raise ConfigError(f"two SuperNodes have partition-id {pid}")
-        nodes[pid] = m.metadata.src_node_id
+        if samples < 1:
+            raise ConfigError(f"SuperNode with partition-id {pid} holds no training samples")
+        nodes[pid] = (m.metadata.src_node_id, samples)
     missing = sorted(set(range(n)) - set(nodes))
     if missing:
         raise ConfigError(
@@ -98,15 +102,27 @@ class FlowerTransport:
         self.tokens: dict[int, str] = {}
         self.counted: dict[int, dict[str, int]] = {}
 
-    def start(self, ctx: Context, fw: Framework, server: Server) -> None:
-        cfg = ctx.cfg
+    def prepare(self, cfg: config.RunConfig, ctx: Context | None) -> ServerContext:
+        """The server's context, with each client's sample count as its SuperNode reports it
+        (a node may hold its own data, ``--data-dir``)."""
+        ctx = (ctx or build_context(cfg)).server()
         self.fed = cfg.fed
         self.wire.max_bytes = cfg.fed.max_message_bytes
-        n = len(ctx.data.client_idx)
-        self.nodes = discover(self.grid, n, float(self.rc.get("node-timeout", 120)))
+        self.header = {
+            "config": config.to_toml(cfg),
+            "labels": ctx.data.label_names,
+            "timeout": self.timeout,
+        }
+        n = ctx.data.num_clients
+        found = discover(self.grid, n, float(self.rc.get("node-timeout", 120)), self.header)
+        self.nodes = {cid: node for cid, (node, _) in found.items()}
         self.by_node = {node: cid for cid, node in self.nodes.items()}
         pairs = ", ".join(f"{c}->{v}" for c, v in self.nodes.items())
         self.log(f"fedtune: {n} SuperNodes: {pairs}")
+        sizes = [found[c][1] for c in range(n)]
+        return replace(ctx, data=replace(ctx.data, client_sizes=sizes))
+
+    def start(self, ctx: ServerContext, fw: Framework, server: Server) -> None:
         if isinstance(server, Serving):
             rc = self.rc
             self.service, self.grpc_server, port = start_split_service(
@@ -115,18 +131,13 @@ class FlowerTransport:
                 str(rc.get("split-bind", "0.0.0.0:0")),
                 certfile=str(rc.get("split-certfile", "")) or None,
                 keyfile=str(rc.get("split-keyfile", "")) or None,
-                workers=n + 4,
+                workers=ctx.data.num_clients + 4,
             )
             self.service.address = f"{rc.get('split-host', '127.0.0.1')}:{port}"
             self.log(
                 f"fedtune: split server listening on port {port}, "
                 f"clients use {self.service.address}"
             )
-        self.header = {
-            "config": config.to_toml(cfg),
-            "labels": ctx.data.label_names,
-            "timeout": self.timeout,
-        }
 
     def begin_round(self, rs: RoundState) -> None:
         self.counted = {cid: {UP: 0, DOWN: 0} for cid in rs.sampled}

@@ -103,6 +103,11 @@ def register(
     return fw
 
 
+def unregister(name: str) -> None:
+    """Remove a registered framework (tests and plug-ins that clean up after themselves)."""
+    _REGISTRY.pop(name, None)
+
+
 def _load_builtins() -> None:
     global _loaded
     if not _loaded:
@@ -120,17 +125,25 @@ def get(name: str) -> Framework:
 
 
 def names() -> list[str]:
+    """Registered names: the built-ins in :data:`BUILTIN` order (whatever order they were
+    imported in), then the others in registration order."""
     _load_builtins()
-    return list(_REGISTRY)
+
+    def rank(item: tuple[int, str]) -> tuple[int, int]:
+        module = _REGISTRY[item[1]].server.__module__
+        hits = [i for i, b in enumerate(BUILTIN) if module == b or module.startswith(b + ".")]
+        return (hits[0] if hits else len(BUILTIN), item[0])
+
+    return [name for _, name in sorted(enumerate(_REGISTRY), key=rank)]
 
 
 def sections() -> dict[str, type]:
     """``{name: config section class}`` of the frameworks that have options."""
     _load_builtins()
-    return {n: fw.config for n, fw in _REGISTRY.items() if fw.config is not None}
+    return {n: _REGISTRY[n].config for n in names() if _REGISTRY[n].config is not None}
 
 
 def titles() -> dict[str, str]:
     """Display names, e.g. ``{"kd": "KD-FedLLM"}``."""
     _load_builtins()
-    return {n: fw.title for n, fw in _REGISTRY.items()}
+    return {n: _REGISTRY[n].title for n in names()}

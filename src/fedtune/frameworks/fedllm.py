@@ -18,7 +18,7 @@ import torch
 
 from .. import seeds
 from ..aggregate import build, screen_updates
-from ..context import Context
+from ..context import ClientContext, ServerContext
 from ..execution.jobs import CrossEntropy, Train
 from ..execution.train import LocalResult, num_local_steps
 from ..messages import PARAMETERS, SERVER, Message, client_name
@@ -29,7 +29,7 @@ from . import register
 class Server:
     """Holds the global trainable state; one ``round`` = a1 (send) then a4 (aggregate)."""
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
         self.global_state = {k: v.clone() for k, v in ctx.init_state.items()}
         self.strategy = build(ctx.cfg.fed)
@@ -75,8 +75,8 @@ class Server:
 class Client:
     """A simulated client is its data indices and optimizer state, never a model copy."""
 
-    def __init__(self, ctx: Context, cid: int) -> None:
-        self.ctx, self.cid = ctx, cid
+    def __init__(self, ctx: ClientContext) -> None:
+        self.ctx, self.cid = ctx, ctx.cid
         self.opt_state: dict | None = None
 
     def state_dict(self) -> dict:
@@ -86,7 +86,7 @@ class Client:
         self.opt_state = d["opt_state"]
 
     def handle(self, msg: Message, link=None) -> Generator[Train, LocalResult, Message]:
-        cfg, idx = self.ctx.cfg, self.ctx.client_samples(self.cid)
+        cfg, idx = self.ctx.cfg, self.ctx.data.samples
         # a2: local fine-tuning starting from the received global adapter.
         result = yield Train(
             msg.tensors,

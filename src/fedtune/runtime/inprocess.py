@@ -11,7 +11,8 @@ from __future__ import annotations
 from functools import partial
 
 from ..compute import ComputeMeter, paused
-from ..context import Context
+from ..config import RunConfig
+from ..context import Context, ServerContext, build_context
 from ..errors import MessageError
 from ..execution.executors import Executor, make_executor
 from ..frameworks import Framework, Server, Serving
@@ -58,10 +59,14 @@ class InProcess:
         self.wire = Wire()
         self.clients: dict = {}
 
-    def start(self, ctx: Context, fw: Framework, server: Server) -> None:
+    def prepare(self, cfg: RunConfig, ctx: Context | None) -> ServerContext:
+        self.full = ctx or build_context(cfg)  # all the data: each party gets its view
+        return self.full.server()
+
+    def start(self, ctx: ServerContext, fw: Framework, server: Server) -> None:
         self.ctx, self.server = ctx, server
         self.wire.max_bytes = ctx.cfg.fed.max_message_bytes
-        self.clients = {cid: fw.client(ctx, cid) for cid in range(len(ctx.data.client_idx))}
+        self.clients = {c: fw.client(self.full.client(c)) for c in range(ctx.data.num_clients)}
         if self.executor is None:
             self.executor = make_executor(ctx.cfg, ctx.model, ctx.data.pad_id, ctx.device)
 

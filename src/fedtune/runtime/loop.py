@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .. import frameworks, seeds
 from ..compute import ComputeMeter
 from ..config import RunConfig
-from ..context import Context, build_context
+from ..context import Context, ServerContext
 from ..messages import Message, Wire
 from . import checkpoint, faults
 from .records import RoundResult, RoundState, evaluate_global, format_round, round_record
@@ -38,8 +38,14 @@ class Transport(Protocol):
     name: str
     wire: Wire
 
-    def start(self, ctx: Context, fw: frameworks.Framework, server: frameworks.Server) -> None:
-        """Make the clients reachable (build them in-process; find the SuperNodes)."""
+    def prepare(self, cfg: RunConfig, ctx: Context | None) -> ServerContext:
+        """The server's context: the model and the server's data (``ctx``: a prepared process
+        context to use instead of loading ``cfg``'s); the clients' sample counts in it come
+        from wherever the clients are."""
+        ...
+
+    def start(self, ctx: ServerContext, fw: frameworks.Framework, server: frameworks.Server):
+        """Make the clients reachable (build them in-process; greet the SuperNodes)."""
         ...
 
     def begin_round(self, rs: RoundState) -> None: ...
@@ -89,21 +95,21 @@ def run(
 ) -> RunResult:
     """Run ``cfg`` over ``transport``; write the run directory ``out`` when given.
 
-    ``ctx`` reuses a prepared context (custom data or model); ``resume=True`` continues the
+    ``ctx`` reuses a prepared process context (custom data or model); ``resume=True`` continues the
     unfinished run in ``out`` from its last checkpoint; ``on_round(record)`` is called after
     every round with its ``metrics.jsonl`` line."""
     t_start = time.perf_counter()
     fw = frameworks.get(cfg.fed.framework)
     if out is not None:  # refuse to mix with a finished run before the slow model load
         RunDir.check_resumable(out) if resume else RunDir.check(out)
-    ctx = ctx or build_context(cfg)
-    rundir = None  # created only once the inputs are valid
-    if out is not None:
-        rundir = RunDir(Path(out)) if resume else RunDir.create(out, cfg)
-    server = fw.server(ctx)
     history: list[dict] = []
     done = 0  # rounds already run (by the run being resumed)
     try:
+        ctx = transport.prepare(cfg, ctx)
+        rundir = None  # created only once the inputs are valid
+        if out is not None:
+            rundir = RunDir(Path(out)) if resume else RunDir.create(out, cfg)
+        server = fw.server(ctx)
         transport.start(ctx, fw, server)
         if resume and rundir is not None:
             state = checkpoint.load(rundir.path)
@@ -161,13 +167,13 @@ def run(
     return RunResult(summary, history)
 
 
-def run_round_with_retries(ctx: Context, server, transport: Transport, rnd: int, log):
+def run_round_with_retries(ctx: ServerContext, server, transport: Transport, rnd: int, log):
     """Run round ``rnd``; when too few clients are left, retry it with a fresh sample (up to
     ``fed.max_retries`` times) or skip it, per ``fed.on_too_few``. Returns the last
     :class:`RoundResult` and the number of attempts."""
     cfg, fed = ctx.cfg, ctx.cfg.fed
     attempts = 1 + (fed.max_retries if fed.on_too_few == "retry" else 0)
-    n = len(ctx.data.client_idx)
+    n = ctx.data.num_clients
     for attempt in range(attempts):
         sampled = sample_clients(n, fed.fraction_fit, fed.min_clients, cfg.seed, rnd, attempt)
         result = run_round(ctx, server, transport, rnd, sampled, attempt)
@@ -185,7 +191,7 @@ def run_round_with_retries(ctx: Context, server, transport: Transport, rnd: int,
 
 
 def run_round(
-    ctx: Context, server, transport: Transport, rnd: int, sampled: list[int], attempt: int = 0
+    ctx: ServerContext, server, transport: Transport, rnd: int, sampled: list[int], attempt: int = 0
 ) -> RoundResult:
     """One attempt at a communication round, with the configured client faults (faults.py).
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import seeds
 from ..compute import ComputeMeter, ComputeStats
-from ..context import Context
+from ..context import ServerContext
 from ..execution.train import evaluate
 from ..messages import DOWN, UP, Ledger, client_name
 
@@ -56,7 +56,7 @@ class RoundResult:
     completed: bool = True
 
 
-def evaluate_global(ctx: Context, server) -> dict:
+def evaluate_global(ctx: ServerContext, server) -> dict:
     """Test metrics of the server's global state (every runtime's evaluation rounds)."""
     t0, cfg, d = time.perf_counter(), ctx.cfg, ctx.data
     ev = evaluate(

@@ -1,7 +1,7 @@
 """KD-FedLLM: federated knowledge distillation through logits on a shared public set.
 
 Every party keeps its own model (a trainable state: LoRA + head); only logits on the public
-set (``ctx.data.public_idx``, or a seeded subset of ``kd.public_samples``) cross the wire.
+set (``ctx.data.public``, or a seeded subset of ``kd.public_samples``) cross the wire.
 
 b1  each client fine-tunes its persistent local model on its private data;
 b2  each client computes its logits on the public selection (public labels are never used);

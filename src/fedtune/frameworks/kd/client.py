@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ... import seeds
-from ...context import Context
+from ...context import ClientContext, ServerContext
 from ...errors import MessageError
 from ...execution.jobs import CrossEntropy, Distill, Predict, Train
 from ...execution.train import evaluate, num_local_steps
@@ -22,8 +22,8 @@ class Client:
     """A client's persistent local model is its trainable state + optimizer state (no model
     copy) and the public selection of the current round."""
 
-    def __init__(self, ctx: Context, cid: int) -> None:
-        self.ctx, self.cid = ctx, cid
+    def __init__(self, ctx: ClientContext) -> None:
+        self.ctx, self.cid = ctx, ctx.cid
         self.state = {k: v.clone() for k, v in ctx.init_state.items()}
         self.opt_state: dict | None = None
         self.candidates = public_candidates(ctx)
@@ -42,7 +42,7 @@ class Client:
         if msg.kind == METADATA:
             self.select(msg)
             # b1: fine-tune the local model on the private data.
-            cfg, idx = self.ctx.cfg, self.ctx.client_samples(self.cid)
+            cfg, idx = self.ctx.cfg, self.ctx.data.samples
             steps = num_local_steps(len(idx), cfg.train)
             stream = seeds.client(cfg.seed, msg.round, self.cid)
             result = yield Train(
@@ -50,7 +50,7 @@ class Client:
             )
             self.state, self.opt_state = result.state, result.opt_state
             # b2: logits on the public selection (its labels are never read here).
-            logits = yield Predict(self.state, self.ctx.data.train, self.selection)
+            logits = yield Predict(self.state, self.ctx.data.public, self.selection)
             return self.upload(msg.round, result.loss, logits)
         if msg.kind == LOGITS:
             return (yield from self.distill_global(msg))
@@ -59,9 +59,7 @@ class Client:
     def send_histogram(self, rnd: int) -> Message:
         """Alignment: the private label counts ``[C]`` (int32), sent once."""
         d = self.ctx.data
-        hist = np.bincount(
-            d.train.labels[self.ctx.client_samples(self.cid)], minlength=d.num_labels
-        )
+        hist = np.bincount(d.train.labels, minlength=d.num_labels)
         return Message(
             LABELS,
             rnd,
@@ -80,7 +78,7 @@ class Client:
         """b3: upload the logits, compressed; the loss is fixed-width so sizes do not depend
         on it."""
         kd = self.ctx.cfg.kd
-        meta = {"num_samples": len(self.ctx.client_samples(self.cid)), "loss": f"{loss:.6e}"}
+        meta = {"num_samples": len(self.ctx.data.train), "loss": f"{loss:.6e}"}
         tensors = pack_logits(logits, kd.topk, kd.logit_dtype)
         return Message(LOGITS, rnd, client_name(self.cid), SERVER, tensors, meta)
 
@@ -93,7 +91,7 @@ class Client:
         result = yield Train(
             self.state,
             self.opt_state,
-            selection_view(ctx.data.train, self.selection),
+            selection_view(ctx.data.public, self.selection),
             np.arange(len(self.selection)),
             Distill((global_logits / kd.temperature).softmax(-1), kd.temperature),
             seeds.client(ctx.cfg.seed, msg.round, self.cid, job=1),
@@ -104,7 +102,7 @@ class Client:
         return None
 
 
-def client_eval(ctx: Context, server, clients: dict[int, Client]) -> dict:
+def client_eval(ctx: ServerContext, server, clients: dict[int, Client]) -> dict:
     """Mean test accuracy of the clients' local models (the global model is the headline)."""
     if not ctx.cfg.kd.client_eval:
         return {}

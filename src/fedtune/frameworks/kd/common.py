@@ -15,8 +15,8 @@ from .ops import unpack_logits
 
 
 def public_candidates(ctx: Context) -> np.ndarray:
-    """Indices into ``ctx.data.train`` of the public samples in use (``[N]``, sorted)."""
-    pub, n = ctx.data.public_idx, ctx.cfg.kd.public_samples
+    """Positions in ``ctx.data.public`` of the public samples in use (``[N]``, sorted)."""
+    pub, n = np.arange(len(ctx.data.public)), ctx.cfg.kd.public_samples
     if len(pub) == 0:
         raise ConfigError("config key data.public_size: KD-FedLLM needs a public set (> 0)")
     if n > len(pub):
@@ -41,12 +41,13 @@ def distill_batch_size(ctx: Context) -> int:
 
 
 def public_logits(ctx: Context, state: dict[str, torch.Tensor], idx: np.ndarray) -> torch.Tensor:
-    """``state``'s logits ``[len(idx), C]`` on public samples ``idx`` (indices into train)."""
+    """``state``'s logits ``[len(idx), C]`` on public samples ``idx`` (positions in the
+    public set)."""
     cfg, d = ctx.cfg, ctx.data
     return predict_logits(
         ctx.model,
         state,
-        d.train,
+        d.public,
         idx,
         cfg.train.eval_batch_size,
         d.pad_id,
@@ -57,9 +58,9 @@ def public_logits(ctx: Context, state: dict[str, torch.Tensor], idx: np.ndarray)
 
 def received_logits(msg: Message, rows: int, num_classes: int, sender: str) -> torch.Tensor:
     """Unpack and check a LOGITS message: ``[rows, C]``, no NaN / +inf (top-k gives -inf)."""
-    try:
+    try:  # the codec checks names, dtypes, shapes and indices; we add who sent them
         logits = unpack_logits(msg.tensors, num_classes)
-    except (KeyError, RuntimeError, IndexError) as e:
+    except MessageError as e:
         raise MessageError(f"logits from {sender} are malformed: {e}") from None
     if logits.shape != (rows, num_classes) or logits.isnan().any() or torch.isposinf(logits).any():
         raise MessageError(

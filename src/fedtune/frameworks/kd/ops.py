@@ -17,54 +17,28 @@ import math
 import numpy as np
 import torch
 
+from ... import codec
+
 # ----------------------------------------------------------------------------- wire format
-
-
-def index_dtype(num_classes: int) -> torch.dtype:
-    """Smallest integer dtype that holds a class index (uint8 for Banking77's 77 classes)."""
-    if num_classes <= 256:
-        return torch.uint8
-    return torch.int16 if num_classes <= 32767 else torch.int32
 
 
 def pack_logits(
     logits: torch.Tensor, topk: int = 0, dtype: str = "float32"
 ) -> dict[str, torch.Tensor]:
-    """Compress logits ``[S, C]`` into the tensors that go on the wire.
-
-    * ``topk > 0``: only the k largest logits per row are kept, ``values [S, k]`` and their
-      class ``indices [S, k]`` (uint8 when C <= 256);
-    * ``dtype='float16'``: values are cast to fp16;
-    * ``dtype='int8'``: each row is centred at its mid-range and scaled to [-127, 127];
-      ``scale [S]`` (fp32) is sent, the row offset is not: softmax is shift-invariant, so a
-      per-row constant carries no knowledge. Error per value <= scale / 2.
-    """
-    values, out = logits.float(), {}
-    if topk:
-        values, idx = values.topk(topk, dim=-1)  # [S, k], sorted descending
-        out["indices"] = idx.to(index_dtype(logits.shape[-1]))
-    if dtype == "int8":
-        hi, lo = values.amax(-1, keepdim=True), values.amin(-1, keepdim=True)
-        scale = ((hi - lo) / 254).clamp(min=1e-8)  # [S, 1]: 2 * 127 steps span the row
-        out["values"] = torch.round((values - (hi + lo) / 2) / scale).to(torch.int8)
-        out["scale"] = scale.squeeze(-1)
-    else:
-        out["values"] = values.to(torch.float16 if dtype == "float16" else torch.float32)
-    return out
+    """Logits ``[S, C]`` as wire tensors: :func:`fedtune.codec.encode` with the top-k *largest*
+    logits (the tail carries little knowledge) and int8 centred per row (softmax ignores the
+    dropped row offset). ``values [S, k]`` (k = ``topk`` or C), ``indices [S, k]`` (top-k;
+    uint8 when C <= 256), ``scale [S]`` (int8)."""
+    return codec.encode(logits, dtype, topk, select="largest", center=True)
 
 
 def unpack_logits(tensors: dict[str, torch.Tensor], num_classes: int) -> torch.Tensor:
     """Inverse of :func:`pack_logits`: float32 logits ``[S, C]`` (up to a per-row constant).
 
-    With top-k the missing classes are ``-inf``: ``softmax`` gives them exactly 0 and
-    renormalises the kept probability mass (the teacher says nothing about the tail)."""
-    values = tensors["values"].float()
-    if "scale" in tensors:
-        values = values * tensors["scale"].float().unsqueeze(-1)
-    if "indices" not in tensors:
-        return values
-    full = torch.full((values.shape[0], num_classes), float("-inf"))
-    return full.scatter_(1, tensors["indices"].long(), values)
+    Missing top-k classes are ``-inf``: ``softmax`` gives them exactly 0 and renormalises the
+    kept probability mass (the teacher says nothing about the tail). Raises
+    :class:`~fedtune.errors.MessageError` on malformed tensors."""
+    return codec.decode(tensors, num_classes, fill=float("-inf"))
 
 
 # ----------------------------------------------------------------------------- knowledge

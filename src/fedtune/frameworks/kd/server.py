@@ -10,7 +10,7 @@ import torch
 
 from ... import seeds
 from ...aggregate import meta_problem
-from ...context import Context
+from ...context import ServerContext
 from ...errors import ConfigError, MessageError
 from ...execution.jobs import Distill, Train
 from ...execution.train import train
@@ -36,7 +36,7 @@ class Server:
     """The global model (state + optimizer state), the last global logits on the public set
     and the clients' label histograms (alignment only)."""
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
         self.candidates = public_candidates(ctx)
         if ctx.cfg.kd.topk >= ctx.data.num_labels:
@@ -111,7 +111,7 @@ class Server:
         )
         metrics["knowledge_kept"] = float(kept.float().mean())
         weights = kept.numpy().astype(np.float64)  # samples every client was unsure of: 0
-        public_y = ctx.data.train.labels[self.candidates[sel]]
+        public_y = ctx.data.public.labels[self.candidates[sel]]
         labels = public_y if kd.server_uses_public_labels else None
         if kd.align != "none":
             # Public labels are unknown by default: use the teacher's argmax (the clients'
@@ -132,7 +132,7 @@ class Server:
         job = Train(
             self.state,
             self.opt_state,
-            selection_view(ctx.data.train, self.candidates[sel]),
+            selection_view(ctx.data.public, self.candidates[sel]),
             rows,
             Distill(teacher, kd.temperature, w, y),
             (ctx.cfg.seed, rnd, seeds.KD_SERVER),

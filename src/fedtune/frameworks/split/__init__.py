@@ -1,7 +1,7 @@
 """Split-FedLLM (SplitLoRA): the client runs the first blocks, the server the rest; activations
 and their gradients cross the network per batch (the paper's workflow c1-c5, cc1-cc4).
 
-Per batch (``split.split_layer = k``, see :mod:`fedtune.split_model` for the cut):
+Per batch (``split.split_layer = k``, see :mod:`.model` for the cut):
 
 c1  the client runs the embeddings and blocks ``[0, k)`` with its LoRA: ``h [B, L, H]``;
 c2  it sends ``h`` (encoded by ``split.compression``) and the attention mask ``[B, L]`` as one

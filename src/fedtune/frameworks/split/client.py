@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import compute, seeds
-from ...context import Context
+from ...context import ClientContext
 from ...data import batches
 from ...execution.train import make_optimizer, optimizer_step, to_device
 from ...messages import ACTIVATIONS, GRADIENTS, LABELS, PARAMETERS, SERVER, Message, client_name
@@ -20,8 +20,8 @@ from .model import client_forward, compress, decompress, head_logits
 class Client:
     """A simulated client: its optimizer over its own blocks' LoRA, never a model copy."""
 
-    def __init__(self, ctx: Context, cid: int) -> None:
-        self.ctx, self.cid = ctx, cid
+    def __init__(self, ctx: ClientContext) -> None:
+        self.ctx, self.cid = ctx, ctx.cid
         self.opt: torch.optim.Optimizer | None = None
         self.saved_opt: dict | None = None  # optimizer state from a checkpoint, loaded lazily
 
@@ -46,7 +46,7 @@ class Client:
                 self.opt.load_state_dict(self.saved_opt)  # resumed from a checkpoint
             self.saved_opt = None
         ctx.model.train()
-        idx = round_samples(ctx, self.cid, rnd)
+        idx = round_samples(ctx.cfg, ctx.data.samples, self.cid, rnd)
         rng = seeds.rng(stream)
         round_batches = list(
             batches(ctx.data.train, idx, t.batch_size, ctx.data.pad_id, rng, t.group_by_length)
@@ -76,21 +76,23 @@ class Client:
         with compute.step((*key, "forward")):
             h = client_forward(ctx.model, batch["input_ids"], batch["attention_mask"], k, amp)
         # c2: cut-layer activations + mask to the server (c3 runs there; the link pauses our meter).
-        x, meta = compress(h, s.compression, s.topk_ratio)
+        x = compress(h, s.compression, s.topk_ratio)
         mask = batch["attention_mask"].bool()
-        reply = link.call(Message(ACTIVATIONS, rnd, me, SERVER, {**x, "mask": mask}, meta))
+        reply = link.call(Message(ACTIVATIONS, rnd, me, SERVER, {**x, "mask": mask}))
+        hidden = ctx.model.config.hidden_size  # ours, never read from a message
         if s.u_shaped:  # the head and the loss stay here; send back d loss / d pooled
-            pooled = decompress(reply.tensors, reply.meta).to(ctx.device).requires_grad_()
+            pooled = decompress(reply.tensors, s.compression, hidden)
+            pooled = pooled.to(ctx.device).requires_grad_()
             with compute.step((*key, "head")):
                 loss = F.cross_entropy(head_logits(ctx.model, pooled, amp), batch["labels"])
                 loss.backward()
-            g, gmeta = compress(pooled.grad, s.compression, s.topk_ratio)
-            reply = link.call(Message(GRADIENTS, rnd, me, SERVER, g, gmeta))
+            g = compress(pooled.grad, s.compression, s.topk_ratio)
+            reply = link.call(Message(GRADIENTS, rnd, me, SERVER, g))
             loss_value = loss.detach().item()
         else:
             loss_value = float(reply.meta["loss"])
         # c4 -> c5: back-propagate the received d loss / d h and update the client LoRA.
-        grad = decompress(reply.tensors, reply.meta).to(ctx.device, h.dtype)
+        grad = decompress(reply.tensors, s.compression, hidden).to(ctx.device, h.dtype)
         with compute.step((*key, "backward")):
             h.backward(grad)
         optimizer_step(

@@ -9,25 +9,35 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ... import seeds
-from ...context import Context
+from ...config import RunConfig
+from ...context import Context, ServerContext
 from ...errors import ConfigError
-from ...messages import ACTIVATIONS, GRADIENTS, LABELS, PARAMETERS, SERVER, Message, encode
+from ...messages import (
+    ACTIVATIONS,
+    GRADIENTS,
+    LABELS,
+    METADATA,
+    PARAMETERS,
+    SERVER,
+    Message,
+    encode,
+)
 from .model import client_forward, compress, num_blocks, part_names
 
 
-def round_samples(ctx: Context, cid: int, rnd: int) -> np.ndarray:
-    """The sample indices client ``cid`` trains on in round ``rnd`` (shuffled, seeded).
+def samples_per_round(cfg: RunConfig, size: int) -> int:
+    """Samples a client holding ``size`` samples trains on per round: ``split.samples_per_round``,
+    else ``train.local_steps`` batches, else ``train.local_epochs`` passes."""
+    t = cfg.train
+    return cfg.split.samples_per_round or (t.local_steps * t.batch_size) or t.local_epochs * size
 
-    ``split.samples_per_round`` samples, else ``train.local_steps`` batches, else
-    ``train.local_epochs`` passes; more than one pass concatenates fresh permutations."""
-    idx, t = ctx.client_samples(cid), ctx.cfg.train
-    n = (
-        ctx.cfg.split.samples_per_round
-        or (t.local_steps * t.batch_size)
-        or t.local_epochs * len(idx)
-    )
-    rng = seeds.rng(seeds.client(ctx.cfg.seed, rnd, cid, job=1))
-    return np.concatenate([rng.permutation(idx) for _ in range(-(-n // len(idx)))])[:n]
+
+def round_samples(cfg: RunConfig, samples: np.ndarray, cid: int, rnd: int) -> np.ndarray:
+    """The positions in ``samples`` (client ``cid``'s) it trains on in round ``rnd``
+    (shuffled, seeded); more than one pass concatenates fresh permutations."""
+    n = samples_per_round(cfg, len(samples))
+    rng = seeds.rng(seeds.client(cfg.seed, rnd, cid, job=1))
+    return np.concatenate([rng.permutation(samples) for _ in range(-(-n // len(samples)))])[:n]
 
 
 def client_step_flops(ctx: Context, k: int) -> int:
@@ -46,23 +56,31 @@ def wire_bytes_per_round(ctx: Context, k: int, num_samples: int) -> int:
     """Estimated bytes (up + down) one client at split layer ``k`` puts on the wire per round:
     the real messages encoded, with every batch padded to ``model.max_length``."""
     cfg, b = ctx.cfg, ctx.cfg.train.batch_size
-    hidden = ctx.model.config.hidden_size
-    x, meta = compress(
-        torch.zeros(b, cfg.model.max_length, hidden), cfg.split.compression, cfg.split.topk_ratio
-    )
+    s, hidden = cfg.split, ctx.model.config.hidden_size
+
+    def size(kind: str, tensors: dict, meta: dict | None = None) -> int:
+        return len(encode(Message(kind, 1, SERVER, "client-0", tensors, meta or {})))
+
+    steps = -(-num_samples // b)
+    h = compress(torch.zeros(b, cfg.model.max_length, hidden), s.compression, s.topk_ratio)
     mask = {"mask": torch.ones(b, cfg.model.max_length, dtype=torch.bool)}
-    per_batch = 2 * len(encode(Message(ACTIVATIONS, 1, SERVER, "client-0", {**x, **mask}, meta)))
-    if cfg.split.u_shaped:  # pooled states down and their gradient up, [B, H] each
-        p, meta = compress(torch.zeros(b, hidden), cfg.split.compression, cfg.split.topk_ratio)
-        per_batch += 2 * len(encode(Message(GRADIENTS, 1, SERVER, "client-0", p, meta)))
-    labels = {"labels": torch.zeros(num_samples, dtype=torch.long)}
-    once = len(encode(Message(LABELS, 1, SERVER, "client-0", labels)))
-    state = {n: ctx.init_state[n] for n in part_names(ctx.model, k, "client", cfg.split.u_shaped)}
-    once += 2 * len(encode(Message(PARAMETERS, 1, SERVER, "client-0", state, {"num_samples": 0})))
-    return -(-num_samples // b) * per_batch + once
+    per_batch = size(ACTIVATIONS, {**h, **mask})  # c2: h [B, L, H] and the mask up
+    if s.u_shaped:  # pooled states [B, H] down, their gradient up, then dL/dh down
+        pooled = compress(torch.zeros(b, hidden), s.compression, s.topk_ratio)
+        per_batch += size(ACTIVATIONS, pooled) + size(GRADIENTS, pooled) + size(GRADIENTS, h)
+    else:  # c4: dL/dh down with the batch loss (a float: 1/3 has a typical repr length)
+        per_batch += size(GRADIENTS, h, {"loss": 1 / 3})
+    once = 0
+    if not s.u_shaped:  # c2 (labels) up once per round, and the server's acknowledgement
+        once += size(LABELS, {"labels": torch.zeros(num_samples, dtype=torch.long)})
+        once += size(METADATA, {}, {"received": num_samples})
+    state = {n: ctx.init_state[n] for n in part_names(ctx.model, k, "client", s.u_shaped)}
+    once += size(PARAMETERS, state, {"split_layer": k})  # cc1 down
+    once += size(PARAMETERS, state, {"num_samples": num_samples, "loss": 1 / 3, "steps": steps})
+    return steps * per_batch + once
 
 
-def choose_split_layers(ctx: Context) -> list[int]:
+def choose_split_layers(ctx: ServerContext) -> list[int]:
     """Each client's split layer ``k`` (``1 <= k < n`` blocks).
 
     policy=fixed: ``split.client_split_layers`` or ``split.split_layer`` for all.
@@ -72,7 +90,7 @@ def choose_split_layers(ctx: Context) -> list[int]:
     blocks; client LoRA exchanged in cc1/cc3), so the deepest layer that fits is the most the
     client can afford. No fitting layer is a ConfigError."""
     s, n = ctx.cfg.split, num_blocks(ctx.model)
-    num_clients = len(ctx.data.client_idx)
+    num_clients = ctx.data.num_clients
     for key in ("client_split_layers", "client_compute_budgets", "client_bandwidth_budgets"):
         values = getattr(s, key)
         if values and len(values) != num_clients:
@@ -87,7 +105,7 @@ def choose_split_layers(ctx: Context) -> list[int]:
         full = client_step_flops(ctx, n)  # whole model on the client: the base of relative budgets
         layers = []
         for cid in range(num_clients):
-            m = len(round_samples(ctx, cid, 1))
+            m = samples_per_round(ctx.cfg, ctx.data.client_sizes[cid])
             steps = -(-m // ctx.cfg.train.batch_size)
             compute_budget = s.client_compute_budgets[cid] if s.client_compute_budgets else math.inf
             if compute_budget <= 1:

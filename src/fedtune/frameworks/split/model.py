@@ -17,7 +17,8 @@ The cut reuses the HF model's own forward instead of re-implementing it. For a s
   derived from the attention mask (the server never sees the token ids).
 
 :func:`compress` / :func:`decompress` encode what crosses the cut (activations and their
-gradients): fp32, fp16, bf16, int8 with one scale per token, or per-token top-k.
+gradients) with :mod:`fedtune.codec`: fp32, fp16, bf16, int8 with one scale per token, or
+per-token top-k.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...errors import ModelError
+from ... import codec
+from ...errors import MessageError, ModelError
 from ...execution.train import autocast
 
 COMPRESSIONS = ("none", "fp16", "bf16", "int8", "topk")
@@ -162,40 +164,39 @@ def head_logits(model: nn.Module, pooled: torch.Tensor, amp: str = "off") -> tor
 
 # ----------------------------------------------------------------------------- compression
 
+# split.compression -> fedtune.codec.encode dtype. top-k keeps float32 values.
+_DTYPES = {"none": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8"}
 
-def compress(x: torch.Tensor, mode: str, topk_ratio: float = 0.1):
-    """Encode ``x [..., H]`` for the wire. Returns ``(tensors, meta)`` for a Message.
 
-    none: float32; fp16/bf16: a cast; int8: ``q [..., H]`` int8 and one float32 scale per
-    row (``absmax / 127``), ~4x smaller than fp32; topk: per row the ``ceil(ratio * H)``
-    largest-magnitude values (float32) and their indices (int16 when ``H`` fits)."""
-    x = x.detach().float()
-    meta = {"compression": mode, "hidden": x.shape[-1]}
-    if mode == "none":
-        return {"x": x}, meta
-    if mode in ("fp16", "bf16"):
-        return {"x": x.to(torch.float16 if mode == "fp16" else torch.bfloat16)}, meta
-    if mode == "int8":
-        scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-30) / 127
-        q = (x / scale).round().clamp(-127, 127).to(torch.int8)
-        return {"q": q, "scale": scale.squeeze(-1)}, meta
+def compress(x: torch.Tensor, mode: str, topk_ratio: float = 0.1) -> dict[str, torch.Tensor]:
+    """Encode ``x [..., H]`` for the wire with :func:`fedtune.codec.encode` (names ``values``,
+    ``indices``, ``scale``); no metadata: the receiver knows the mode and ``H``.
+
+    none: float32; fp16/bf16: a cast; int8: symmetric, one float32 scale per row
+    (``absmax / 127``), ~4x smaller than fp32 (activations are not shift-invariant, so no
+    centring); topk: per row the ``ceil(ratio * H)`` largest-magnitude values (float32) and
+    their indices (uint8 up to H = 256, then int16)."""
     if mode == "topk":
-        kk = max(1, math.ceil(topk_ratio * x.shape[-1]))
-        idx = x.abs().topk(kk, dim=-1).indices
-        itype = torch.int16 if x.shape[-1] <= 32767 else torch.int32
-        return {"values": x.gather(-1, idx), "indices": idx.to(itype)}, meta
-    raise ValueError(f"unknown compression {mode!r}; one of {COMPRESSIONS}")
+        k = max(1, math.ceil(topk_ratio * x.shape[-1]))
+        return codec.encode(x, "float32", k, select="magnitude")
+    if mode not in _DTYPES:
+        raise ValueError(f"unknown compression {mode!r}; one of {COMPRESSIONS}")
+    return codec.encode(x, _DTYPES[mode])
 
 
-def decompress(tensors: dict[str, torch.Tensor], meta: dict) -> torch.Tensor:
-    """Inverse of :func:`compress`: a float32 tensor ``[..., H]``."""
-    mode = meta["compression"]
-    if mode in ("none", "fp16", "bf16"):
-        return tensors["x"].float()
-    if mode == "int8":
-        return tensors["q"].float() * tensors["scale"].unsqueeze(-1)
-    if mode == "topk":
-        v = tensors["values"]
-        out = torch.zeros(*v.shape[:-1], int(meta["hidden"]), dtype=v.dtype)
-        return out.scatter_(-1, tensors["indices"].long(), v)
-    raise ValueError(f"unknown compression {mode!r}")
+def decompress(tensors: dict[str, torch.Tensor], mode: str, hidden: int) -> torch.Tensor:
+    """Inverse of :func:`compress`: float32 ``[..., hidden]``, top-k gaps filled with 0.
+
+    ``mode`` and ``hidden`` are the receiver's own (``split.compression``, its model's hidden
+    size); tensors in another encoding than ``mode`` are a MessageError, like any malformed
+    ones (:func:`fedtune.codec.decode`). Other tensors (the attention mask) are ignored."""
+    if mode not in COMPRESSIONS:
+        raise ValueError(f"unknown compression {mode!r}; one of {COMPRESSIONS}")
+    values, topk = tensors.get("values"), "indices" in tensors
+    want = codec.DTYPES[_DTYPES.get(mode, "float32")]
+    if values is not None and (values.dtype != want or topk != (mode == "topk")):
+        raise MessageError(
+            f"values {values.dtype} {'with' if topk else 'without'} indices are not "
+            f"split.compression={mode}"
+        )
+    return codec.decode(tensors, hidden, fill=0.0)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ... import compute
 from ...aggregate import build, screen_updates
-from ...context import Context
+from ...context import ServerContext
 from ...errors import MessageError
 from ...execution.train import make_optimizer, optimizer_step
 from ...messages import (
@@ -33,7 +33,7 @@ from .model import compress, decompress, head_logits, part_names, server_forward
 class Server:
     """Holds the global state (all LoRA + head) and the server-side model(s) trained in c3."""
 
-    def __init__(self, ctx: Context) -> None:
+    def __init__(self, ctx: ServerContext) -> None:
         self.ctx, self.s = ctx, ctx.cfg.split
         self.layers = choose_split_layers(ctx)
         u = self.s.u_shaped
@@ -160,7 +160,7 @@ class Server:
             reply = self._forward(cid, msg)
         elif msg.kind == GRADIENTS and cid in self.pending:
             h, pooled = self.pending.pop(cid)
-            g = decompress(msg.tensors, msg.meta).to(self.ctx.device, pooled.dtype)
+            g = self._decompress(msg).to(self.ctx.device, pooled.dtype)
             reply = self._backward(cid, msg.round, h, pooled, g, {})
         else:
             raise MessageError(f"split server cannot serve a {msg.kind} message from {msg.sender}")
@@ -171,14 +171,14 @@ class Server:
         state = self.states[self.slot(cid)]
         load_trainable_state(ctx.model, {n: state[n] for n in self.server_keys[cid]})
         ctx.model.train()
-        h = decompress(msg.tensors, msg.meta).to(ctx.device).requires_grad_()
+        h = self._decompress(msg).to(ctx.device).requires_grad_()
         mask = msg.tensors["mask"].to(ctx.device).long()
         # c3: the remaining blocks, final norm and pooling (and, unless U-shaped, the head).
         pooled = server_forward(ctx.model, h, mask, k, ctx.cfg.train.autocast)
         if self.s.u_shaped:  # return the pooled last hidden states; the client has the head
             self.pending[cid] = (h, pooled)
-            x, meta = compress(pooled, self.s.compression, self.s.topk_ratio)
-            return Message(ACTIVATIONS, msg.round, SERVER, msg.sender, x, meta)
+            x = compress(pooled, self.s.compression, self.s.topk_ratio)
+            return Message(ACTIVATIONS, msg.round, SERVER, msg.sender, x)
         labels, self.labels[cid] = self.labels[cid][: len(h)], self.labels[cid][len(h) :]
         loss = F.cross_entropy(head_logits(ctx.model, pooled, ctx.cfg.train.autocast), labels)
         return self._backward(cid, msg.round, h, loss, None, {"loss": loss.detach().item()})
@@ -197,8 +197,13 @@ class Server:
         out.backward(grad)
         optimizer_step(opt, [params[n] for n in keys], ctx.cfg.train)
         self.states[slot].update({n: params[n].detach().clone() for n in keys})
-        x, cmeta = compress(h.grad, self.s.compression, self.s.topk_ratio)
-        return Message(GRADIENTS, rnd, SERVER, client_name(cid), x, {**cmeta, **meta})
+        x = compress(h.grad, self.s.compression, self.s.topk_ratio)
+        return Message(GRADIENTS, rnd, SERVER, client_name(cid), x, meta)
+
+    def _decompress(self, msg: Message) -> torch.Tensor:
+        """A client's activations or gradients ``[..., H]``, decoded with our own
+        ``split.compression`` and hidden size ``H`` (the message carries neither)."""
+        return decompress(msg.tensors, self.s.compression, self.ctx.model.config.hidden_size)
 
     def eval_state(self) -> dict[str, torch.Tensor]:
         return self.global_state

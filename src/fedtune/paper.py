@@ -1,0 +1,228 @@
+"""The paper's case study (Yan, Su, Deng, Schober, arXiv 2501.04436): its Table I claims and its
+experiment grid, kept apart from the generic report (:mod:`.report`) and runner
+(:mod:`.experiments`).
+
+* :data:`CLAIMS` / :func:`table_one`: Table I as ranks, rebuilt from measured numbers;
+* :data:`PAPER_GRID` / :func:`paper_specs`: ``fedtune reproduce paper``'s runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import config
+from .experiments import RunSpec, configs_dir
+from .report import _mean, fmt_si, title
+
+FRAMEWORKS = ("fedllm", "kd", "split")  # the paper's three, in its order
+
+# The paper's Table I (arXiv 2501.04436) as ranks, 1 = best: most accurate, fewest bytes per
+# client per round, least client compute. A claim is (the paper's words, the ranks it allows):
+# "FedLLM and Split-FedLLM are both high" is a tie, so either may come first.
+CLAIMS: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {
+    "accuracy": {
+        "fedllm": ("high", (1, 2)),
+        "kd": ("lower (depends on the public data)", (3,)),
+        "split": ("high (close to FedLLM)", (1, 2)),
+    },
+    "communication": {
+        "fedllm": ("high (all LoRA parameters each round)", (2,)),
+        "kd": ("low (logits)", (1,)),
+        "split": ("highest (activations + gradients per batch)", (3,)),
+    },
+    "client compute": {
+        "fedllm": ("high (full model on the client)", (2,)),
+        "kd": ("high, plus logit generation and distillation", (3,)),
+        "split": ("low (first blocks only)", (1,)),
+    },
+}
+
+
+# ----------------------------------------------------------------------------- Table I
+
+
+def framework_means(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per framework, the three Table I quantities: the mean over its settings (each setting
+    weighted equally). Client compute is FLOPs, or seconds when FLOPs were not counted."""
+    use_flops = any(r["client_flops"] > 0 for r in rows)
+    out: dict[str, dict[str, float]] = {}
+    for fw in dict.fromkeys(r["framework"] for r in rows):
+        mine = [r for r in rows if r["framework"] == fw]
+        out[fw] = {
+            "accuracy": _mean(r["accuracy_mean"] for r in mine),
+            "communication": _mean(r["bytes_total"] for r in mine),
+            "client compute": _mean(
+                r["client_flops" if use_flops else "client_seconds"] for r in mine
+            ),
+        }
+    return out
+
+
+def rank(values: dict[str, float], higher_is_better: bool) -> dict[str, int]:
+    """Competition ranking (1 = best; equal values share a rank: 1, 1, 3)."""
+    sign = -1 if higher_is_better else 1
+    return {k: 1 + sum(sign * w < sign * v for w in values.values()) for k, v in values.items()}
+
+
+def table_one(rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """Rows ``{metric, framework, claim, claimed_ranks, value, rank, agrees}`` and one
+    disagreement line per mismatch. Needs all three frameworks (the claims rank three)."""
+    means = framework_means(rows)
+    if not set(FRAMEWORKS) <= set(means):
+        return [], []
+    table, disagreements = [], []
+    for metric, claims in CLAIMS.items():
+        values = {fw: means[fw][metric] for fw in FRAMEWORKS}
+        ranks = rank(values, higher_is_better=(metric == "accuracy"))
+        for fw in FRAMEWORKS:
+            words, allowed = claims[fw]
+            agrees = ranks[fw] in allowed
+            table.append(
+                {
+                    "metric": metric,
+                    "framework": fw,
+                    "claim": words,
+                    "claimed_ranks": allowed,
+                    "value": values[fw],
+                    "rank": ranks[fw],
+                    "agrees": agrees,
+                }
+            )
+            if not agrees:
+                disagreements.append(
+                    f"Disagreement on {metric}: {title(fw)} ranks {ranks[fw]} measured, "
+                    f"the paper implies rank {_ranks(allowed)}: {words}."
+                )
+    return table, disagreements
+
+
+def _ranks(allowed: tuple[int, ...]) -> str:
+    return (
+        "-".join(str(a) for a in (allowed[0], allowed[-1])) if len(allowed) > 1 else str(allowed[0])
+    )
+
+
+def _metric_value(metric: str, value: float, use_flops: bool) -> str:
+    if metric == "accuracy":
+        return f"{value:.4f}"
+    if metric == "communication":
+        return fmt_si(value, "B")
+    return fmt_si(value, "FLOP") if use_flops else f"{value:.3g} s"
+
+
+def table_one_lines(rows: list[dict]) -> list[str]:
+    table, disagreements = table_one(rows)
+    if not table:
+        return ["Table I needs runs of all three frameworks; not rebuilt."]
+    use_flops = any(r["client_flops"] > 0 for r in rows)
+    unit = "FLOPs" if use_flops else "seconds (FLOPs were not counted)"
+    lines = [
+        "Ranks: 1 = best (most accurate; fewest bytes up + down per client per round; least "
+        f"client compute per round, in {unit}). A framework with several settings is their "
+        "mean. The paper's claims are qualitative; a tie in the claim allows either rank.",
+        "",
+        "| metric | framework | paper claim | paper rank | measured | measured rank | agrees |",
+        "|" + " --- |" * 7,
+    ]
+    for t in table:
+        lines.append(
+            f"| {t['metric']} | {title(t['framework'])} | {t['claim']} "
+            f"| {_ranks(t['claimed_ranks'])} | {_metric_value(t['metric'], t['value'], use_flops)} "
+            f"| {t['rank']} | {'yes' if t['agrees'] else '**no**'} |"
+        )
+    lines.append("")
+    lines += [f"- **{d}**" for d in disagreements] or ["The measured ranks agree with every claim."]
+    return lines
+
+
+# ----------------------------------------------------------------------------- the grid
+
+# The paper's case study (arXiv 2501.04436, section V): one factor varied per framework.
+# framework -> (preset, config key, values, run-name prefix)
+PAPER_GRID = {
+    "fedllm": ("paper-fedllm.toml", "model.lora_r", (4, 8, 16), "r"),
+    "kd": ("paper-kd.toml", "kd.public_samples", (1000, 2500, 5002), "pub"),
+    "split": ("paper-split.toml", "split.samples_per_round", (500, 1000, 1667), "spr"),
+}
+PAPER_SEEDS = (0, 1, 42)
+PAPER_SAMPLES_PER_CLIENT = 1667
+
+# --quick: the demo-fedllm.toml recipe, sized for a 2-core CPU. The sample-count factors of the
+# grid (public samples, samples per round) shrink by the same ratio as the client data.
+QUICK = {
+    "fed.rounds": 2,
+    "data.samples_per_client": 48,
+    "data.test_size": 200,
+    "train.batch_size": 8,
+    "train.autocast": "bf16",
+    "train.group_by_length": True,
+    "kd.client_eval": False,  # testing every KD client's model too would double KD's eval time
+}
+QUICK_SEEDS = (0,)  # one seed: 9 runs fit the 20-minute CPU budget (--seeds 0,1 for a spread)
+SCALED_KEYS = ("kd.public_samples", "split.samples_per_round")
+
+# Without a local GPT-2: the offline SmolLM2-135M (30 blocks); the split layer keeps the paper's
+# cut at half the depth (GPT-2: 6 of 12 blocks).
+FALLBACK_MODEL = "smollm2-135m"
+FALLBACK_SPLIT_LAYER = 15
+
+
+def gpt2_available() -> bool:
+    """Whether GPT-2 is in the local Hugging Face cache (this must work without network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        return False
+    files = ("model.safetensors", "pytorch_model.bin")
+    return isinstance(try_to_load_from_cache("gpt2", "config.json"), str) and any(
+        isinstance(try_to_load_from_cache("gpt2", f), str) for f in files
+    )
+
+
+def paper_specs(
+    quick: bool = False,
+    seeds: tuple[int, ...] | None = None,
+    model: str | None = None,
+    overrides: list[str] | None = None,
+    presets: Path | None = None,
+) -> tuple[list[RunSpec], list[str]]:
+    """The case-study grid and notes for the report (model choice, quick scaling)."""
+    presets = presets or configs_dir()
+    seeds = seeds or (QUICK_SEEDS if quick else PAPER_SEEDS)
+    notes = []
+    if model is None:
+        model = "gpt2" if gpt2_available() else FALLBACK_MODEL
+        if model == FALLBACK_MODEL:
+            notes.append(
+                f"GPT-2 is not in the local Hugging Face cache (no network): the offline "
+                f"{FALLBACK_MODEL} stands in; Split-FedLLM cuts it at block "
+                f"{FALLBACK_SPLIT_LAYER} of 30 (the paper: 6 of 12)."
+            )
+    common = [f"model.name={model}"]
+    if model == FALLBACK_MODEL:
+        common.append(f"split.split_layer={FALLBACK_SPLIT_LAYER}")
+    scale = 1.0
+    if quick:
+        common += [f"{k}={_literal(v)}" for k, v in QUICK.items()]
+        scale = QUICK["data.samples_per_client"] / PAPER_SAMPLES_PER_CLIENT
+        notes.append(
+            f"--quick: {QUICK['fed.rounds']} rounds, {QUICK['data.samples_per_client']} "
+            f"samples per client, {QUICK['data.test_size']} test samples, batch "
+            f"{QUICK['train.batch_size']}, bf16 autocast; public samples and samples per "
+            f"round scaled by {scale:.4f} (= {QUICK['data.samples_per_client']}/"
+            f"{PAPER_SAMPLES_PER_CLIENT}). Numbers show the method, not the paper's "
+            f"accuracy."
+        )
+    specs = []
+    for fw, (preset, key, values, prefix) in PAPER_GRID.items():
+        for value in values:
+            v = max(1, round(value * scale)) if key in SCALED_KEYS else value
+            item = [*common, f"{key}={v}", *(overrides or [])]
+            for seed in seeds:
+                cfg = config.load(presets / preset, [*item, f"seed={seed}"])
+                specs.append(RunSpec(f"{fw}-{prefix}{v}-s{seed}", cfg))
+    return specs, notes
+
+
+def _literal(v) -> str:
+    return ("true" if v else "false") if isinstance(v, bool) else str(v)
