@@ -37,7 +37,7 @@ from fedtune import config
 from fedtune.context import build_context
 from fedtune.data import load_text_classification, split_federated
 from fedtune.execution import engine as batched
-from fedtune.execution.jobs import CrossEntropy, Train
+from fedtune.execution.jobs import Train
 from fedtune.execution.train import num_local_steps, train
 from fedtune.models import load_model, load_trainable_state, trainable_state
 from fedtune.runtime import run
@@ -122,14 +122,13 @@ def centralized(m: dict, n: int, batch: int):
     ctx = build_context(cfg)
     pooled = np.concatenate(ctx.data.client_idx)
     steps = num_local_steps(len(pooled), cfg.train)
-    job = Train(ctx.init_state, None, ctx.data.train, pooled, CrossEntropy(), (0,), steps=steps)
-    args = (job, cfg.train, ctx.data.pad_id, ctx.device)
-    train(ctx.model, *args)  # warm-up
+    job = Train(ctx.init_state, None, ctx.data.train, pooled, ctx.task.loss(), (0,), steps=steps)
+    train(ctx, job)  # warm-up
 
     def sample() -> float:
         sync(m["device"])
         t0 = time.perf_counter()
-        res = train(ctx.model, *args)
+        res = train(ctx, job)
         sync(m["device"])
         return res.samples / (time.perf_counter() - t0)
 
@@ -334,8 +333,8 @@ def memory_100(model: str = "smollm2-135m", n: int = 100, chunk: int = 0) -> dic
             ctx.init_state,
             None,
             ctx.data.train,
-            ctx.client_samples(c),
-            CrossEntropy(),
+            ctx.data.client_idx[c],
+            ctx.task.loss(),
             (c,),
             steps=1,
         )
@@ -343,13 +342,7 @@ def memory_100(model: str = "smollm2-135m", n: int = 100, chunk: int = 0) -> dic
     ]
     size = chunk or n
     t0 = time.perf_counter()
-    res = [
-        r
-        for c in range(0, n, size)
-        for r in batched.train_many(
-            ctx.model, jobs[c : c + size], cfg.train, ctx.data.pad_id, ctx.device
-        )
-    ]
+    res = [r for c in range(0, n, size) for r in batched.train_many(ctx, jobs[c : c + size])]
     secs = time.perf_counter() - t0
     state = state_bytes(res[0].state)
     opt = sum(

@@ -1,5 +1,7 @@
 """The batched engine trains N clients in one loop exactly as training them one after another."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -11,8 +13,9 @@ from fedtune.context import build_context
 from fedtune.data import Tokenized
 from fedtune.errors import ConfigError
 from fedtune.execution import engine
-from fedtune.execution.jobs import CrossEntropy, Distill, Predict, Train
-from fedtune.execution.train import num_local_steps, predict_logits, train
+from fedtune.execution.jobs import Predict, Train
+from fedtune.execution.train import num_local_steps, outputs, train
+from fedtune.frameworks.kd.ops import Distill
 from fedtune.runtime import simulate
 
 ATOL, RTOL = 1e-6, 1e-5  # float32 rounding of differently shaped matmuls (measured <= 2e-7)
@@ -38,16 +41,13 @@ def two_rounds(ctx, sizes, batched_rounds: tuple[bool, bool]):
                 o,
                 d.train,
                 i,
-                CrossEntropy(),
+                ctx.task.loss(),
                 (cfg.seed, rnd, c),
                 steps=num_local_steps(len(i), cfg.train),
             )
             for c, (s, o, i) in enumerate(zip(states, opts, idx, strict=True))
         ]
-        if batched:
-            res = engine.train_many(ctx.model, jobs, cfg.train, d.pad_id, ctx.device)
-        else:
-            res = [train(ctx.model, job, cfg.train, d.pad_id, ctx.device) for job in jobs]
+        res = engine.train_many(ctx, jobs) if batched else [train(ctx, job) for job in jobs]
         states, opts = [r.state for r in res], [r.opt_state for r in res]
     return states, opts, res
 
@@ -134,9 +134,9 @@ def test_batched_distillation_equals_sequential(synth_dir):
         )
         for c in range(3)
     ]
-    many = engine.train_many(ctx.model, jobs, cfg.train, d.pad_id, ctx.device)
+    many = engine.train_many(ctx, jobs)
     for job, got in zip(jobs, many, strict=True):
-        want = train(ctx.model, job, cfg.train, d.pad_id, ctx.device)
+        want = train(ctx, job)
         assert got.steps == want.steps == 6
         assert got.loss == pytest.approx(want.loss, rel=1e-4)
         for k, v in want.state.items():
@@ -154,11 +154,11 @@ def test_predict_many_equals_predict_logits(synth_dir):
         for _ in range(3)
     ]
     idx = d.public_idx[:23]
-    train_cfg = config.with_overrides(cfg, train={"eval_batch_size": 16}).train
+    ctx = dataclasses.replace(ctx, cfg=config.with_overrides(cfg, train={"eval_batch_size": 16}))
     jobs = [Predict(st, d.train, idx) for st in states]
-    many = engine.predict_many(ctx.model, jobs, train_cfg, d.pad_id, ctx.device)
+    many = engine.predict_many(ctx, jobs)
     for st, got in zip(states, many, strict=True):
-        want = predict_logits(ctx.model, st, d.train, idx, 16, d.pad_id, ctx.device)
+        want = outputs(ctx, st, d.train, idx)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(many[0], many[1])  # each row really used its own adapter
 
@@ -217,13 +217,13 @@ def test_bf16_backbone_keeps_float32_adapters(synth_dir):
             None,
             ctx.data.train,
             ctx.data.client_idx[c],
-            CrossEntropy(),
+            ctx.task.loss(),
             (c,),
             steps=num_local_steps(len(ctx.data.client_idx[c]), cfg.train),
         )
         for c in range(3)
     ]
-    res = engine.train_many(ctx.model, jobs, cfg.train, ctx.data.pad_id, ctx.device)
+    res = engine.train_many(ctx, jobs)
     assert engine.multinet(ctx.model, 3).flat.dtype == torch.float32
     for r in res:
         assert {k: v.dtype for k, v in r.state.items()} == {
@@ -264,12 +264,12 @@ def test_frozen_head_is_shared_by_all_rows(synth_dir):
         None,
         ctx.data.train,
         idx,
-        CrossEntropy(),
+        ctx.task.loss(),
         (0,),
         steps=num_local_steps(len(idx), cfg.train),
     )
-    got = engine.train_many(ctx.model, [job], cfg.train, ctx.data.pad_id, ctx.device)[0]
-    want = train(ctx.model, job, cfg.train, ctx.data.pad_id, ctx.device)
+    got = engine.train_many(ctx, [job])[0]
+    want = train(ctx, job)
     for k, v in want.state.items():
         torch.testing.assert_close(got.state[k], v, atol=ATOL, rtol=RTOL)
 

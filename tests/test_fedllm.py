@@ -89,7 +89,7 @@ def test_client_is_not_a_model_copy(synth_dir):
     server = fedllm.Server(ctx.server())
     gen = server.round(1, [0])
     msg = next(gen)[0]
-    executor = Sequential(ctx.model, cfg, ctx.data.pad_id, ctx.device)
+    executor = Sequential(ctx.client(0))
     reply = drive(client.handle(msg), executor.execute)
     assert set(reply.tensors) == set(before) and reply.meta["num_samples"] == len(
         ctx.data.client_idx[0]

@@ -9,10 +9,10 @@ from conftest import tiny_cfg
 from fedtune import config, frameworks
 from fedtune.context import build_context
 from fedtune.errors import ConfigError, MessageError
-from fedtune.execution.jobs import Distill
 from fedtune.frameworks import kd
 from fedtune.frameworks.kd.common import public_subset, received_logits
 from fedtune.frameworks.kd.ops import (
+    Distill,
     aggregate_knowledge,
     alignment_weights,
     label_distribution,

@@ -16,7 +16,7 @@ import torch
 
 from conftest import tiny_cfg
 from fedtune import aggregate, config, frameworks
-from fedtune.execution.jobs import CrossEntropy, Train
+from fedtune.execution.jobs import Train
 from fedtune.messages import PARAMETERS, SERVER, Message, client_name
 from fedtune.runtime import run
 from fedtune.runtime.inprocess import InProcess
@@ -68,7 +68,7 @@ class FedSGDClient:
             None,
             self.ctx.data.train,
             idx,
-            CrossEntropy(),
+            self.ctx.task.loss(),
             stream,
             steps=cfg.fedsgd.local_steps,
         )

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from fedtune.config import ModelConfig, TrainConfig
-from fedtune.data import Tokenized, tokenize
-from fedtune.execution.jobs import CrossEntropy, Train
-from fedtune.execution.train import predict_logits, train
+from fedtune import config
+from fedtune.config import ModelConfig
+from fedtune.context import Context
+from fedtune.data import ClientData, Tokenized, tokenize
+from fedtune.execution.jobs import Train
+from fedtune.execution.train import outputs, train
 from fedtune.models import init_trainable_state, load_model, smollm2_dir, trainable_names
 
 pytestmark = pytest.mark.skipif(
@@ -32,13 +34,12 @@ def test_smollm2_loads_from_the_gguf_cache_and_trains_one_step():
     data = Tokenized(
         tokenize(tok, ["I am still waiting on my card?", "What is the fee?"], 80), np.array([3, 5])
     )
-    before = predict_logits(
-        model, state, data, np.arange(2), 2, tok.pad_token_id, torch.device("cpu")
-    )
-    job = Train(state, None, data, np.arange(2), CrossEntropy(), (0,), steps=1)
-    res = train(model, job, TrainConfig(batch_size=2), tok.pad_token_id, torch.device("cpu"))
+    cfg = config.from_dict({"device": "cpu", "train": {"batch_size": 2, "eval_batch_size": 2}})
+    own = ClientData([str(c) for c in range(77)], data, data, data, tok.pad_token_id)
+    ctx = Context(cfg, model, tok, own, torch.device("cpu"), state)
+    before = outputs(ctx, state, data, np.arange(2))
+    job = Train(state, None, data, np.arange(2), ctx.task.loss(), (0,), steps=1)
+    res = train(ctx, job)
     assert res.steps == 1 and np.isfinite(res.loss)
-    after = predict_logits(
-        model, res.state, data, np.arange(2), 2, tok.pad_token_id, torch.device("cpu")
-    )
+    after = outputs(ctx, res.state, data, np.arange(2))
     assert before.shape == (2, 77) and not torch.allclose(before, after)

@@ -16,7 +16,6 @@ from fedtune.frameworks.split.model import (
     client_forward,
     compress,
     decompress,
-    head_logits,
     part_names,
     server_forward,
 )
@@ -24,6 +23,7 @@ from fedtune.messages import Wire
 from fedtune.models import init_trainable_state, load_model, load_trainable_state
 from fedtune.runtime import simulate
 from fedtune.runtime.inprocess import Link
+from fedtune.tasks import get as get_task
 
 
 def split_cfg(synth_dir, model="tiny-gpt2", rounds=1, **split_opts):
@@ -37,6 +37,9 @@ def padded_batch(seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = [torch.randint(0, 250, (n,), generator=g).tolist() for n in (5, 9, 3, 7)]
     return collate(ids, np.array([0, 1, 2, 3]), pad_id=256)
+
+
+TASK = get_task("classification")
 
 
 @pytest.mark.parametrize("u_shaped", [False, True])
@@ -58,13 +61,14 @@ def test_split_step_gradients_equal_the_unsplit_model(name, u_shaped):
         model.zero_grad()
         h = client_forward(model, b["input_ids"], b["attention_mask"], k)  # client
         h_server = h.detach().requires_grad_()  # what arrives over the wire
-        pooled = server_forward(model, h_server, b["attention_mask"], k)  # server
+        hidden = server_forward(model, h_server, b["attention_mask"], k)  # server
+        pooled = TASK.pool(hidden, b["attention_mask"])
         if u_shaped:  # head on the client: pooled states cross the wire both ways
             pooled_client = pooled.detach().requires_grad_()
-            F.cross_entropy(head_logits(model, pooled_client), b["labels"]).backward()
+            F.cross_entropy(TASK.head(model, pooled_client, "off"), b["labels"]).backward()
             pooled.backward(pooled_client.grad)
         else:
-            F.cross_entropy(head_logits(model, pooled), b["labels"]).backward()
+            F.cross_entropy(TASK.head(model, pooled, "off"), b["labels"]).backward()
         h.backward(h_server.grad)  # client back-propagates the returned gradient
         for side in ("client", "server"):
             for n in part_names(model, k, side, u_shaped):

@@ -21,9 +21,11 @@ from typing import Generic, TypeVar
 import torch
 from torch import nn
 
+from . import tasks
 from .config import RunConfig
 from .data import ClientData, FedData, ServerData, prepare
 from .models import init_trainable_state, load_model
+from .tasks import Task
 
 D = TypeVar("D", FedData, ServerData, ClientData)
 
@@ -31,7 +33,8 @@ D = TypeVar("D", FedData, ServerData, ClientData)
 @dataclass
 class Context(Generic[D]):
     """``model`` is the single LoRA-wrapped backbone of the process; ``init_state`` the seeded
-    initial trainable state (LoRA A/B + head) every party starts from."""
+    initial trainable state (LoRA A/B + head) every party starts from; ``task`` what is being
+    fine-tuned (:mod:`fedtune.tasks`: outputs, loss, metrics)."""
 
     cfg: RunConfig
     model: nn.Module
@@ -39,6 +42,7 @@ class Context(Generic[D]):
     data: D
     device: torch.device
     init_state: dict[str, torch.Tensor]
+    task: Task = field(default_factory=lambda: tasks.get("classification"))
     progress: bool = False
     flop_cache: dict = field(default_factory=dict)  # step key -> FLOPs (compute.step)
     cid: int = -1  # the client's id in a ClientContext
@@ -76,4 +80,5 @@ def build_context(cfg: RunConfig, data: FedData | ServerData | None = None) -> C
         data = prepare(cfg.data, load_tokenizer(cfg.model.name), cfg.model.max_length, cfg.seed)
     model, tok = load_model(cfg.model, data.num_labels, device)
     init = init_trainable_state(model, cfg.seed)
-    return Context(cfg, model, tok, data, device, init, progress=cfg.progress)
+    task = tasks.get("classification")  # the only task yet: generative tasks come next
+    return Context(cfg, model, tok, data, device, init, task, progress=cfg.progress)

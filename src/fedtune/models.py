@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import astuple
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import torch
@@ -298,3 +298,48 @@ def init_trainable_state(model: nn.Module, seed: int) -> dict[str, torch.Tensor]
 
 def num_params(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() for t in state.values())
+
+
+# ----------------------------------------------------------------------------- anatomy, precision
+
+_NORMS = ("ln_f", "norm", "final_layernorm", "final_layer_norm")
+
+
+@dataclass
+class Parts:
+    """The pieces of a PEFT-wrapped HF sequence classifier that the cut needs."""
+
+    body: nn.Module  # GPT2Model / LlamaModel
+    blocks_attr: str  # name of the block list on body: "h" / "layers"
+    norm_attr: str  # name of the final norm on body: "ln_f" / "norm"
+    head: nn.Module  # the classification head ("score", wrapped by PEFT)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return getattr(self.body, self.blocks_attr)
+
+
+def parts(model: nn.Module) -> Parts:
+    """Locate body, block list, final norm and head of the shared model (GPT-2, Llama, ...)."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(hf, hf.base_model_prefix, None)
+    lists = [n for n, m in (body.named_children() if body else []) if isinstance(m, nn.ModuleList)]
+    norms = [n for n in _NORMS if body is not None and hasattr(body, n)]
+    if len(lists) != 1 or not norms or not hasattr(hf, "score"):
+        raise ModelError(
+            f"cannot split {type(hf).__name__}: need one block list, a final norm "
+            "and a 'score' head"
+        )
+    return Parts(body, lists[0], norms[0], hf.score)
+
+
+def num_blocks(model: nn.Module) -> int:
+    return len(parts(model).blocks)
+
+
+def autocast(device: torch.device, mode: str):
+    """Mixed-precision context for ``train.autocast`` ('off', 'bf16', 'fp16')."""
+    if mode == "off":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)

@@ -30,12 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from .. import compute, seeds
-from ..config import TrainConfig
+from ..context import Context
 from ..data import batches
 from . import multilora
 from .jobs import Predict, Train
 from .stacked import StackedOptimizer, optimizer_template
-from .train import LocalResult, autocast, job_batches
+from .train import LocalResult, job_batches
 
 MIN_BUCKET_ROWS = 16  # smallest sub-batch a fused step is split into (see length_buckets)
 _NETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # peft model -> MultiNet
@@ -105,15 +105,14 @@ def length_buckets(batch: dict[str, torch.Tensor], min_rows: int) -> list[dict[s
     ]
 
 
-def train_many(
-    model, jobs: list[Train], cfg: TrainConfig, pad_id: int, device
-) -> list[LocalResult]:
+def train_many(ctx: Context, jobs: list[Train]) -> list[LocalResult]:
     """Run every :class:`~fedtune.execution.jobs.Train` job as :func:`.train.train` would, all at
     once: one fused step per local step index. Returns one ``LocalResult`` per job, in order.
 
     Each job keeps its own loss: a fused step runs the forward pass of all rows (in
     length-sorted sub-batches when that saves padding), then each client's loss on its own rows;
     their sum is back-propagated once."""
+    model, cfg, pad_id, device = ctx.model, ctx.cfg.train, ctx.data.pad_id, ctx.device
     n = len(jobs)
     mnet = multinet(model, n)
     opt = StackedOptimizer(mnet, cfg, optimizer_template(model, cfg))
@@ -149,7 +148,7 @@ def train_many(
         )
         opt.zero_grad()
         with compute.step(key):
-            logits = fused_logits(mnet, subs, parts, uniform, cfg.autocast, device)
+            logits = fused_logits(ctx, mnet, subs, parts, uniform)
             labels = to_device(fused["labels"], device)
             total, start = 0, 0
             for (slot, _), size in zip(parts, sizes, strict=True):
@@ -175,16 +174,14 @@ def train_many(
     ]
 
 
-def fused_logits(mnet, subs: list[dict], parts: list, uniform: bool, amp: str, device):
+def fused_logits(ctx: Context, mnet, subs: list[dict], parts: list, uniform: bool):
     """Logits ``[B, C]`` of a fused batch, in fused row order, from its sub-batches."""
     out, pos = [], []
     for sub in subs:
-        batch = {k: to_device(v, device) for k, v in sub.items()}
-        slots = to_device(torch.tensor([s for s, _ in parts]), device) if uniform else None
+        batch = {k: to_device(v, ctx.device) for k, v in sub.items()}
+        slots = to_device(torch.tensor([s for s, _ in parts]), ctx.device) if uniform else None
         mnet.set_rows(batch["rows"], slots)
-        with autocast(batch["input_ids"].device, amp):
-            o = mnet.net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        out.append(o.logits.float())
+        out.append(ctx.task.logits(mnet.net, batch, ctx.cfg.train.autocast))
         pos.append(batch["pos"])
     if len(out) == 1:
         return out[0]
@@ -192,10 +189,11 @@ def fused_logits(mnet, subs: list[dict], parts: list, uniform: bool, amp: str, d
 
 
 @torch.inference_mode()
-def predict_many(model, jobs: list[Predict], cfg: TrainConfig, pad_id: int, device) -> list:
+def predict_many(ctx: Context, jobs: list[Predict]) -> list:
     """Every job's logits ``[len(idx), C]`` (float32, CPU, ``idx`` order) on the SAME samples
     (KD's b2), computed as one pass whose batches hold ``eval_batch_size / N`` samples of each
     of the N clients (length-sorted, so little padding)."""
+    model, cfg, pad_id, device = ctx.model, ctx.cfg.train, ctx.data.pad_id, ctx.device
     n, data, idx = len(jobs), jobs[0].data, np.asarray(jobs[0].idx)
     mnet = multinet(model, n)
     for slot, job in enumerate(jobs):
@@ -211,8 +209,8 @@ def predict_many(model, jobs: list[Predict], cfg: TrainConfig, pad_id: int, devi
         slots = torch.arange(n, device=device)
         mnet.set_rows(slots.repeat_interleave(b), slots)
         amp = cfg.autocast
-        with compute.step(("infer_many", amp, n, *ids.shape)), autocast(ids.device, amp):
-            logits = mnet.net(input_ids=ids, attention_mask=mask).logits.float()
+        with compute.step(("infer_many", amp, n, *ids.shape)):
+            logits = ctx.task.logits(mnet.net, {"input_ids": ids, "attention_mask": mask}, amp)
         outs.append(logits.view(n, b, -1))
     mnet.set_rows(None)
     mnet.net.train()

@@ -19,10 +19,9 @@ from collections.abc import Callable, Generator
 from typing import Any, Protocol
 
 import numpy as np
-from torch import nn
 
 from ..compute import ComputeMeter, ComputeStats
-from ..config import RunConfig
+from ..context import Context
 from ..messages import Message
 from .jobs import Job, Predict, Train
 from .train import predict, train
@@ -42,14 +41,11 @@ class Executor(Protocol):
 class Sequential:
     """Clients one after another; each job runs alone on the shared model."""
 
-    def __init__(self, model: nn.Module, cfg: RunConfig, pad_id: int, device) -> None:
-        self.model, self.cfg, self.pad_id, self.device = model, cfg, pad_id, device
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
 
     def execute(self, job: Job) -> Any:
-        if isinstance(job, Train):
-            progress = self.cfg.progress
-            return train(self.model, job, self.cfg.train, self.pad_id, self.device, progress)
-        return predict(self.model, job, self.cfg.train, self.pad_id, self.device)
+        return train(self.ctx, job) if isinstance(job, Train) else predict(self.ctx, job)
 
     def run(self, work: dict[int, Start], meters: dict[int, ComputeMeter]) -> dict:
         out = {}
@@ -73,9 +69,8 @@ def drive(work: Work, execute: Callable[[Job], Any]) -> Message | None:
 class Batched:
     """Many clients' jobs of the same kind in one fused loop (:mod:`.engine`)."""
 
-    def __init__(self, model: nn.Module, cfg: RunConfig, pad_id: int, device) -> None:
-        self.model, self.cfg, self.pad_id, self.device = model, cfg, pad_id, device
-        self.chunk = cfg.fed.concurrent_clients
+    def __init__(self, ctx: Context) -> None:
+        self.ctx, self.chunk = ctx, ctx.cfg.fed.concurrent_clients
 
     def run(self, work: dict[int, Start], meters: dict[int, ComputeMeter]) -> dict:
         out: dict[int, Message | None] = {}
@@ -118,15 +113,9 @@ class Batched:
             size = self.chunk or len(cids)
             for c in range(0, len(cids), size):
                 chunk = cids[c : c + size]
-                meter = ComputeMeter(self.device, self.cfg.flops, meters[chunk[0]].cache)
+                meter = ComputeMeter(self.ctx.device, self.ctx.cfg.flops, meters[chunk[0]].cache)
                 with meter.measure():
-                    done = run(
-                        self.model,
-                        [jobs[i] for i in chunk],
-                        self.cfg.train,
-                        self.pad_id,
-                        self.device,
-                    )
+                    done = run(self.ctx, [jobs[i] for i in chunk])
                 apportion(
                     meter.stats,
                     {i: meters[i] for i in chunk},
@@ -160,7 +149,6 @@ def apportion(stats: ComputeStats, meters: dict[int, ComputeMeter], weights: lis
         )
 
 
-def make_executor(cfg: RunConfig, model: nn.Module, pad_id: int, device) -> Executor:
-    """The executor ``fed.engine`` names."""
-    cls = Batched if cfg.fed.engine == "batched" else Sequential
-    return cls(model, cfg, pad_id, device)
+def make_executor(ctx: Context) -> Executor:
+    """The executor ``fed.engine`` names, running jobs on ``ctx``'s model and task."""
+    return (Batched if ctx.cfg.fed.engine == "batched" else Sequential)(ctx)

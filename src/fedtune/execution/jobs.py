@@ -4,7 +4,7 @@ A framework's ``Client.handle`` is a generator: it ``yield``s a :class:`Train` o
 :class:`Predict` job, receives the job's result, and finally ``return``s its reply message::
 
     def handle(self, msg, link):
-        result = yield Train(msg.tensors, self.opt_state, data, idx, CrossEntropy(), stream)
+        result = yield Train(msg.tensors, self.opt_state, data, idx, ctx.task.loss(), stream)
         self.opt_state = result.opt_state
         return Message(PARAMETERS, ...)
 
@@ -13,7 +13,8 @@ The executor (:mod:`fedtune.execution.executors`) decides how jobs run: one by o
 (batched). Frameworks never know which.
 
 A loss is any callable ``loss(logits [B, C], batch) -> scalar`` (the mean over the batch, or a
-weighted mean); ``batch`` holds ``input_ids``/``attention_mask [B, L]`` and ``labels [B]``.
+weighted mean); ``batch`` holds ``input_ids``/``attention_mask [B, L]`` and ``labels [B]``: the
+task's (:mod:`fedtune.tasks`, e.g. cross-entropy) or a framework's (KD's distillation).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..data import Tokenized
 
@@ -72,64 +72,3 @@ class Predict:
 
 
 Job = Train | Predict
-
-
-# ----------------------------------------------------------------------------- losses
-
-
-class CrossEntropy:
-    """Mean cross-entropy against ``batch["labels"]`` (FedLLM a2, KD b1)."""
-
-    name = "train"
-
-    def to(self, device: torch.device) -> CrossEntropy:
-        return self
-
-    def __call__(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return F.cross_entropy(logits, batch["labels"])
-
-
-def kd_loss_rows(
-    student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """``T^2 * KL(teacher || softmax(student / T))`` per row: ``[B, C], [B, C] -> [B]``.
-    The T^2 factor keeps gradient magnitudes comparable across temperatures (Hinton et al.)."""
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    return temperature**2 * F.kl_div(log_q, teacher_probs, reduction="none").sum(-1)  # 0log0=0
-
-
-class Distill:
-    """Distillation toward ``teacher [S, C]`` probabilities (KD b5, b8).
-
-    The job's data is a view whose ``labels`` are row positions in ``teacher``. ``weights [S]``
-    weight each row's KL (weighted mean); ``labels [S]`` add cross-entropy on true labels."""
-
-    name = "distill"
-
-    def __init__(
-        self,
-        teacher: torch.Tensor,
-        temperature: float,
-        weights: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-    ) -> None:
-        self.teacher, self.temperature = teacher, temperature
-        self.weights, self.labels = weights, labels
-
-    def to(self, device: torch.device) -> Distill:
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device)
-
-        return Distill(move(self.teacher), self.temperature, move(self.weights), move(self.labels))
-
-    def __call__(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        rows = batch["labels"]
-        kl = kd_loss_rows(logits, self.teacher[rows], self.temperature)
-        if self.weights is None:
-            loss = kl.sum() / len(kl)
-        else:
-            w = self.weights[rows]
-            loss = (w * kl).sum() / w.sum().clamp(min=1e-12)
-        if self.labels is not None:
-            loss = loss + F.cross_entropy(logits, self.labels[rows])
-        return loss

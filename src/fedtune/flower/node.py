@@ -164,7 +164,7 @@ class NodeWorker:
                 )
             link = RemoteLink(stream, wire, meter) if stream else None
             if not header.get("drop"):  # fault simulation: got the message, never answers
-                executor = make_executor(cfg, ctx.model, ctx.data.pad_id, ctx.device)
+                executor = make_executor(ctx)
                 work = {self.cid: partial(client.handle, msg, link)}
                 reply = executor.run(work, {self.cid: meter})[self.cid]
         finally:

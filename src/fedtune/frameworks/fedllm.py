@@ -19,7 +19,7 @@ import torch
 from .. import seeds
 from ..aggregate import build, screen_updates
 from ..context import ClientContext, ServerContext
-from ..execution.jobs import CrossEntropy, Train
+from ..execution.jobs import Train
 from ..execution.train import LocalResult, num_local_steps
 from ..messages import PARAMETERS, SERVER, Message, client_name
 from ..models import num_params
@@ -93,7 +93,7 @@ class Client:
             self.opt_state,
             self.ctx.data.train,
             idx,
-            CrossEntropy(),
+            self.ctx.task.loss(),
             seeds.client(cfg.seed, msg.round, self.cid),
             steps=num_local_steps(len(idx), cfg.train),
         )

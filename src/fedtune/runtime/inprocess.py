@@ -68,7 +68,7 @@ class InProcess:
         self.wire.max_bytes = ctx.cfg.fed.max_message_bytes
         self.clients = {c: fw.client(self.full.client(c)) for c in range(ctx.data.num_clients)}
         if self.executor is None:
-            self.executor = make_executor(ctx.cfg, ctx.model, ctx.data.pad_id, ctx.device)
+            self.executor = make_executor(self.full)
 
     def begin_round(self, rs: RoundState) -> None:
         pass

@@ -58,22 +58,10 @@ class RoundResult:
 
 def evaluate_global(ctx: ServerContext, server) -> dict:
     """Test metrics of the server's global state (every runtime's evaluation rounds)."""
-    t0, cfg, d = time.perf_counter(), ctx.cfg, ctx.data
-    ev = evaluate(
-        ctx.model,
-        server.eval_state(),
-        d.test,
-        cfg.train.eval_batch_size,
-        d.pad_id,
-        ctx.device,
-        cfg.train.autocast,
-    )
-    return {
-        "accuracy": ev["accuracy"],
-        "macro_f1": ev["macro_f1"],
-        "test_loss": ev["loss"],
-        "eval_seconds": time.perf_counter() - t0,
-    }
+    t0 = time.perf_counter()
+    ev = evaluate(ctx, server.eval_state(), ctx.data.test)  # the task's metrics
+    metrics = {k: v for k, v in ev.items() if k != "loss"}  # classification: accuracy, F1
+    return {**metrics, "test_loss": ev["loss"], "eval_seconds": time.perf_counter() - t0}
 
 
 def round_record(rnd: int, result: RoundResult, ledger: Ledger) -> dict:

@@ -11,11 +11,11 @@ import torch
 from ... import seeds
 from ...context import ClientContext, ServerContext
 from ...errors import MessageError
-from ...execution.jobs import CrossEntropy, Distill, Predict, Train
+from ...execution.jobs import Predict, Train
 from ...execution.train import evaluate, num_local_steps
 from ...messages import LABELS, LOGITS, METADATA, SERVER, Message, client_name
 from .common import distill_batch_size, public_candidates, received_logits, selection_view
-from .ops import pack_logits
+from .ops import Distill, pack_logits
 
 
 class Client:
@@ -42,11 +42,12 @@ class Client:
         if msg.kind == METADATA:
             self.select(msg)
             # b1: fine-tune the local model on the private data.
-            cfg, idx = self.ctx.cfg, self.ctx.data.samples
-            steps = num_local_steps(len(idx), cfg.train)
-            stream = seeds.client(cfg.seed, msg.round, self.cid)
+            ctx, idx = self.ctx, self.ctx.data.samples
+            steps = num_local_steps(len(idx), ctx.cfg.train)
+            stream = seeds.client(ctx.cfg.seed, msg.round, self.cid)
+            loss = ctx.task.loss()
             result = yield Train(
-                self.state, self.opt_state, self.ctx.data.train, idx, CrossEntropy(), stream, steps
+                self.state, self.opt_state, ctx.data.train, idx, loss, stream, steps
             )
             self.state, self.opt_state = result.state, result.opt_state
             # b2: logits on the public selection (its labels are never read here).
@@ -106,17 +107,5 @@ def client_eval(ctx: ServerContext, server, clients: dict[int, Client]) -> dict:
     """Mean test accuracy of the clients' local models (the global model is the headline)."""
     if not ctx.cfg.kd.client_eval:
         return {}
-    cfg, d = ctx.cfg, ctx.data
-    accs = [
-        evaluate(
-            ctx.model,
-            cl.state,
-            d.test,
-            cfg.train.eval_batch_size,
-            d.pad_id,
-            ctx.device,
-            cfg.train.autocast,
-        )["accuracy"]
-        for _, cl in sorted(clients.items())
-    ]
+    accs = [evaluate(ctx, cl.state, ctx.data.test)["accuracy"] for _, cl in sorted(clients.items())]
     return {"client_accuracy": float(np.mean(accs)), "client_accuracies": accs}

@@ -9,7 +9,7 @@ from ... import seeds
 from ...context import Context
 from ...data import Tokenized
 from ...errors import ConfigError, MessageError
-from ...execution.train import predict_logits
+from ...execution.train import outputs
 from ...messages import Message
 from .ops import unpack_logits
 
@@ -43,17 +43,7 @@ def distill_batch_size(ctx: Context) -> int:
 def public_logits(ctx: Context, state: dict[str, torch.Tensor], idx: np.ndarray) -> torch.Tensor:
     """``state``'s logits ``[len(idx), C]`` on public samples ``idx`` (positions in the
     public set)."""
-    cfg, d = ctx.cfg, ctx.data
-    return predict_logits(
-        ctx.model,
-        state,
-        d.public,
-        idx,
-        cfg.train.eval_batch_size,
-        d.pad_id,
-        ctx.device,
-        cfg.train.autocast,
-    )
+    return outputs(ctx, state, ctx.data.public, idx)
 
 
 def received_logits(msg: Message, rows: int, num_classes: int, sender: str) -> torch.Tensor:

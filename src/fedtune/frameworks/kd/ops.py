@@ -5,7 +5,7 @@
   confidence weighting of softened client probabilities);
 * public-set selection: :func:`prune_public` (entropy or margin of the global model) and
   :func:`alignment_weights` (toward the clients' aggregate label histogram);
-* the loss is :class:`fedtune.execution.jobs.Distill` (server b5, client b8).
+* the loss :class:`Distill` (server b5, client b8), run by the training loop as a job's loss.
 
 Shapes: ``S`` public samples in this round's selection, ``C`` classes, ``K`` clients.
 """
@@ -16,6 +16,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ... import codec
 
@@ -145,3 +146,52 @@ def alignment_weights(labels: np.ndarray, target_hist: np.ndarray) -> np.ndarray
     if w.sum() <= 0:  # no overlap at all: leave the set unchanged
         return np.ones(len(labels))
     return w * len(w) / w.sum()
+
+
+# ----------------------------------------------------------------------------- distillation
+
+
+def kd_loss_rows(
+    student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """``T^2 * KL(teacher || softmax(student / T))`` per row: ``[B, C], [B, C] -> [B]``.
+    The T^2 factor keeps gradient magnitudes comparable across temperatures (Hinton et al.)."""
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return temperature**2 * F.kl_div(log_q, teacher_probs, reduction="none").sum(-1)  # 0log0=0
+
+
+class Distill:
+    """Distillation toward ``teacher [S, C]`` probabilities (KD b5, b8).
+
+    The job's data is a view whose ``labels`` are row positions in ``teacher``. ``weights [S]``
+    weight each row's KL (weighted mean); ``labels [S]`` add cross-entropy on true labels."""
+
+    name = "distill"
+
+    def __init__(
+        self,
+        teacher: torch.Tensor,
+        temperature: float,
+        weights: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> None:
+        self.teacher, self.temperature = teacher, temperature
+        self.weights, self.labels = weights, labels
+
+    def to(self, device: torch.device) -> Distill:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return Distill(move(self.teacher), self.temperature, move(self.weights), move(self.labels))
+
+    def __call__(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        rows = batch["labels"]
+        kl = kd_loss_rows(logits, self.teacher[rows], self.temperature)
+        if self.weights is None:
+            loss = kl.sum() / len(kl)
+        else:
+            w = self.weights[rows]
+            loss = (w * kl).sum() / w.sum().clamp(min=1e-12)
+        if self.labels is not None:
+            loss = loss + F.cross_entropy(logits, self.labels[rows])
+        return loss

@@ -12,7 +12,7 @@ from ... import seeds
 from ...aggregate import meta_problem
 from ...context import ServerContext
 from ...errors import ConfigError, MessageError
-from ...execution.jobs import Distill, Train
+from ...execution.jobs import Train
 from ...execution.train import train
 from ...messages import LOGITS, METADATA, SERVER, Message, client_name
 from .common import (
@@ -23,6 +23,7 @@ from .common import (
     selection_view,
 )
 from .ops import (
+    Distill,
     aggregate_knowledge,
     alignment_weights,
     label_distribution,
@@ -140,7 +141,7 @@ class Server:
             batch_size=distill_batch_size(ctx),
             resample=resample,
         )
-        result = train(ctx.model, job, ctx.cfg.train, ctx.data.pad_id, ctx.device)
+        result = train(ctx, job)
         self.state, self.opt_state = result.state, result.opt_state
         metrics["server_distill_loss"] = result.loss
         # b6: the global model's logits on all candidates (the next round prunes with them).

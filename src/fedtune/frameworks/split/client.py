@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ... import compute, seeds
 from ...context import ClientContext
@@ -14,7 +13,7 @@ from ...execution.train import make_optimizer, optimizer_step, to_device
 from ...messages import ACTIVATIONS, GRADIENTS, LABELS, PARAMETERS, SERVER, Message, client_name
 from ...models import load_trainable_state
 from .layers import round_samples
-from .model import client_forward, compress, decompress, head_logits
+from .model import client_forward, compress, decompress
 
 
 class Client:
@@ -84,7 +83,8 @@ class Client:
             pooled = decompress(reply.tensors, s.compression, hidden)
             pooled = pooled.to(ctx.device).requires_grad_()
             with compute.step((*key, "head")):
-                loss = F.cross_entropy(head_logits(ctx.model, pooled, amp), batch["labels"])
+                logits = ctx.task.head(ctx.model, pooled, amp)
+                loss = ctx.task.loss()(logits, batch)
                 loss.backward()
             g = compress(pooled.grad, s.compression, s.topk_ratio)
             reply = link.call(Message(GRADIENTS, rnd, me, SERVER, g))

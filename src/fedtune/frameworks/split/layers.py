@@ -22,7 +22,8 @@ from ...messages import (
     Message,
     encode,
 )
-from .model import client_forward, compress, num_blocks, part_names
+from ...models import num_blocks
+from .model import client_forward, compress, part_names
 
 
 def samples_per_round(cfg: RunConfig, size: int) -> int:

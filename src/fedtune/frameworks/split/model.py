@@ -13,8 +13,9 @@ The cut reuses the HF model's own forward instead of re-implementing it. For a s
   padding mask and the same position ids (``arange(L)``) and rotary tables from the mask and
   length; a forward pre-hook on block ``k`` replaces that block's input with ``h`` itself (for
   GPT-2 the body would otherwise add position embeddings a second time).
-* pooling: like HF's sequence classifiers, each row is read at its last non-pad position,
-  derived from the attention mask (the server never sees the token ids).
+* pooling and head: the task's (:mod:`fedtune.tasks`); for classification, like HF's sequence
+  classifiers, each row is read at its last non-pad position, derived from the attention mask
+  (the server never sees the token ids).
 
 :func:`compress` / :func:`decompress` encode what crosses the cut (activations and their
 gradients) with :mod:`fedtune.codec`: fp32, fp16, bf16, int8 with one scale per token, or
@@ -25,49 +26,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ... import codec
 from ...errors import MessageError, ModelError
-from ...execution.train import autocast
+from ...models import Parts, autocast, parts
 
 COMPRESSIONS = ("none", "fp16", "bf16", "int8", "topk")
-_NORMS = ("ln_f", "norm", "final_layernorm", "final_layer_norm")
-
-
-@dataclass
-class Parts:
-    """The pieces of a PEFT-wrapped HF sequence classifier that the cut needs."""
-
-    body: nn.Module  # GPT2Model / LlamaModel
-    blocks_attr: str  # name of the block list on body: "h" / "layers"
-    norm_attr: str  # name of the final norm on body: "ln_f" / "norm"
-    head: nn.Module  # the classification head ("score", wrapped by PEFT)
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return getattr(self.body, self.blocks_attr)
-
-
-def parts(model: nn.Module) -> Parts:
-    """Locate body, block list, final norm and head of the shared model (GPT-2, Llama, ...)."""
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body = getattr(hf, hf.base_model_prefix, None)
-    lists = [n for n, m in (body.named_children() if body else []) if isinstance(m, nn.ModuleList)]
-    norms = [n for n in _NORMS if body is not None and hasattr(body, n)]
-    if len(lists) != 1 or not norms or not hasattr(hf, "score"):
-        raise ModelError(
-            f"cannot split {type(hf).__name__}: need one block list, a final norm "
-            "and a 'score' head"
-        )
-    return Parts(body, lists[0], norms[0], hf.score)
-
-
-def num_blocks(model: nn.Module) -> int:
-    return len(parts(model).blocks)
 
 
 def block_of(model: nn.Module) -> dict[str, int | None]:
@@ -128,12 +95,6 @@ def _only_blocks(p: Parts, start: int, stop: int, final_norm: bool, first_input=
         setattr(p.body, p.norm_attr, norm)
 
 
-def last_positions(mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last non-pad token: ``[B]`` from ``mask [B, L]`` (HF's rule)."""
-    pos = torch.arange(mask.shape[-1], device=mask.device)
-    return (pos * (mask != 0)).argmax(-1)
-
-
 def client_forward(
     model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, k: int, amp: str = "off"
 ) -> torch.Tensor:
@@ -146,20 +107,11 @@ def client_forward(
 def server_forward(
     model: nn.Module, h: torch.Tensor, mask: torch.Tensor, k: int, amp: str = "off"
 ) -> torch.Tensor:
-    """c3: blocks ``[k, n)``, final norm and pooling. ``h [B, L, H]`` -> pooled ``[B, H]``."""
+    """c3: blocks ``[k, n)`` and the final norm: ``h [B, L, H]`` -> last hidden states
+    ``[B, L, H]`` (the task pools them for its head)."""
     p = parts(model)
     with _only_blocks(p, k, len(p.blocks), final_norm=True, first_input=h), autocast(h.device, amp):
-        out = p.body(inputs_embeds=h, attention_mask=mask, use_cache=False).last_hidden_state
-    return out[torch.arange(len(out), device=out.device), last_positions(mask)]
-
-
-def head_logits(model: nn.Module, pooled: torch.Tensor, amp: str = "off") -> torch.Tensor:
-    """The classification head on pooled states: ``[B, H]`` -> float32 logits ``[B, C]``.
-
-    HF applies the head to every position and then pools; the head is linear per position,
-    so pooling first gives the same logits."""
-    with autocast(pooled.device, amp):
-        return parts(model).head(pooled).float()
+        return p.body(inputs_embeds=h, attention_mask=mask, use_cache=False).last_hidden_state
 
 
 # ----------------------------------------------------------------------------- compression

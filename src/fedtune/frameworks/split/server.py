@@ -8,7 +8,6 @@ from collections.abc import Generator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ... import compute
 from ...aggregate import build, screen_updates
@@ -27,7 +26,7 @@ from ...messages import (
 )
 from ...models import load_trainable_state
 from .layers import choose_split_layers
-from .model import compress, decompress, head_logits, part_names, server_forward
+from .model import compress, decompress, part_names, server_forward
 
 
 class Server:
@@ -174,13 +173,14 @@ class Server:
         h = self._decompress(msg).to(ctx.device).requires_grad_()
         mask = msg.tensors["mask"].to(ctx.device).long()
         # c3: the remaining blocks, final norm and pooling (and, unless U-shaped, the head).
-        pooled = server_forward(ctx.model, h, mask, k, ctx.cfg.train.autocast)
+        pooled = ctx.task.pool(server_forward(ctx.model, h, mask, k, ctx.cfg.train.autocast), mask)
         if self.s.u_shaped:  # return the pooled last hidden states; the client has the head
             self.pending[cid] = (h, pooled)
             x = compress(pooled, self.s.compression, self.s.topk_ratio)
             return Message(ACTIVATIONS, msg.round, SERVER, msg.sender, x)
         labels, self.labels[cid] = self.labels[cid][: len(h)], self.labels[cid][len(h) :]
-        loss = F.cross_entropy(head_logits(ctx.model, pooled, ctx.cfg.train.autocast), labels)
+        logits = ctx.task.head(ctx.model, pooled, ctx.cfg.train.autocast)
+        loss = ctx.task.loss()(logits, {"labels": labels})
         return self._backward(cid, msg.round, h, loss, None, {"loss": loss.detach().item()})
 
     def _backward(self, cid: int, rnd: int, h, out, grad, meta: dict) -> Message:

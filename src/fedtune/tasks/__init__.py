@@ -1,0 +1,55 @@
+"""Tasks: what fine-tuning means for the model's outputs, the loss, the metrics, and what split
+learning keeps of the last hidden states. Everything else calls the task.
+
+``ctx.task`` is the run's task. A task implements :class:`Task`; register one with
+:func:`register`. Built in: ``classification`` (:mod:`.classification`).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+
+class Task(Protocol):
+    name: str
+
+    def logits(self, model: nn.Module, batch: dict[str, torch.Tensor], amp: str) -> torch.Tensor:
+        """The model's float32 outputs for ``input_ids`` / ``attention_mask [B, L]``."""
+        ...
+
+    def loss(self):
+        """The training loss on private data (a :class:`~fedtune.execution.jobs.Loss`)."""
+        ...
+
+    def metrics(self, logits: torch.Tensor, labels: np.ndarray) -> dict[str, float]:
+        """Test metrics from the outputs on a whole test set."""
+        ...
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """What the head reads of the last hidden states ``[B, L, H]`` (split learning)."""
+        ...
+
+    def head(self, model: nn.Module, pooled: torch.Tensor, amp: str) -> torch.Tensor:
+        """The head on :meth:`pool`'s output: float32 outputs."""
+        ...
+
+
+_TASKS: dict[str, Task] = {}
+
+
+def register(task: Task) -> None:
+    _TASKS[task.name] = task
+
+
+def get(name: str) -> Task:
+    if not _TASKS:
+        from . import classification  # noqa: F401  (registers itself)
+    if name not in _TASKS:
+        raise ConfigError(f"unknown task {name!r}; available: {', '.join(_TASKS)}")
+    return _TASKS[name]
