@@ -94,3 +94,30 @@ def test_banking77_from_shared_folder():
     names, train, test = load_text_classification(DataConfig())
     assert len(names) == 77 and len(train.texts) == 10003 and len(test.texts) == 3080
     assert train.labels.max() == 76
+
+
+def test_each_party_sees_only_its_own_data(synth_dir):
+    """The server's view holds the test and public sets and the clients' sample counts; a
+    client's holds its own samples and the public texts with their labels hidden; a deployed
+    server's data (prepare_server) equals the simulation's server view."""
+    from conftest import tiny_cfg
+    from fedtune.data import prepare, prepare_server
+    from fedtune.models import load_tokenizer
+
+    cfg = tiny_cfg(synth_dir)
+    tok = load_tokenizer("tiny-gpt2")
+    full = prepare(cfg.data, tok, 32, cfg.seed)
+    server = full.server_view()
+    assert server.client_sizes == [60, 60, 60] and server.num_clients == 3
+    assert len(server.public) == 60 and len(server.test) == 80
+    assert server.public.ids == [full.train.ids[i] for i in full.public_idx]
+    assert server.public.labels.tolist() == full.train.labels[full.public_idx].tolist()
+    client = full.client_view(1)
+    assert client.train.ids == [full.train.ids[i] for i in full.client_idx[1]]
+    assert client.samples.tolist() == list(range(60))
+    assert client.public.ids == server.public.ids and set(client.public.labels) == {-1}
+    assert full.client_view(2).public is client.public  # one object: Predict jobs can fuse
+    deployed = prepare_server(cfg.data, tok, 32, cfg.seed)
+    assert deployed.client_sizes == server.client_sizes
+    assert deployed.public.ids == server.public.ids and deployed.test.ids == server.test.ids
+    assert deployed.public.labels.tolist() == server.public.labels.tolist()

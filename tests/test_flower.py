@@ -187,12 +187,12 @@ def test_own_data_folder(tmp_path):
     (folder / "public.csv").write_text("text,category\nfee please,fee\n")
     cfg = tiny_cfg(tmp_path)
     labels = ["card", "cash", "fee", "transfer"]
-    d = own_data(cfg, folder, 2, labels, load_tokenizer("tiny-gpt2"))
-    assert [len(c) for c in d.client_idx] == [0, 0, 3]
-    assert d.train.labels.tolist() == [0, 3, 1, 2] and d.public_idx.tolist() == [3]
-    assert d.num_labels == 4 and len(d.test) == 0
+    d = own_data(cfg, folder, labels, load_tokenizer("tiny-gpt2"))
+    assert d.train.labels.tolist() == [0, 3, 1] and d.samples.tolist() == [0, 1, 2]
+    assert len(d.public) == 1 and d.public.labels.tolist() == [-1]  # public labels: not read
+    assert d.num_labels == 4
     with pytest.raises(DataError, match="not in the run's label set: fee"):
-        own_data(cfg, folder, 0, ["card", "cash", "transfer"], load_tokenizer("tiny-gpt2"))
+        own_data(cfg, folder, ["card", "cash", "transfer"], load_tokenizer("tiny-gpt2"))
 
 
 def test_split_service_serves_whole_streams_in_sampling_order():

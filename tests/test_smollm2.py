@@ -35,7 +35,7 @@ def test_smollm2_loads_from_the_gguf_cache_and_trains_one_step():
         tokenize(tok, ["I am still waiting on my card?", "What is the fee?"], 80), np.array([3, 5])
     )
     cfg = config.from_dict({"device": "cpu", "train": {"batch_size": 2, "eval_batch_size": 2}})
-    own = ClientData([str(c) for c in range(77)], data, data, data, tok.pad_token_id)
+    own = ClientData([str(c) for c in range(77)], data, data, tok.pad_token_id)
     ctx = Context(cfg, model, tok, own, torch.device("cpu"), state)
     before = outputs(ctx, state, data, np.arange(2))
     job = Train(state, None, data, np.arange(2), ctx.task.loss(), (0,), steps=1)

@@ -155,8 +155,8 @@ def build(fed) -> Strategy:
 def aggregate(
     states: Sequence[State], weights: Sequence[float], how: str = "fedavg", trim_ratio: float = 0.2
 ) -> State:
-    """Combine client states with a stateless strategy by name (fedavg / median /
-    trimmed_mean); the reference is the first state."""
+    """Combine client states with a built-in stateless strategy by name (fedavg / median /
+    trimmed_mean: none reads the reference, which is the first state here)."""
     strategy = build(SimpleNamespace(aggregator=how, trim_ratio=trim_ratio))
     return strategy(states[0] if states else {}, states, weights)
 

@@ -9,7 +9,8 @@ same :class:`Context` with only its own data:
   texts (:class:`~fedtune.data.ClientData`); ``ctx.cid`` is its id.
 
 The simulation builds one context holding all the data (:class:`~fedtune.data.FedData`) and
-hands out views; a deployed server or SuperNode builds only its own view.
+hands out views; a deployed server or SuperNode loads only its own data
+(:func:`~fedtune.data.prepare_server`, :func:`~fedtune.data.prepare_client`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 from . import tasks
 from .config import RunConfig
 from .data import ClientData, FedData, ServerData, prepare
+from .errors import ConfigError
 from .models import init_trainable_state, load_model
 from .tasks import Task
 
@@ -48,13 +50,20 @@ class Context(Generic[D]):
     cid: int = -1  # the client's id in a ClientContext
 
     def server(self) -> ServerContext:
-        """The server's view of a process context."""
-        data = self.data if isinstance(self.data, ServerData) else self.data.server_view()
-        return replace(self, data=data, cid=-1)
+        """The server's view of a process context (or the server's own context)."""
+        if isinstance(self.data, ServerData):
+            return replace(self, cid=-1)
+        if isinstance(self.data, FedData):
+            return replace(self, data=self.data.server_view(), cid=-1)
+        raise ConfigError("a client's context holds no server data")
 
     def client(self, cid: int) -> ClientContext:
-        """Client ``cid``'s view of a process context."""
-        return replace(self, data=self.data.client_view(cid), cid=cid)
+        """Client ``cid``'s view of a process context (or a client's own context)."""
+        if isinstance(self.data, ClientData):
+            return replace(self, cid=cid)
+        if isinstance(self.data, FedData):
+            return replace(self, data=self.data.client_view(cid), cid=cid)
+        raise ConfigError("the server's context holds no client data")
 
 
 ServerContext = Context[ServerData]
@@ -67,11 +76,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_context(cfg: RunConfig, data: FedData | ServerData | None = None) -> Context:
+def build_context(cfg: RunConfig, data: FedData | ServerData | ClientData | None = None) -> Context:
     """Load (or reuse) the shared model, prepare the data and the seeded initial state.
 
-    Pass ``data`` to bring your own :class:`~fedtune.data.FedData` (or a server's
-    :class:`~fedtune.data.ServerData`) instead of ``cfg.data``."""
+    Pass ``data`` to bring your own :class:`~fedtune.data.FedData` (or only a server's
+    :class:`~fedtune.data.ServerData` or a client's :class:`~fedtune.data.ClientData`)
+    instead of loading all of ``cfg.data``."""
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     device = resolve_device(cfg.device)
     from .models import load_tokenizer

@@ -77,11 +77,10 @@ class FedData:
         return ServerData(self.label_names, self.test, self.public(), sizes, self.pad_id)
 
     def client_view(self, cid: int) -> ClientData:
-        """Client ``cid``'s own samples, the public texts (labels hidden) and the test set
-        (the simulation lets clients test their own models; a deployed client has none)."""
+        """Client ``cid``'s own samples and the public texts (labels hidden)."""
         train = subset(self.train, self.client_idx[cid])
         hidden = self.public(hide_labels=True)
-        return ClientData(self.label_names, train, hidden, self.test, self.pad_id)
+        return ClientData(self.label_names, train, hidden, self.pad_id)
 
 
 @dataclass
@@ -106,13 +105,12 @@ class ServerData:
 
 @dataclass
 class ClientData:
-    """What one client holds: its private samples, the public texts (their labels are -1:
-    clients never see them) and, in the simulation, the test set."""
+    """What one client holds: its private samples and the public texts (their labels are -1:
+    clients never see them)."""
 
     label_names: list[str]
     train: Tokenized
     public: Tokenized
-    test: Tokenized
     pad_id: int = 0
 
     @property
@@ -332,8 +330,8 @@ def batches(
         yield collate([data.ids[i] for i in b], data.labels[b], pad_id)
 
 
-def prepare(cfg: DataConfig, tokenizer, max_length: int, seed: int) -> FedData:
-    """Load, split and tokenise: the one call a runtime makes to get its data."""
+def _load_split(cfg: DataConfig, seed: int):
+    """Load train/test, split train into the public set and the clients', subsample test."""
     names, train, test = load_text_classification(cfg)
     public, clients = split_federated(train.labels, cfg, seed)
     if cfg.test_size and cfg.test_size < len(test.texts):
@@ -341,6 +339,49 @@ def prepare(cfg: DataConfig, tokenizer, max_length: int, seed: int) -> FedData:
             np.random.default_rng(seed + 1).permutation(len(test.texts))[: cfg.test_size]
         )
         test = TextDataset([test.texts[i] for i in keep], test.labels[keep])
+    return names, train, test, public, clients
+
+
+def prepare_server(cfg: DataConfig, tokenizer, max_length: int, seed: int) -> ServerData:
+    """The server's data only (a deployed server): the public and test sets tokenized, the
+    clients' sample counts from the split (a deployment replaces them with what the clients
+    report). The clients' rows are read from the file to find the public set, never kept."""
+    names, train, test, public, clients = _load_split(cfg, seed)
+    pub = Tokenized(
+        tokenize(tokenizer, [train.texts[i] for i in public], max_length), train.labels[public]
+    )
+    return ServerData(
+        names,
+        Tokenized(tokenize(tokenizer, test.texts, max_length), test.labels),
+        pub,
+        [len(c) for c in clients],
+        tokenizer.pad_token_id,
+    )
+
+
+def prepare_client(cfg: DataConfig, tokenizer, max_length: int, seed: int, cid: int) -> ClientData:
+    """Client ``cid``'s data only (a deployed client holding its partition of a shared file):
+    its samples and the public texts tokenized; the other clients' rows are never kept."""
+    names, train, _, public, clients = _load_split(cfg, seed)
+    if not 0 <= cid < len(clients):
+        raise DataError(f"client {cid} does not exist: the data has {len(clients)} clients")
+    own = clients[cid]
+    return ClientData(
+        names,
+        Tokenized(
+            tokenize(tokenizer, [train.texts[i] for i in own], max_length), train.labels[own]
+        ),
+        Tokenized(
+            tokenize(tokenizer, [train.texts[i] for i in public], max_length),
+            np.full(len(public), -1, dtype=np.int64),
+        ),
+        tokenizer.pad_token_id,
+    )
+
+
+def prepare(cfg: DataConfig, tokenizer, max_length: int, seed: int) -> FedData:
+    """Load, split and tokenise: all the data, for a process that runs every party."""
+    names, train, test, public, clients = _load_split(cfg, seed)
     return FedData(
         label_names=names,
         train=Tokenized(tokenize(tokenizer, train.texts, max_length), train.labels),

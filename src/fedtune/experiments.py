@@ -56,9 +56,14 @@ def configs_dir() -> Path:
 
 
 def compare_specs(
-    base: RunConfig, seeds: tuple[int, ...], frameworks: tuple[str, ...] = ("fedllm", "kd", "split")
+    base: RunConfig, seeds: tuple[int, ...], frameworks: tuple[str, ...] = ()
 ) -> list[RunSpec]:
-    """The same config under each framework and seed: ``<framework>-s<seed>``."""
+    """The same config under each framework (default: every registered one) and seed:
+    ``<framework>-s<seed>``."""
+    if not frameworks:
+        from . import frameworks as registry
+
+        frameworks = tuple(registry.names())
     specs = []
     for fw in frameworks:
         for seed in seeds:

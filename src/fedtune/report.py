@@ -4,7 +4,7 @@ Pure data in, markdown out: no matplotlib here (plots live in :mod:`fedtune.plot
 report can be built and tested anywhere. The pipeline, top to bottom:
 
 1. :func:`find_runs` / :func:`load_run`: a run directory is ``config.toml`` + ``metrics.jsonl``
-   + ``summary.json`` (see :mod:`fedtune.rundir`); only finished runs (with a summary) count.
+   + ``summary.json`` (see :mod:`fedtune.runtime.rundir`); only finished runs (with a summary) count.
 2. :func:`group_runs`: runs of one framework that differ only in their seed form one group; the
    config keys that differ *between* a framework's groups are its "setting" (the varied factor
    of a sweep, e.g. ``model.lora_r``), found from the configs rather than declared anywhere.

@@ -17,6 +17,8 @@ tuple                  what it seeds
 (seed, rnd, BATCHED)   the batched executor's dropout (one stream per fused job)
 (seed, PUBLIC_SUBSET)  KD's seeded subset of the public set (``kd.public_samples``)
 seed / seed + 1        data split / evaluation subset (:mod:`fedtune.data`)
+seed (torch)           the initial LoRA and head (:func:`fedtune.models.init_trainable_state`)
+0 (torch)              the frozen random backbone of the tiny test models (same in every process)
 =====================  ==========================================================================
 """
 

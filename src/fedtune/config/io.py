@@ -147,7 +147,9 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """Nested plain dict (tuples become lists), suitable for TOML or JSON."""
+    """Nested plain dict (tuples become lists), suitable for TOML or JSON. Of the framework
+    sections, those of the built-in frameworks and of the run's own framework: a config file
+    then loads wherever fedtune is installed, with or without other plug-ins registered."""
     out: dict[str, Any] = {}
     for f in _fields(type(cfg)).values():
         v = getattr(cfg, f.name)
@@ -158,7 +160,10 @@ def to_dict(cfg: Any) -> dict[str, Any]:
         else:
             out[f.name] = v
     if isinstance(cfg, RunConfig):
-        out.update({name: to_dict(section) for name, section in cfg.sections})
+        from .. import frameworks
+
+        keep = {*frameworks.builtin_names(), cfg.fed.framework}
+        out.update({n: to_dict(section) for n, section in cfg.sections if n in keep})
     return out
 
 
@@ -224,10 +229,13 @@ def describe() -> str:
 
 
 def resume_key(cfg: RunConfig) -> dict[str, Any]:
-    """The part of ``cfg`` a run's results depend on (``to_dict`` minus display-only keys):
-    an unfinished run is resumed only under an equal key."""
+    """The part of ``cfg`` a run's results depend on (``to_dict`` minus display-only keys and
+    the sections of other frameworks): an unfinished run is resumed only under an equal key."""
     d = to_dict(cfg)
     d.pop("progress")
+    for name in section_classes():
+        if name != cfg.fed.framework:
+            d.pop(name, None)
     return d
 
 

@@ -96,7 +96,7 @@ class FedConfig:
     checkpoint_every: int = opt(
         1, "write RUN_DIR/checkpoint/ every N rounds (and after the last), for --resume; 0 = off"
     )
-    # Client faults (simulation): see fedtune.faults.
+    # Client faults (in-process and Flower): see fedtune.runtime.faults.
     dropout: float = opt(
         0.0, "probability that a sampled client drops out of a round (seeded per seed/round/client)"
     )

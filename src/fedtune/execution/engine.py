@@ -109,9 +109,11 @@ def train_many(ctx: Context, jobs: list[Train]) -> list[LocalResult]:
     """Run every :class:`~fedtune.execution.jobs.Train` job as :func:`.train.train` would, all at
     once: one fused step per local step index. Returns one ``LocalResult`` per job, in order.
 
-    Each job keeps its own loss: a fused step runs the forward pass of all rows (in
-    length-sorted sub-batches when that saves padding), then each client's loss on its own rows;
-    their sum is back-propagated once."""
+    Each job keeps its own loss. When every loss is a mean over rows (``rows`` gives them), a
+    fused step runs each length-sorted sub-batch forward and backward on its own, each row's
+    loss divided by its client's row count (so a client's rows sum to its mean loss): the
+    memory of one sub-batch at a time. Otherwise it runs all sub-batches forward, then each
+    client's loss on its own rows, and back-propagates their sum once."""
     model, cfg, pad_id, device = ctx.model, ctx.cfg.train, ctx.data.pad_id, ctx.device
     n = len(jobs)
     mnet = multinet(model, n)
@@ -148,15 +150,19 @@ def train_many(ctx: Context, jobs: list[Train]) -> list[LocalResult]:
         )
         opt.zero_grad()
         with compute.step(key):
-            logits = fused_logits(ctx, mnet, subs, parts, uniform)
-            labels = to_device(fused["labels"], device)
-            total, start = 0, 0
-            for (slot, _), size in zip(parts, sizes, strict=True):
-                rows = slice(start, start + size)
-                loss = losses[slot](logits[rows], {"labels": labels[rows]})
-                loss_sum[slot] += loss.detach()
-                total, start = total + loss, start + size
-            total.backward()
+            if all(losses[s].rows is not None for s, _ in parts):
+                counts = torch.bincount(fused["rows"], minlength=mnet.n).float()
+                rowwise_step(ctx, mnet, subs, parts, uniform, losses, counts, loss_sum)
+            else:
+                logits = fused_logits(ctx, mnet, subs, parts, uniform)
+                labels = to_device(fused["labels"], device)
+                total, start = 0, 0
+                for (slot, _), size in zip(parts, sizes, strict=True):
+                    rows = slice(start, start + size)
+                    loss = losses[slot](logits[rows], {"labels": labels[rows]})
+                    loss_sum[slot] += loss.detach()
+                    total, start = total + loss, start + size
+                total.backward()
         active = torch.zeros(mnet.n, dtype=torch.bool)
         active[[s for s, _ in parts]] = True
         opt.step(to_device(active, device))
@@ -172,6 +178,30 @@ def train_many(ctx: Context, jobs: list[Train]) -> list[LocalResult]:
         )
         for slot in range(n)
     ]
+
+
+def rowwise_step(ctx, mnet, subs, parts, uniform, losses, counts, loss_sum) -> None:
+    """Forward and backward one sub-batch at a time with per-row losses (see train_many).
+    ``counts [N]``: rows of each client slot in the fused step (host)."""
+    counts = to_device(counts, ctx.device)
+    shared = len({type(losses[s]) for s, _ in parts}) == 1 and losses[parts[0][0]].shared
+    for sub in subs:
+        batch = {k: to_device(v, ctx.device) for k, v in sub.items()}
+        slots = to_device(torch.tensor([s for s, _ in parts]), ctx.device) if uniform else None
+        mnet.set_rows(batch["rows"], slots)
+        logits = ctx.task.logits(mnet.net, batch, ctx.cfg.train.autocast)
+        if shared:  # one loss for every row (e.g. cross-entropy): one call
+            rows, values = batch["rows"], losses[parts[0][0]].rows(logits, batch)
+        else:  # each client's own loss on its own rows (grouped on the host: no device sync)
+            groups = [(s, torch.nonzero(sub["rows"] == s).squeeze(1)) for s, _ in parts]
+            groups = [(s, to_device(i, ctx.device)) for s, i in groups if len(i)]
+            values = torch.cat(
+                [losses[s].rows(logits[i], {"labels": batch["labels"][i]}) for s, i in groups]
+            )
+            rows = torch.cat([torch.full_like(i, s) for s, i in groups])
+        per_row = values / counts[rows]  # a client's rows sum to its mean loss
+        per_row.sum().backward()  # the sub-batches' gradients add up
+        loss_sum.index_add_(0, rows, per_row.detach())
 
 
 def fused_logits(ctx: Context, mnet, subs: list[dict], parts: list, uniform: bool):

@@ -19,6 +19,7 @@ task's (:mod:`fedtune.tasks`, e.g. cross-entropy) or a framework's (KD's distill
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,9 +30,17 @@ from ..data import Tokenized
 
 
 class Loss(Protocol):
-    """A training objective on classifier logits. ``name`` keys the FLOP cache of a step."""
+    """A training objective on the task's outputs. ``name`` keys the FLOP cache of a step.
+
+    ``rows`` is None, or a function giving per-row losses ``[B]`` whose mean is the loss (the
+    batched engine then runs sub-batches forward and backward one at a time); ``shared``: the
+    loss is the same function for every client (one call can serve many clients' rows)."""
 
     name: str
+    shared: bool
+
+    @property
+    def rows(self) -> Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor] | None: ...
 
     def __call__(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
 

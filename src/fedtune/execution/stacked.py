@@ -15,7 +15,7 @@ from .train import make_optimizer, trainable_params
 
 
 class StackedOptimizer:
-    """N clients' Adam / AdamW / SGD (as :func:`fedtune.train.make_optimizer` builds them) over
+    """N clients' Adam / AdamW / SGD (as :func:`fedtune.execution.train.make_optimizer` builds them) over
     the multi-client network's ``flat [N, P]`` buffer, with per-client step counts, masks and
     gradient clipping: about 15 kernels per step, however many tensors a client trains.
 

@@ -1,8 +1,11 @@
 """The fedtune ClientApp: forwards each Flower message to this SuperNode's fedtune worker.
 
 The Flower message carries one ``ConfigRecord`` ``"fedtune"`` with ``header`` (JSON: the run's
-config TOML, label names, the split link's address and this client's token) and ``blob`` (the
-encoded fedtune :class:`~fedtune.messages.Message`, the bytes that are counted). The worker
+config TOML and label names; ``query`` for the greeting before round 1; ``run_key``,
+``resumed_after`` and ``keep_after`` for the client state a node keeps across a resumed
+ServerApp; ``drop`` for simulated dropout; the split link's address and this client's token)
+and ``blob`` (the encoded fedtune :class:`~fedtune.messages.Message`, the bytes that are
+counted). The worker
 address and its token come from the node config that ``fedtune flower supernode`` sets. This
 module imports no torch: Flower starts a fresh process for every message.
 """

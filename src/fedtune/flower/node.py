@@ -36,10 +36,11 @@ import torch
 from .. import config, frameworks
 from ..compute import ComputeMeter
 from ..context import ClientContext, build_context
-from ..data import FedData, Tokenized, read_csv, tokenize
+from ..data import ClientData, Tokenized, prepare_client, read_csv, tokenize
 from ..errors import ConfigError, DataError, FedtuneError, MessageError
-from ..execution.executors import make_executor
+from ..execution.executors import Sequential
 from ..messages import DOWN, UP, Wire, client_name
+from ..models import load_tokenizer
 from ..runtime import checkpoint
 from . import rpc
 from .split_link import RemoteLink, receive_counted
@@ -47,10 +48,10 @@ from .split_link import RemoteLink, receive_counted
 log = logging.getLogger("fedtune.flower")
 
 
-def own_data(cfg: config.RunConfig, data_dir: Path, cid: int, labels: list[str], tok) -> FedData:
-    """A node's own CSV folder as :class:`FedData`: ``train.csv`` rows are client ``cid``'s
-    samples, ``public.csv`` (optional) rows the public set; ``labels`` are the run's class
-    names (from the server), so label ids agree across nodes."""
+def own_data(cfg: config.RunConfig, data_dir: Path, labels: list[str], tok) -> ClientData:
+    """A node's own CSV folder as :class:`ClientData`: ``train.csv`` rows are this client's
+    samples, ``public.csv`` (optional) rows the public set (their labels are never read);
+    ``labels`` are the run's class names (from the server), so label ids agree across nodes."""
     d = cfg.data
     texts, names = read_csv(data_dir / "train.csv", d.text_column, d.label_column)
     n_private = len(texts)
@@ -62,14 +63,13 @@ def own_data(cfg: config.RunConfig, data_dir: Path, cid: int, labels: list[str],
     if unknown:
         raise DataError(f"{data_dir}: labels not in the run's label set: {', '.join(unknown[:3])}")
     y = np.array([index[n] for n in names], dtype=np.int64)
-    clients = [np.zeros(0, dtype=np.int64) for _ in range(cid)] + [np.arange(n_private)]
-    return FedData(
-        label_names=list(labels),
-        train=Tokenized(tokenize(tok, texts, cfg.model.max_length), y),
-        test=Tokenized([], np.zeros(0, dtype=np.int64)),
-        public_idx=np.arange(n_private, len(texts)),
-        client_idx=clients,
-        pad_id=tok.pad_token_id,
+    ids = tokenize(tok, texts, cfg.model.max_length)
+    hidden = np.full(len(texts) - n_private, -1, dtype=np.int64)
+    return ClientData(
+        list(labels),
+        Tokenized(ids[:n_private], y[:n_private]),
+        Tokenized(ids[n_private:], hidden),
+        tok.pad_token_id,
     )
 
 
@@ -82,8 +82,8 @@ class ClientRun:
     current state. Snapshots of rounds up to the server's last checkpoint (``keep_after``) are
     no longer needed and are dropped."""
 
-    def __init__(self, client, config_key: str) -> None:
-        self.client, self.config_key = client, config_key
+    def __init__(self, client) -> None:
+        self.client = client
         self.snapshots: dict[int, tuple] = {}
         self.last_round = 0
         self.owner: str | None = None  # the Flower run that drives it now
@@ -120,18 +120,16 @@ class NodeWorker:
     def context(self, cfg: config.RunConfig, key: str, labels: list[str]) -> ClientContext:
         """This node's client context for a config: the model loaded once, its own data."""
         if key not in self.contexts:
-            data = None
-            if self.data_dir:
-                from ..models import load_tokenizer
-
-                tok = load_tokenizer(cfg.model.name)
-                data = own_data(cfg, Path(self.data_dir), self.cid, labels, tok)
-            ctx = build_context(cfg, data=data)
-            if self.cid >= len(ctx.data.client_idx):
+            if self.cid >= cfg.data.num_clients:
                 raise ConfigError(
-                    f"partition-id {self.cid} but the run has {len(ctx.data.client_idx)} clients"
+                    f"partition-id {self.cid} but the run has {cfg.data.num_clients} clients"
                 )
-            self.contexts[key] = ctx.client(self.cid)
+            tok = load_tokenizer(cfg.model.name)
+            if self.data_dir:
+                data = own_data(cfg, Path(self.data_dir), labels, tok)
+            else:  # its partition of the run's dataset file, split like the simulation
+                data = prepare_client(cfg.data, tok, cfg.model.max_length, cfg.seed, self.cid)
+            self.contexts[key] = build_context(cfg, data=data).client(self.cid)
         return self.contexts[key]
 
     def process(self, header: dict, blob: bytes) -> bytes:
@@ -141,6 +139,8 @@ class NodeWorker:
         text = header["config"]
         key = hashlib.sha256(text.encode()).hexdigest()[:16]
         cfg = config.from_dict(tomllib.loads(text))
+        if header.get("query") and self.cid >= cfg.data.num_clients:
+            return rpc.pack({"partition-id": self.cid, "samples": 0})  # not in this run
         ctx = self.context(cfg, key, header.get("labels", []))
         if header.get("query"):  # the server greets the node: who it is, how much data it has
             return rpc.pack({"partition-id": self.cid, "samples": len(ctx.data.train)})
@@ -164,7 +164,7 @@ class NodeWorker:
                 )
             link = RemoteLink(stream, wire, meter) if stream else None
             if not header.get("drop"):  # fault simulation: got the message, never answers
-                executor = make_executor(ctx)
+                executor = Sequential(ctx)  # one client per node: nothing to fuse
                 work = {self.cid: partial(client.handle, msg, link)}
                 reply = executor.run(work, {self.cid: meter})[self.cid]
         finally:
@@ -186,7 +186,7 @@ class NodeWorker:
             if resumed is not None:
                 log.warning("no client state kept for resumed run %s: starting afresh", run_key)
             fw = frameworks.get(ctx.cfg.fed.framework)
-            self.runs = {run_key: ClientRun(fw.client(ctx), key)}
+            self.runs = {run_key: ClientRun(fw.client(ctx))}
         run = self.runs[run_key]
         if run.owner is None:
             run.owner = flower_run

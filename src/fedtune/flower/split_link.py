@@ -36,10 +36,13 @@ def receive_counted(wire: Wire, data: bytes) -> Message:
 
 
 class SplitService:
-    """Answers ``Server.serve`` requests over :mod:`fedtune.flower.rpc` streams."""
+    """Answers a :class:`~fedtune.frameworks.Serving` server's ``serve`` requests over
+    :mod:`fedtune.flower.rpc` streams; ``threads``: torch threads per serving thread (0 = all
+    cores)."""
 
-    def __init__(self, server, wire: Wire, *, turn_timeout: float = 600.0) -> None:
+    def __init__(self, server, wire: Wire, *, threads: int = 0, turn_timeout: float = 600.0):
         self.server, self.wire, self.turn_timeout = server, wire, turn_timeout
+        self.threads = threads
         self.address = ""  # host:port the clients dial, set once the server listens
         self.tokens: dict[str, str] = {}  # token -> client name, one secret per client and round
         self.order: list[str] = []
@@ -82,8 +85,7 @@ class SplitService:
             self.cond.notify_all()
 
     def handle(self, requests: Iterator[bytes], context, me: str) -> Iterator[bytes]:
-        cfg = self.server.ctx.cfg
-        torch.set_num_threads(cfg.threads or os.cpu_count() or 1)  # per OS thread (OpenMP)
+        torch.set_num_threads(self.threads or os.cpu_count() or 1)  # per OS thread (OpenMP)
         try:
             self._wait_turn(me)
             for data in requests:
@@ -111,9 +113,10 @@ def start_split_service(
     keyfile=None,
     max_bytes=rpc.DEFAULT_MAX_BYTES,
     workers=8,
+    threads=0,
 ):
     """Start the split server's stream endpoint; returns ``(service, grpc_server, port)``."""
-    service = SplitService(server, wire)
+    service = SplitService(server, wire, threads=threads)
     grpc_server, port = rpc.serve(
         service.handle,
         bind,

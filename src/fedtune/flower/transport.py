@@ -25,10 +25,12 @@ from flwr.serverapp import Grid
 from .. import config
 from ..compute import ComputeStats
 from ..context import Context, ServerContext, build_context
+from ..data import prepare_server
 from ..errors import ConfigError, FedtuneError, MessageError
 from ..frameworks import Framework, Server, Serving
 from ..messages import DOWN, UP, Wire, client_name
 from ..messages import Message as FedMessage
+from ..models import load_tokenizer
 from ..runtime import faults
 from ..runtime.records import RoundState
 from .client_app import RECORD
@@ -57,10 +59,13 @@ def reason(m: Message) -> str:
     return found.group(1) if found else m.error.reason
 
 
-def discover(grid: Grid, n: int, timeout: float, header: dict) -> dict[int, tuple[int, int]]:
-    """Wait for ``n`` SuperNodes and ask each which client it is and how many samples it
-    holds: ``{cid: (node_id, samples)}``. ``header`` carries the run's config (each node loads
-    its model and data to answer)."""
+def discover(
+    grid: Grid, n: int, timeout: float, header: dict, load_timeout: float
+) -> dict[int, tuple[int, int]]:
+    """Wait (``timeout``) for ``n`` SuperNodes and ask each which client it is and how many
+    samples it holds: ``{cid: (node_id, samples)}``. ``header`` carries the run's config: each
+    node loads its model and data to answer (``load_timeout``). Nodes with a partition id
+    outside the run are left out."""
     deadline = time.monotonic() + timeout
     while len(ids := list(grid.get_node_ids())) < n:
         if time.monotonic() > deadline:
@@ -69,11 +74,13 @@ def discover(grid: Grid, n: int, timeout: float, header: dict) -> dict[int, tupl
     ask = ConfigRecord({"header": json.dumps(dict(header, query=True)), "blob": b""})
     asks = [Message(RecordDict({RECORD: ask}), dst_node_id=i, message_type="query") for i in ids]
     nodes: dict[int, tuple[int, int]] = {}
-    for m in exchange(grid, asks, timeout):
+    for m in exchange(grid, asks, load_timeout):
         if m.has_error():
             raise FedtuneError(f"SuperNode {m.metadata.src_node_id}: {reason(m)}")
         answer = json.loads(str(m.content[RECORD]["header"]))
         pid, samples = int(answer["partition-id"]), int(answer["samples"])
+        if not 0 <= pid < n:
+            continue  # a node of another federation size: not in this run
         if pid in nodes:
             raise ConfigError(f"two SuperNodes have partition-id {pid}")
         if samples < 1:
@@ -82,7 +89,8 @@ def discover(grid: Grid, n: int, timeout: float, header: dict) -> dict[int, tupl
     missing = sorted(set(range(n)) - set(nodes))
     if missing:
         raise ConfigError(
-            f"no SuperNode answered with partition-id {missing} (have {sorted(nodes)})"
+            f"no SuperNode answered with partition-id {missing} within {load_timeout:g} s "
+            f"(round-timeout; have {sorted(nodes)})"
         )
     return {c: nodes[c] for c in range(n)}
 
@@ -105,7 +113,11 @@ class FlowerTransport:
     def prepare(self, cfg: config.RunConfig, ctx: Context | None) -> ServerContext:
         """The server's context, with each client's sample count as its SuperNode reports it
         (a node may hold its own data, ``--data-dir``)."""
-        ctx = (ctx or build_context(cfg)).server()
+        if ctx is None:  # the server's data only: public and test sets, never the clients'
+            tok = load_tokenizer(cfg.model.name)
+            data = prepare_server(cfg.data, tok, cfg.model.max_length, cfg.seed)
+            ctx = build_context(cfg, data=data)
+        ctx = ctx.server()
         self.fed = cfg.fed
         self.wire.max_bytes = cfg.fed.max_message_bytes
         self.header = {
@@ -114,7 +126,8 @@ class FlowerTransport:
             "timeout": self.timeout,
         }
         n = ctx.data.num_clients
-        found = discover(self.grid, n, float(self.rc.get("node-timeout", 120)), self.header)
+        wait = float(self.rc.get("node-timeout", 120))
+        found = discover(self.grid, n, wait, self.header, self.timeout)
         self.nodes = {cid: node for cid, (node, _) in found.items()}
         self.by_node = {node: cid for cid, node in self.nodes.items()}
         pairs = ", ".join(f"{c}->{v}" for c, v in self.nodes.items())
@@ -132,6 +145,7 @@ class FlowerTransport:
                 certfile=str(rc.get("split-certfile", "")) or None,
                 keyfile=str(rc.get("split-keyfile", "")) or None,
                 workers=ctx.data.num_clients + 4,
+                threads=ctx.cfg.threads,
             )
             self.service.address = f"{rc.get('split-host', '127.0.0.1')}:{port}"
             self.log(
@@ -140,6 +154,9 @@ class FlowerTransport:
             )
 
     def begin_round(self, rs: RoundState) -> None:
+        # what the ledger already holds for this round (an earlier attempt): not this attempt's
+        before = self.wire.ledger.round_totals(rs.rnd)
+        self.before = {c: self._sums(before, c) for c in rs.sampled}
         self.counted = {cid: {UP: 0, DOWN: 0} for cid in rs.sampled}
         if self.service is not None:  # a client that drops out never opens its stream
             working = [c for c in rs.sampled if c not in rs.dropping]
@@ -207,11 +224,17 @@ class FlowerTransport:
             return None
         return max(self.resumed_after or 0, (rnd - 1) // every * every)
 
+    @staticmethod
+    def _sums(totals: dict, cid: int) -> dict[str, int]:
+        t = totals.get(client_name(cid), {})
+        return {d: sum(t.get(d, {}).values()) for d in (UP, DOWN)}
+
     def end_round(self, rs: RoundState) -> None:
+        """Both ends counted the same bytes for every client that took part to the end."""
         totals = self.wire.ledger.round_totals(rs.rnd)
         for cid in (c for c in rs.sampled if c not in rs.lost):
-            t = totals.get(client_name(cid), {})
-            mine = {d: sum(t.get(d, {}).values()) for d in (UP, DOWN)}
+            now, before = self._sums(totals, cid), self.before[cid]
+            mine = {d: now[d] - before[d] for d in (UP, DOWN)}
             if mine != self.counted[cid]:
                 raise MessageError(
                     f"round {rs.rnd}: server counted {mine} bytes for "

@@ -11,12 +11,14 @@ package each (``fedllm``, ``kd/``, ``split/``) and register themselves when firs
 
 The interface (see :class:`Server`, :class:`Client`):
 
-* ``Server(ctx)`` holds the global state. ``round(rnd, clients)`` is a generator: it yields
+* ``Server(ctx)`` holds the global state (``ctx.data``: the test and public sets and the
+  clients' sample counts). ``round(rnd, clients)`` is a generator: it yields
   ``{cid: Message}`` to send, receives ``{cid: Message}`` replies (any subset of the clients it
   sent to: dropout, deadline, unreadable replies are simply absent) and returns the round's
   metrics; it may yield several times per round (KD's upload and broadcast phases). It reports
   replies that fail validation as ``rejected`` / ``rejected_reasons`` instead of raising.
-* ``Client(ctx, cid)``'s ``handle(msg, link)`` answers one message. It is either a generator
+* ``Client(ctx)`` (``ctx.cid`` is its id; ``ctx.data`` its own data only) answers one message
+  with ``handle(msg, link)``. It is either a generator
   that yields :mod:`~fedtune.execution.jobs` (Train / Predict) and returns the reply, so an
   executor can run many clients' jobs together; or a plain method (split learning, whose steps
   interleave with the network). ``link.call(msg)`` reaches a :class:`Serving` server.
@@ -130,17 +132,27 @@ def names() -> list[str]:
     _load_builtins()
 
     def rank(item: tuple[int, str]) -> tuple[int, int]:
-        module = _REGISTRY[item[1]].server.__module__
-        hits = [i for i, b in enumerate(BUILTIN) if module == b or module.startswith(b + ".")]
-        return (hits[0] if hits else len(BUILTIN), item[0])
+        return (_builtin_rank(_REGISTRY[item[1]]), item[0])
 
     return [name for _, name in sorted(enumerate(_REGISTRY), key=rank)]
+
+
+def _builtin_rank(fw: Framework) -> int:
+    """The position of ``fw``'s package in :data:`BUILTIN`, ``len(BUILTIN)`` for plug-ins."""
+    module = fw.server.__module__
+    hits = [i for i, b in enumerate(BUILTIN) if module == b or module.startswith(b + ".")]
+    return hits[0] if hits else len(BUILTIN)
 
 
 def sections() -> dict[str, type]:
     """``{name: config section class}`` of the frameworks that have options."""
     _load_builtins()
     return {n: _REGISTRY[n].config for n in names() if _REGISTRY[n].config is not None}
+
+
+def builtin_names() -> list[str]:
+    """The frameworks that ship with fedtune (``BUILTIN``)."""
+    return [n for n in names() if _builtin_rank(_REGISTRY[n]) < len(BUILTIN)]
 
 
 def titles() -> dict[str, str]:

@@ -33,7 +33,7 @@ from ..config import RunConfig, resume_key
 from ..errors import ConfigError
 from ..messages import Ledger
 
-VERSION = 1
+VERSION = 2  # 2: transport state, aggregator state, KD selections in the public set
 FILE = Path("checkpoint") / "state.safetensors"
 _KEY = "fedtune_checkpoint"
 

@@ -13,7 +13,7 @@ from functools import partial
 from ..compute import ComputeMeter, paused
 from ..config import RunConfig
 from ..context import Context, ServerContext, build_context
-from ..errors import MessageError
+from ..errors import ConfigError, MessageError
 from ..execution.executors import Executor, make_executor
 from ..frameworks import Framework, Server, Serving
 from ..messages import Message, Wire
@@ -109,6 +109,11 @@ class InProcess:
         return {str(cid): c.state_dict() for cid, c in self.clients.items()}
 
     def load_state_dict(self, d: dict, after_round: int) -> None:
+        if "run_key" in d:
+            raise ConfigError(
+                "the checkpoint was written by a Flower run; resume it with "
+                "`fedtune flower run --resume`"
+            )
         for cid, c in self.clients.items():
             c.load_state_dict(d[str(cid)])
 

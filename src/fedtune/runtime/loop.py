@@ -21,14 +21,20 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
-from .. import frameworks, seeds
+from .. import frameworks
 from ..compute import ComputeMeter
 from ..config import RunConfig
 from ..context import Context, ServerContext
 from ..messages import Message, Wire
 from . import checkpoint, faults
-from .records import RoundResult, RoundState, evaluate_global, format_round, round_record
-from .records import sample_clients as sample_clients
+from .records import (
+    RoundResult,
+    RoundState,
+    evaluate_global,
+    format_round,
+    round_record,
+    sample_clients,
+)
 from .rundir import RunDir, summarize
 
 
@@ -253,4 +259,4 @@ def simulate(
     return run(cfg, InProcess(), out, ctx=ctx, log=log, resume=resume).summary
 
 
-__all__ = ["RunResult", "Transport", "run", "run_round", "seeds", "simulate"]
+__all__ = ["RunResult", "Transport", "run", "run_round", "sample_clients", "simulate"]

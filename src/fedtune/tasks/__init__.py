@@ -48,8 +48,8 @@ def register(task: Task) -> None:
 
 
 def get(name: str) -> Task:
-    if not _TASKS:
-        from . import classification  # noqa: F401  (registers itself)
+    from . import classification  # noqa: F401  (the built-in task registers itself)
+
     if name not in _TASKS:
         raise ConfigError(f"unknown task {name!r}; available: {', '.join(_TASKS)}")
     return _TASKS[name]

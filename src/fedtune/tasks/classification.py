@@ -16,9 +16,14 @@ class CrossEntropy:
     """Mean cross-entropy of logits ``[B, C]`` against ``batch["labels"] [B]``."""
 
     name = "train"
+    shared = True  # no per-client state: one call serves every client's rows
 
     def to(self, device: torch.device) -> CrossEntropy:
         return self
+
+    @property
+    def rows(self):
+        return lambda logits, batch: F.cross_entropy(logits, batch["labels"], reduction="none")
 
     def __call__(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return F.cross_entropy(logits, batch["labels"])

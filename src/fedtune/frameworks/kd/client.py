@@ -27,7 +27,7 @@ class Client:
         self.state = {k: v.clone() for k, v in ctx.init_state.items()}
         self.opt_state: dict | None = None
         self.candidates = public_candidates(ctx)
-        self.selection = self.candidates  # indices into train of this round's public samples
+        self.selection = self.candidates  # positions in the public set: this round's
 
     def state_dict(self) -> dict:
         return {"state": self.state, "opt_state": self.opt_state, "selection": self.selection}

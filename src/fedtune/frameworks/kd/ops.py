@@ -178,6 +178,17 @@ class Distill:
         self.teacher, self.temperature = teacher, temperature
         self.weights, self.labels = weights, labels
 
+    shared = False  # each client has its own teacher
+
+    @property
+    def rows(self):
+        """Per-row KL when the loss is their plain mean (no row weights, no label term)."""
+        if self.weights is not None or self.labels is not None:
+            return None
+        return lambda logits, batch: kd_loss_rows(
+            logits, self.teacher[batch["labels"]], self.temperature
+        )
+
     def to(self, device: torch.device) -> Distill:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)

@@ -110,25 +110,33 @@ class Server:
         }
         if not ok:  # nothing usable: the global state stays as it was
             return metrics
-        sums: dict[str, list] = {}
-        for cid in ok:
-            msg, w = replies[cid], float(replies[cid].meta["num_samples"])
-            for n, t in msg.tensors.items():
-                sums.setdefault(n, []).append((t, w))
-            for n in self.server_keys[cid]:
-                sums.setdefault(n, []).append((self.states[self.slot(cid)][n], w))
-        for n, items in sums.items():
-            # one shared server model counts once, with the samples of all clients it served
-            merged: dict[int, list] = {}
-            for t, w in items:
-                merged.setdefault(id(t), [t, 0.0])[1] += w
-            ts, ws = zip(*merged.values(), strict=True)
-            dev = self.global_state[n].device  # uploads arrive on the CPU, server copies on device
-            ref = {n: self.global_state[n]}
-            self.global_state[n] = self.strategy(ref, [{n: t.to(dev)} for t in ts], ws)[n]
+        self.aggregate(replies, ok)
         weights = [float(replies[c].meta["num_samples"]) for c in ok]
         losses = [float(replies[c].meta["loss"]) for c in ok]
         return {"train_loss": float(np.average(losses, weights=weights)), **metrics}
+
+    def aggregate(self, replies: dict[int, Message], ok: list[int]) -> None:
+        """cc4: each tensor over the parties that trained it, weighted by samples: the clients
+        that own its block and, for server-side tensors, the server model(s); one shared
+        server model counts once, with the samples of all clients it served. The strategy is
+        called once per group of tensors with the same parties and weights."""
+        parties: dict[str, dict[tuple, list]] = {}  # tensor -> party -> [tensor, weight]
+        for cid in ok:
+            w = float(replies[cid].meta["num_samples"])
+            for n, t in replies[cid].tensors.items():
+                parties.setdefault(n, {})[("client", cid)] = [t, w]
+            slot = self.slot(cid)
+            for n in self.server_keys[cid]:
+                entry = parties.setdefault(n, {}).setdefault(("server", slot), [None, 0.0])
+                entry[0], entry[1] = self.states[slot][n], entry[1] + w
+        groups: dict[tuple, list[str]] = {}
+        for n, by_party in parties.items():
+            groups.setdefault(tuple((p, w) for p, (_, w) in by_party.items()), []).append(n)
+        for key, names in groups.items():
+            dev = {n: self.global_state[n].device for n in names}  # uploads arrive on the CPU
+            states = [{n: parties[n][p][0].to(dev[n]) for n in names} for p, _ in key]
+            ref = {n: self.global_state[n] for n in names}
+            self.global_state.update(self.strategy(ref, states, [w for _, w in key]))
 
     def serve(self, msg: Message) -> Message:
         """Answer one client request: LABELS (c2), ACTIVATIONS (c3) or, U-shaped, GRADIENTS."""
