@@ -256,9 +256,11 @@ def test_serverapp_killed_after_round_1_resumes_to_the_same_run(tmp_path):
     from fedtune.runtime import checkpoint
 
     data = write_synthetic(tmp_path / "data")
-    cfg = config.with_overrides(
-        make_cfg(data, "kd"), fed={"rounds": 3}, flops="off"
-    )  # FLOP counting picks other kernels on a fresh process's first steps: off for exactness
+    # Simulated faults on Flower too: with every client required (min_clients 3), round 1's
+    # first attempt loses client 0 and is retried; round 3 never gets all three and is skipped.
+    # FLOP counting picks other kernels on a fresh process's first steps: off for exactness.
+    faults = {"rounds": 3, "dropout": 0.3, "min_clients": 3}
+    cfg = config.with_overrides(make_cfg(data, "kd"), fed=faults, flops="off")
     fed = LocalFederation(tmp_path / "fed", 3)
     try:
         fed.start()
@@ -287,6 +289,11 @@ def test_serverapp_killed_after_round_1_resumes_to_the_same_run(tmp_path):
     assert killed_after == 1 or killed_after == 2  # round 2 may finish before the kill lands
     a, b = metrics(tmp_path / "whole"), metrics(cut)
     assert [r["round"] for r in b] == [1, 2, 3]
+    assert [(r["attempts"], r["skipped"]) for r in a] == [(2, False), (1, False), (4, True)]
+    simulate(cfg, tmp_path / "sim", log=None)  # the same faults in-process: the same run
+    for ra, rs in zip(a, metrics(tmp_path / "sim"), strict=True):
+        for k in (*EXACT, "train_loss", "attempts", "dropped", "skipped"):
+            assert ra.get(k) == rs.get(k), (ra["round"], k, ra.get(k), rs.get(k))
     for ra, rb in zip(a, b, strict=True):
         for k in (*EXACT, "train_loss", "client_accuracy"):
             assert ra.get(k) == rb.get(k), (ra["round"], k, ra.get(k), rb.get(k))

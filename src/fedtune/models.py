@@ -35,7 +35,7 @@ SMOLLM2 = "smollm2-135m"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = ("tiny-gpt2", "tiny-llama")
 
-# Per-architecture LoRA targets (PEFT-style registry); the head is always ``score``.
+# Per-architecture LoRA targets (PEFT-style registry); the head is the task's (tasks/).
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "gpt2": ("c_attn",),
     "llama": ("q_proj", "k_proj", "v_proj"),
@@ -46,7 +46,6 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "opt": ("q_proj", "k_proj", "v_proj"),
     "gpt_neox": ("query_key_value",),
 }
-HEAD = "score"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MODELS: dict[tuple, tuple[nn.Module, object]] = {}
@@ -175,17 +174,19 @@ def load_tokenizer(name: str):
     return tok
 
 
-def _load_base(cfg: ModelConfig, num_labels: int, task: str) -> nn.Module:
+def _load_base(cfg: ModelConfig, num_labels: int, kind: str) -> nn.Module:
+    """The HF model of ``kind``: ``classify`` (a sequence classifier with a new head) or
+    ``causal`` (a causal LM)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    auto = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
+    auto = AutoModelForSequenceClassification if kind == "classify" else AutoModelForCausalLM
     dtype = _DTYPES[cfg.dtype]
     if cfg.name in TINY:
         hf_cfg = tiny_config(cfg.name, num_labels)
         torch.manual_seed(0)  # the frozen random backbone is the same in every process
         return auto.from_config(hf_cfg, dtype=dtype)
     src = smollm2_dir() if cfg.name == SMOLLM2 else cfg.name
-    kwargs = {"num_labels": num_labels} if task == "classify" else {}
+    kwargs = {"num_labels": num_labels} if kind == "classify" else {}
     try:
         with _quiet_transformers():
             model = auto.from_pretrained(src, dtype=dtype, **kwargs)
@@ -202,19 +203,26 @@ def default_targets(model_type: str) -> tuple[str, ...]:
     return DEFAULT_TARGETS[model_type]
 
 
-def load_model(cfg: ModelConfig, num_labels: int, device: str | torch.device = "cpu"):
-    """The shared LoRA-wrapped classifier for this process, loaded once per (config, labels, device).
+def load_model(cfg: ModelConfig, num_labels: int, device: str | torch.device = "cpu", task=None):
+    """The shared LoRA-wrapped model of ``task`` (default: classification) for this process,
+    loaded once per (config, labels, device, task).
 
-    Returns ``(peft_model, tokenizer)``. Only LoRA A/B and (when ``cfg.train_head``) the
-    ``score`` head require grad. Call :func:`init_trainable_state` for a seeded initial state.
+    The task names the HF model kind, PEFT's task type and its trainable head
+    (:mod:`fedtune.tasks`). Returns ``(peft_model, tokenizer)``. Only LoRA A/B and (when
+    ``cfg.train_head``) the head require grad. Call :func:`init_trainable_state` for a seeded
+    initial state.
     """
     from peft import LoraConfig, get_peft_model
 
-    key = (*astuple(cfg), num_labels, str(device))
+    from . import tasks
+
+    task = task or tasks.get("classification")
+    key = (*astuple(cfg), num_labels, str(device), task.name)
     if key in _MODELS:
         return _MODELS[key]
     tok = load_tokenizer(cfg.name)
-    base = _load_base(cfg, num_labels, "classify")
+    base = _load_base(cfg, num_labels, task.model_kind)
+    head = task.head_name
     base.config.pad_token_id = tok.pad_token_id
     targets = cfg.target_modules or default_targets(base.config.model_type)
     lora = LoraConfig(
@@ -222,8 +230,8 @@ def load_model(cfg: ModelConfig, num_labels: int, device: str | torch.device = "
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=list(targets),
-        modules_to_save=[HEAD] if cfg.train_head else None,
-        task_type="SEQ_CLS",
+        modules_to_save=[head] if head and cfg.train_head else None,
+        task_type=task.peft_task_type,
         fan_in_fan_out=base.config.model_type == "gpt2",  # GPT-2's Conv1D stores W transposed
     )
     try:
@@ -232,9 +240,9 @@ def load_model(cfg: ModelConfig, num_labels: int, device: str | torch.device = "
             model = get_peft_model(base, lora)
     except ValueError as e:
         raise ModelError(f"cannot apply LoRA to {cfg.name!r}: {str(e).splitlines()[0]}") from None
-    if not cfg.train_head:  # PEFT's SEQ_CLS task marks the head trainable by default
+    if head and not cfg.train_head:  # PEFT's SEQ_CLS task marks the head trainable by default
         for n, p in model.named_parameters():
-            if HEAD in n and "lora_" not in n:
+            if head in n and "lora_" not in n:
                 p.requires_grad_(False)
     model.to(device)
     non_tiny = [k for k in _MODELS if k[0] not in TINY]
@@ -307,30 +315,31 @@ _NORMS = ("ln_f", "norm", "final_layernorm", "final_layer_norm")
 
 @dataclass
 class Parts:
-    """The pieces of a PEFT-wrapped HF sequence classifier that the cut needs."""
+    """The pieces of a PEFT-wrapped HF model that split learning and the task's head need."""
 
     body: nn.Module  # GPT2Model / LlamaModel
     blocks_attr: str  # name of the block list on body: "h" / "layers"
     norm_attr: str  # name of the final norm on body: "ln_f" / "norm"
-    head: nn.Module  # the classification head ("score", wrapped by PEFT)
+    head: nn.Module  # the task's head (classification: "score", wrapped by PEFT)
 
     @property
     def blocks(self) -> nn.ModuleList:
         return getattr(self.body, self.blocks_attr)
 
 
-def parts(model: nn.Module) -> Parts:
-    """Locate body, block list, final norm and head of the shared model (GPT-2, Llama, ...)."""
+def parts(model: nn.Module, head: str = "score") -> Parts:
+    """Locate body, block list, final norm and the ``head`` module of the shared model
+    (GPT-2, Llama, ...)."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     body = getattr(hf, hf.base_model_prefix, None)
     lists = [n for n, m in (body.named_children() if body else []) if isinstance(m, nn.ModuleList)]
     norms = [n for n in _NORMS if body is not None and hasattr(body, n)]
-    if len(lists) != 1 or not norms or not hasattr(hf, "score"):
+    if len(lists) != 1 or not norms or not hasattr(hf, head):
         raise ModelError(
             f"cannot split {type(hf).__name__}: need one block list, a final norm "
-            "and a 'score' head"
+            f"and a {head!r} head"
         )
-    return Parts(body, lists[0], norms[0], hf.score)
+    return Parts(body, lists[0], norms[0], getattr(hf, head))
 
 
 def num_blocks(model: nn.Module) -> int:

@@ -17,7 +17,14 @@ from ..errors import ConfigError
 
 
 class Task(Protocol):
+    """``model_kind``: the HF model class (``classify``: a sequence classifier; ``causal``: a
+    causal LM); ``peft_task_type``: PEFT's task type; ``head_name``: the module trained and
+    exchanged beside the LoRA adapters (``model.train_head``), or ``""`` for none."""
+
     name: str
+    model_kind: str
+    peft_task_type: str
+    head_name: str
 
     def logits(self, model: nn.Module, batch: dict[str, torch.Tensor], amp: str) -> torch.Tensor:
         """The model's float32 outputs for ``input_ids`` / ``attention_mask [B, L]``."""

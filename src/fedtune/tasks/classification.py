@@ -54,6 +54,9 @@ def metrics(logits: torch.Tensor, labels: np.ndarray) -> dict[str, float]:
 
 class Classification:
     name = "classification"
+    model_kind = "classify"
+    peft_task_type = "SEQ_CLS"
+    head_name = "score"  # HF's sequence-classification head
 
     def logits(self, model: nn.Module, batch: dict[str, torch.Tensor], amp: str) -> torch.Tensor:
         """Classifier logits ``[B, C]`` (float32) for ``input_ids [B, L]``."""
@@ -77,7 +80,7 @@ class Classification:
         HF applies the head to every position and then pools; the head is linear per
         position, so pooling first gives the same logits."""
         with autocast(pooled.device, amp):
-            return parts(model).head(pooled).float()
+            return parts(model, self.head_name).head(pooled).float()
 
 
 register(Classification())
