@@ -120,6 +120,16 @@ def test_encode_rejects_bad_arguments():
         ({"values": torch.zeros(2, 5), "indices": torch.zeros(2, 5).long()}, "do not fit"),
         ({"values": torch.zeros(1, 2), "indices": torch.tensor([[1.0, 2.0]])}, "not integers"),
         ({"values": torch.zeros(1, 2), "indices": torch.tensor([[3, 3]])}, "repeat"),
+        ({"values": torch.tensor([[0.0, math.nan, 1.0, 2.0]])}, "NaN or Inf"),
+        ({"values": torch.tensor([[0.0, -math.inf, 1.0, 2.0]]).half()}, "NaN or Inf"),
+        (
+            {"values": torch.tensor([[-math.inf], [1.0]]), "indices": torch.tensor([[0], [1]])},
+            "NaN or Inf",
+        ),  # a logit row of -inf only would be a NaN teacher
+        (
+            {"values": torch.ones(1, 4, dtype=torch.int8), "scale": torch.tensor([math.inf])},
+            "NaN or Inf",
+        ),
     ],
 )
 def test_decode_rejects_malformed_tensors(tensors, match):

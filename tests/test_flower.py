@@ -311,3 +311,31 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+def test_a_malformed_reply_header_is_a_message_error():
+    """What a SuperNode says about its work is checked before it is used: a malformed header
+    makes that client lost for the round (``unreadable reply``), not a crash of the run."""
+    from flwr.app import ConfigRecord
+
+    from fedtune.flower.transport import reply_header
+
+    good = {
+        "stats": {"flops": 10, "seconds": 0.5, "peak_memory_bytes": 7},
+        "counted": {"up": 3, "down": 4},
+        "reply": True,
+    }
+    stats, counted, has_reply = reply_header(ConfigRecord({"header": json.dumps(good)}))
+    assert (stats.flops, stats.seconds, stats.peak_memory_bytes) == (10, 0.5, 7)
+    assert counted == {"up": 3, "down": 4} and has_reply is True
+    bad = [
+        "{not json",
+        json.dumps({**good, "stats": {"flops": 1}}),
+        json.dumps({**good, "counted": {"up": -1, "down": 4}}),
+        json.dumps({**good, "counted": {"up": "3", "down": 4}}),
+        json.dumps({**good, "stats": {**good["stats"], "seconds": float("nan")}}),
+        json.dumps({**good, "reply": "yes"}),
+    ]
+    for text in bad:
+        with pytest.raises(MessageError, match="reply header is malformed"):
+            reply_header(ConfigRecord({"header": text}))

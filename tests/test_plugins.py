@@ -146,8 +146,12 @@ def test_a_fourth_framework_runs_with_both_executors(plugins, synth_dir):
     seq, bat = (SERVERS[-2].state, SERVERS[-1].state)
     moved = max((seq[k] - SERVERS[-2].ctx.init_state[k]).abs().max().item() for k in seq)
     assert moved > 1e-3
-    for k in seq:  # the same updates, up to float rounding of differently shaped matmuls
-        torch.testing.assert_close(bat[k], seq[k], atol=1e-5, rtol=1e-4)
+    # The same updates up to float32 rounding of differently shaped matmuls: ~1e-7 relative per
+    # op, summed over batch and hidden dims, through 6 SGD steps at lr 0.5 and a momentum that
+    # amplifies up to 1 + 0.9 + 0.81; values move by up to ~1, so 1e-4 absolute. A wrong batch,
+    # loss or optimizer step differs by O(0.1).
+    for k in seq:
+        torch.testing.assert_close(bat[k], seq[k], atol=1e-4, rtol=1e-4)
     a, b = results["sequential"], results["batched"]
     assert [r["bytes_up_per_client"] for r in a.history] == [
         r["bytes_up_per_client"] for r in b.history
@@ -171,8 +175,9 @@ def test_the_stateful_aggregator_is_checkpointed(plugins, synth_dir, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run(cfg, InProcess(), tmp_path / "cut", log=None, on_round=stop_after_round_2)
     resumed = run(cfg, InProcess(), tmp_path / "cut", log=None, resume=True)
-    assert SERVERS[-1].strategy.m  # the momentum came back from the checkpoint
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in whole.history]
     assert resumed.summary["final_accuracy"] == whole.summary["final_accuracy"]
+    # round 3's update adds 0.9 x the momentum of rounds 1-2: equal only if it was restored
     for k, v in SERVERS[0].state.items():
         assert torch.equal(SERVERS[-1].state[k], v)
+        assert torch.equal(SERVERS[-1].strategy.m[k], SERVERS[0].strategy.m[k])

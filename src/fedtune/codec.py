@@ -24,7 +24,8 @@ Tensors on the wire (``R = x.shape[:-1]``, the rows; ``k = topk or D``):
 
 :func:`decode` needs only the tensors and ``D`` (the receiver knows it: its number of classes or
 its model's hidden size), so no metadata travels with them. It checks what it receives, since
-the tensors come from another party over the network, and raises
+the tensors come from another party over the network (a NaN or infinite value would poison
+whatever trains on it), and raises
 :class:`~fedtune.errors.MessageError` with a one-line reason.
 """
 
@@ -112,9 +113,9 @@ def decode(tensors: dict[str, torch.Tensor], dim: int, fill: float = 0.0) -> tor
     carry more, e.g. an attention mask).
 
     Raises:
-        MessageError: missing ``values``, an unexpected dtype, shapes of ``values`` /
-            ``indices`` / ``scale`` that disagree with each other or with ``dim``, or indices
-            outside ``[0, dim)`` or repeated within a row.
+        MessageError: missing ``values``, an unexpected dtype, NaN or infinite values or
+            scales, shapes of ``values`` / ``indices`` / ``scale`` that disagree with each
+            other or with ``dim``, or indices outside ``[0, dim)`` or repeated within a row.
     """
     if "values" not in tensors:
         raise MessageError("compressed tensor without 'values'")
@@ -132,8 +133,12 @@ def decode(tensors: dict[str, torch.Tensor], dim: int, fill: float = 0.0) -> tor
                 f"scale {scale.dtype} {list(scale.shape)} does not fit values {shape}: "
                 f"expected float32 {rows}"
             )
+        if not torch.isfinite(scale).all():
+            raise MessageError("compressed scale holds NaN or Inf")
         values = values.float() * scale.unsqueeze(-1)
     values = values.float()
+    if not torch.isfinite(values).all():  # what the sender encodes is always finite
+        raise MessageError("compressed values hold NaN or Inf")
     if idx is None:
         if shape[-1] != dim:
             raise MessageError(f"compressed values {shape}: expected {dim} entries per row")

@@ -186,10 +186,7 @@ def rowwise_step(ctx, mnet, subs, parts, uniform, losses, counts, loss_sum) -> N
     counts = to_device(counts, ctx.device)
     shared = len({type(losses[s]) for s, _ in parts}) == 1 and losses[parts[0][0]].shared
     for sub in subs:
-        batch = {k: to_device(v, ctx.device) for k, v in sub.items()}
-        slots = to_device(torch.tensor([s for s, _ in parts]), ctx.device) if uniform else None
-        mnet.set_rows(batch["rows"], slots)
-        logits = ctx.task.logits(mnet.net, batch, ctx.cfg.train.autocast)
+        batch, logits = sub_logits(ctx, mnet, sub, parts, uniform)
         if shared:  # one loss for every row (e.g. cross-entropy): one call
             rows, values = batch["rows"], losses[parts[0][0]].rows(logits, batch)
         else:  # each client's own loss on its own rows (grouped on the host: no device sync)
@@ -204,14 +201,21 @@ def rowwise_step(ctx, mnet, subs, parts, uniform, losses, counts, loss_sum) -> N
         loss_sum.index_add_(0, rows, per_row.detach())
 
 
+def sub_logits(ctx: Context, mnet, sub: dict, parts: list, uniform: bool):
+    """One sub-batch on the device and its logits, each row with its client's adapters
+    (``uniform``: one sub-batch of equal per-client parts, so layers gather per client)."""
+    batch = {k: to_device(v, ctx.device) for k, v in sub.items()}
+    slots = to_device(torch.tensor([s for s, _ in parts]), ctx.device) if uniform else None
+    mnet.set_rows(batch["rows"], slots)
+    return batch, ctx.task.logits(mnet.net, batch, ctx.cfg.train.autocast)
+
+
 def fused_logits(ctx: Context, mnet, subs: list[dict], parts: list, uniform: bool):
     """Logits ``[B, C]`` of a fused batch, in fused row order, from its sub-batches."""
     out, pos = [], []
     for sub in subs:
-        batch = {k: to_device(v, ctx.device) for k, v in sub.items()}
-        slots = to_device(torch.tensor([s for s, _ in parts]), ctx.device) if uniform else None
-        mnet.set_rows(batch["rows"], slots)
-        out.append(ctx.task.logits(mnet.net, batch, ctx.cfg.train.autocast))
+        batch, logits = sub_logits(ctx, mnet, sub, parts, uniform)
+        out.append(logits)
         pos.append(batch["pos"])
     if len(out) == 1:
         return out[0]

@@ -150,7 +150,7 @@ class NodeWorker:
         msg = receive_counted(wire, blob)
         if msg.receiver != client_name(self.cid):
             raise MessageError(f"node {client_name(self.cid)} got a message for {msg.receiver}")
-        client = self.client_for(header, key, ctx, msg.round)
+        client = self.client_for(header, ctx, msg.round)
         meter = ComputeMeter(ctx.device, cfg.flops, ctx.flop_cache)
         split, stream, reply = header.get("split"), None, None
         try:
@@ -177,7 +177,7 @@ class NodeWorker:
             {"stats": meter.stats.as_dict(), "counted": counted, "reply": reply is not None}, out
         )
 
-    def client_for(self, header: dict, key: str, ctx: ClientContext, rnd: int):
+    def client_for(self, header: dict, ctx: ClientContext, rnd: int):
         """This node's client of the run ``header`` names (its state kept across rounds and
         across a resumed ServerApp), rolled back when the server resumes the run."""
         run_key, flower_run = str(header.get("run_key") or header["run"]), str(header["run"])

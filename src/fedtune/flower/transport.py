@@ -14,6 +14,7 @@ round it resumes after; each node rolls its client back to its state after that 
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
 import time
@@ -77,8 +78,13 @@ def discover(
     for m in exchange(grid, asks, load_timeout):
         if m.has_error():
             raise FedtuneError(f"SuperNode {m.metadata.src_node_id}: {reason(m)}")
-        answer = json.loads(str(m.content[RECORD]["header"]))
-        pid, samples = int(answer["partition-id"]), int(answer["samples"])
+        try:
+            answer = json.loads(str(m.content[RECORD]["header"]))
+            pid, samples = count(answer, "partition-id"), count(answer, "samples")
+        except (KeyError, ValueError, TypeError) as e:
+            raise FedtuneError(
+                f"SuperNode {m.metadata.src_node_id} answered the greeting unreadably: {e!r}"
+            ) from None
         if not 0 <= pid < n:
             continue  # a node of another federation size: not in this run
         if pid in nodes:
@@ -93,6 +99,29 @@ def discover(
             f"(round-timeout; have {sorted(nodes)})"
         )
     return {c: nodes[c] for c in range(n)}
+
+
+def count(d: dict, key: str) -> int:
+    """``d[key]`` as a non-negative int; anything else is a ValueError."""
+    v = d[key]
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ValueError(f"{key} = {v!r} is not a count")
+    return v
+
+
+def reply_header(rec: ConfigRecord) -> tuple[ComputeStats, dict[str, int], bool]:
+    """A node's reply header: its compute, the bytes it counted, whether a reply follows.
+    Anything malformed is a :class:`MessageError` (the client is then lost for the round)."""
+    try:
+        h = json.loads(str(rec["header"]))
+        s, counted = h["stats"], h["counted"]
+        seconds = float(s["seconds"])
+        if not math.isfinite(seconds) or seconds < 0 or not isinstance(h["reply"], bool):
+            raise ValueError("seconds or reply out of range")
+        stats = ComputeStats(count(s, "flops"), seconds, count(s, "peak_memory_bytes"))
+        return stats, {d: count(counted, d) for d in (UP, DOWN)}, h["reply"]
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise MessageError(f"reply header is malformed: {e!r}") from None
 
 
 class FlowerTransport:
@@ -196,19 +225,23 @@ class FlowerTransport:
             if m.has_error():
                 raise FedtuneError(f"{client_name(cid)} failed in round {rs.rnd}: {reason(m)}")
             answered.add(cid)
-            rec = m.content[RECORD]
-            h = json.loads(str(rec["header"]))
-            rs.meters[cid].stats.add(ComputeStats(**h["stats"]))
+            try:
+                rec = m.content[RECORD]
+                stats, counted, has_reply = reply_header(rec)
+            except (KeyError, MessageError) as e:
+                rs.lost[cid] = f"unreadable reply: {e}"
+                continue
+            rs.meters[cid].stats.add(stats)
             for d in (UP, DOWN):
-                self.counted[cid][d] += int(h["counted"][d])
-            if not h["reply"]:
+                self.counted[cid][d] += counted[d]
+            if not has_reply:
                 continue
             if faults.misses_deadline(rs.meters[cid].stats.seconds, cid, self.fed):
                 rs.lost[cid] = "deadline"  # its reply is discarded, never received
                 continue
             try:
                 got[cid] = receive_counted(self.wire, bytes(rec["blob"]))
-            except MessageError as e:
+            except (KeyError, TypeError, MessageError) as e:
                 rs.lost[cid] = f"unreadable reply: {e}"
         for cid in outgoing:
             if cid not in answered or cid in rs.dropping:
