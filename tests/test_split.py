@@ -65,10 +65,10 @@ def test_split_step_gradients_equal_the_unsplit_model(name, u_shaped):
         pooled = TASK.pool(hidden, b["attention_mask"])
         if u_shaped:  # head on the client: pooled states cross the wire both ways
             pooled_client = pooled.detach().requires_grad_()
-            F.cross_entropy(TASK.head(model, pooled_client, "off"), b["labels"]).backward()
+            F.cross_entropy(TASK.head(model, pooled_client, b, "off"), b["labels"]).backward()
             pooled.backward(pooled_client.grad)
         else:
-            F.cross_entropy(TASK.head(model, pooled, "off"), b["labels"]).backward()
+            F.cross_entropy(TASK.head(model, pooled, b, "off"), b["labels"]).backward()
         h.backward(h_server.grad)  # client back-propagates the returned gradient
         for side in ("client", "server"):
             for n in part_names(model, k, side, u_shaped):

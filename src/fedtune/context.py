@@ -88,7 +88,7 @@ def build_context(cfg: RunConfig, data: FedData | ServerData | ClientData | None
 
     if data is None:
         data = prepare(cfg.data, load_tokenizer(cfg.model.name), cfg.model.max_length, cfg.seed)
-    task = tasks.get("classification")  # the only task yet: generative tasks come next
+    task = tasks.get(cfg.data.task)
     model, tok = load_model(cfg.model, data.num_labels, device, task)
     init = init_trainable_state(model, cfg.seed)
     return Context(cfg, model, tok, data, device, init, task, progress=cfg.progress)

@@ -1,5 +1,6 @@
-"""Data layer: text classification datasets, the paper's public/client split, partitioners,
-tokenisation and dynamically padded batches.
+"""Data layer: text classification and generation datasets, the paper's public/client split,
+partitioners, tokenisation and dynamically padded batches (generation pairs:
+:mod:`fedtune.gendata`).
 
 The split follows the paper's case study: from the training set, ``public_size`` samples
 (5002 for Banking77) form the public set used by KD-FedLLM; clients draw their private data
@@ -17,24 +18,33 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import gendata
 from .config import DataConfig
 from .errors import DataError
+from .gendata import GenSet
+from .partition import dirichlet, iid, split_federated  # noqa: F401  (re-exported)
 
 
 @dataclass
 class TextDataset:
-    """Raw texts with integer labels in ``[0, num_labels)``."""
+    """Raw texts with integer labels in ``[0, num_labels)``; generation: prompts, their
+    ``responses`` and the index of each row's group (its partition key) as label."""
 
     texts: list[str]
     labels: np.ndarray  # [N] int64
+    responses: list[str] | None = None
 
 
 @dataclass
 class Tokenized:
-    """Token ids (unpadded, truncated) and labels; batches are padded on the fly."""
+    """Token ids (unpadded, truncated) and labels; batches are padded on the fly.
+
+    Generation: ``ids`` are prompt + response tokens and ``prompt_len [N]`` the number of
+    leading prompt tokens, which get no loss; ``labels`` are the rows' groups."""
 
     ids: list[list[int]]
     labels: np.ndarray  # [N] int64
+    prompt_len: np.ndarray | None = None  # [N] int64, generation only
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -51,6 +61,7 @@ class FedData:
     public_idx: np.ndarray  # indices into train
     client_idx: list[np.ndarray] = field(default_factory=list)  # one index array per client
     pad_id: int = 0
+    generate: GenSet | None = None  # generation: test prompts with their references
     views: dict = field(default_factory=dict, repr=False, compare=False)  # built once each
 
     @property
@@ -68,13 +79,16 @@ class FedData:
         if key not in self.views:
             public = subset(self.train, self.public_idx)
             if hide_labels:
-                public = Tokenized(public.ids, np.full(len(public), -1, dtype=np.int64))
+                hidden = np.full(len(public), -1, dtype=np.int64)
+                public = Tokenized(public.ids, hidden, public.prompt_len)
             self.views[key] = public
         return self.views[key]
 
     def server_view(self) -> ServerData:
         sizes = [len(c) for c in self.client_idx]
-        return ServerData(self.label_names, self.test, self.public(), sizes, self.pad_id)
+        return ServerData(
+            self.label_names, self.test, self.public(), sizes, self.pad_id, self.generate
+        )
 
     def client_view(self, cid: int) -> ClientData:
         """Client ``cid``'s own samples and the public texts (labels hidden)."""
@@ -93,6 +107,7 @@ class ServerData:
     public: Tokenized
     client_sizes: list[int]
     pad_id: int = 0
+    generate: GenSet | None = None  # generation: test prompts with their references
 
     @property
     def num_labels(self) -> int:
@@ -126,7 +141,8 @@ class ClientData:
 def subset(data: Tokenized, idx: np.ndarray) -> Tokenized:
     """``data[idx]`` as a dataset of its own (token lists shared, labels copied)."""
     idx = np.asarray(idx, dtype=np.int64)
-    return Tokenized([data.ids[i] for i in idx], data.labels[idx])
+    plen = None if data.prompt_len is None else data.prompt_len[idx]
+    return Tokenized([data.ids[i] for i in idx], data.labels[idx], plen)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -212,70 +228,6 @@ def load_text_classification(cfg: DataConfig) -> tuple[list[str], TextDataset, T
     return names, encode(*train), encode(*test)
 
 
-# ----------------------------------------------------------------------------- partitioners
-
-
-def iid(pool: np.ndarray, sizes: list[int], rng: np.random.Generator) -> list[np.ndarray]:
-    """Disjoint uniformly random subsets of ``pool`` with the given sizes."""
-    if sum(sizes) > len(pool):
-        raise DataError(f"clients need {sum(sizes)} samples but only {len(pool)} are available")
-    perm = rng.permutation(pool)
-    bounds = np.cumsum([0, *sizes])
-    return [np.sort(perm[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-
-
-def dirichlet(
-    pool: np.ndarray, labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator
-) -> list[np.ndarray]:
-    """Label-skewed partition: each class is split across clients by Dirichlet(alpha) shares.
-
-    Small ``alpha`` gives clients few classes each; large ``alpha`` approaches IID."""
-    for _attempt in range(100):
-        parts: list[list[int]] = [[] for _ in range(num_clients)]
-        for c in np.unique(labels[pool]):
-            idx = rng.permutation(pool[labels[pool] == c])
-            shares = rng.dirichlet([alpha] * num_clients)
-            cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
-            for k, chunk in enumerate(np.split(idx, cuts)):
-                parts[k].extend(chunk.tolist())
-        if all(parts):
-            return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
-    raise DataError(
-        f"dirichlet partition with alpha={alpha} left a client empty in 100 draws; "
-        "raise data.dirichlet_alpha or lower data.num_clients"
-    )
-
-
-def split_federated(labels: np.ndarray, cfg: DataConfig, seed: int):
-    """The paper's split. Returns ``(public_idx, [client_idx, ...])`` (disjoint, sorted)."""
-    n = len(labels)
-    rng = np.random.default_rng(seed)
-    if cfg.public_size >= n:
-        raise DataError(f"data.public_size={cfg.public_size} leaves no data for clients (n={n})")
-    perm = rng.permutation(n)
-    public, pool = np.sort(perm[: cfg.public_size]), perm[cfg.public_size :]
-    k = cfg.num_clients
-    if cfg.partition == "sizes":
-        clients = iid(pool, list(cfg.client_sizes), rng)
-    else:
-        per = cfg.samples_per_client or len(pool) // k
-        if per == 0:
-            raise DataError(f"{len(pool)} samples cannot feed {k} clients")
-        if cfg.partition == "iid":
-            clients = iid(pool, [per] * k, rng)
-        else:
-            if per * k > len(pool):
-                raise DataError(
-                    f"clients need {per * k} samples but only {len(pool)} are available"
-                )
-            sub = rng.permutation(pool)[: per * k]
-            clients = dirichlet(sub, labels, k, cfg.dirichlet_alpha, rng)
-    for i, c in enumerate(clients):
-        if len(c) == 0:
-            raise DataError(f"client {i} received an empty partition")
-    return public, clients
-
-
 # ----------------------------------------------------------------------------- tokens and batches
 
 
@@ -286,20 +238,56 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     return [x if x else [tokenizer.pad_token_id] for x in ids]
 
 
-def collate(ids: list[list[int]], labels: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
+# Fill value of each [B, ...] batch tensor when batches of different lengths are joined
+# (``input_ids`` take the pad token id).
+PAD_VALUES = {"attention_mask": 0, "target_pos": 0, "target_ids": -100}
+
+
+def collate(
+    ids: list[list[int]], labels: np.ndarray, pad_id: int, prompt_len: np.ndarray | None = None
+) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence in the batch (dynamic padding).
 
-    Returns ``input_ids [B, L]`` int64, ``attention_mask [B, L]`` int64, ``labels [B]`` int64."""
+    Returns ``input_ids [B, L]`` int64, ``attention_mask [B, L]`` int64, ``labels [B]`` int64;
+    with ``prompt_len [B]`` (generation) also :func:`response_targets`."""
     length = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), length), dtype=torch.long)
     for i, x in enumerate(ids):
         input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
         mask[i, : len(x)] = 1
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": mask,
         "labels": torch.as_tensor(labels, dtype=torch.long),
+    }
+    if prompt_len is not None:
+        batch.update(response_targets(ids, prompt_len))
+    return batch
+
+
+def response_targets(ids: list[list[int]], prompt_len: np.ndarray) -> dict[str, torch.Tensor]:
+    """Where a causal LM is trained: the output at position ``t`` predicts token ``t + 1``, so
+    row ``i``'s loss is on positions ``[p_i - 1, n_i - 1)`` (``p_i`` prompt tokens, ``n_i``
+    tokens): its response tokens, never a prompt token or padding.
+
+    Returns ``target_pos [B, R]`` (those positions, 0-padded), ``target_ids [B, R]`` (the tokens
+    they predict, -100 padded), R = the most response tokens of a row (>= 1), and
+    ``tokens_per_row [B]``: the batch's response tokens / B, so that the mean over rows of
+    (row's token-loss sum / tokens_per_row) is the mean over the batch's tokens."""
+    spans = [(max(int(p), 1) - 1, len(x) - 1) for x, p in zip(ids, prompt_len, strict=True)]
+    r = max(1, *(b - a for a, b in spans))
+    pos = torch.zeros((len(ids), r), dtype=torch.long)
+    tgt = torch.full((len(ids), r), -100, dtype=torch.long)
+    for i, (x, (a, b)) in enumerate(zip(ids, spans, strict=True)):
+        if b > a:
+            pos[i, : b - a] = torch.arange(a, b)
+            tgt[i, : b - a] = torch.tensor(x[a + 1 : b + 1])
+    tokens = max(1, int((tgt != -100).sum()))
+    return {
+        "target_pos": pos,
+        "target_ids": tgt,
+        "tokens_per_row": torch.full((len(ids),), tokens / len(ids)),
     }
 
 
@@ -327,68 +315,127 @@ def batches(
             groups += [part[s : s + batch_size] for s in range(0, len(part), batch_size)]
         groups = [groups[i] for i in rng.permutation(len(groups))]
     for b in groups:
-        yield collate([data.ids[i] for i in b], data.labels[b], pad_id)
+        plen = None if data.prompt_len is None else data.prompt_len[b]
+        yield collate([data.ids[i] for i in b], data.labels[b], pad_id, plen)
 
 
-def _load_split(cfg: DataConfig, seed: int):
+@dataclass
+class Loaded:
+    """The rows of a run before tokenization: train/test, the split, and (generation) the
+    evaluation prompts with their references, from the whole test split."""
+
+    names: list[str]
+    train: TextDataset
+    test: TextDataset
+    public: np.ndarray
+    clients: list[np.ndarray]
+    generate: gendata.Pairs | None = None
+
+
+def load_generation(cfg: DataConfig, seed: int) -> tuple[list[str], TextDataset, TextDataset]:
+    """Prompt/response pairs (:mod:`fedtune.gendata`); a row's label is its group's index."""
+    rows = gendata.load_rows(cfg, seed)
+    train, test = (gendata.render(cfg, r, w) for r, w in zip(rows, ("train", "test"), strict=True))
+    names = sorted(set(train.groups))
+    index = {n: i for i, n in enumerate(names)}
+
+    def labels(groups: list[str]) -> np.ndarray:
+        return np.array([index.get(g, -1) for g in groups], dtype=np.int64)
+
+    return (
+        names,
+        TextDataset(train.prompts, labels(train.groups), train.responses),
+        TextDataset(test.prompts, labels(test.groups), test.responses),
+    )
+
+
+def _load_split(cfg: DataConfig, seed: int) -> Loaded:
     """Load train/test, split train into the public set and the clients', subsample test."""
-    names, train, test = load_text_classification(cfg)
+    generation = cfg.task == "generation"
+    if generation:
+        names, train, test = load_generation(cfg, seed)
+    elif cfg.partition == "column":
+        raise DataError("data.partition=column is for generation; classification: dirichlet")
+    else:
+        names, train, test = load_text_classification(cfg)
     public, clients = split_federated(train.labels, cfg, seed)
+    pairs = gendata.Pairs(test.texts, test.responses or [], []) if generation else None
     if cfg.test_size and cfg.test_size < len(test.texts):
         keep = np.sort(
             np.random.default_rng(seed + 1).permutation(len(test.texts))[: cfg.test_size]
         )
-        test = TextDataset([test.texts[i] for i in keep], test.labels[keep])
-    return names, train, test, public, clients
+        test = select(test, keep)
+    return Loaded(names, train, test, public, clients, pairs)
+
+
+def select(data: TextDataset, idx: np.ndarray) -> TextDataset:
+    responses = None if data.responses is None else [data.responses[i] for i in idx]
+    return TextDataset([data.texts[i] for i in idx], data.labels[idx], responses)
+
+
+def encode(
+    tokenizer, data: TextDataset, idx, cfg: DataConfig, max_length: int, hide_labels=False
+) -> Tokenized:
+    """Tokenize ``data[idx]`` (all rows when ``idx`` is None); ``hide_labels``: labels -1."""
+    if idx is not None:
+        data = select(data, np.asarray(idx))
+    labels = np.full(len(data.texts), -1, dtype=np.int64) if hide_labels else data.labels
+    if data.responses is None:
+        return Tokenized(tokenize(tokenizer, data.texts, max_length), labels)
+    pairs = gendata.Pairs(data.texts, data.responses, [])
+    chat = gendata.uses_chat(tokenizer, cfg.chat_template)
+    ids, plen = gendata.encode_pairs(tokenizer, pairs, max_length, chat)
+    return Tokenized(ids, labels, plen)
+
+
+def eval_prompts(tokenizer, cfg: DataConfig, loaded: Loaded) -> GenSet | None:
+    if loaded.generate is None:
+        return None
+    return gendata.eval_set(
+        tokenizer, loaded.generate, gendata.uses_chat(tokenizer, cfg.chat_template)
+    )
 
 
 def prepare_server(cfg: DataConfig, tokenizer, max_length: int, seed: int) -> ServerData:
     """The server's data only (a deployed server): the public and test sets tokenized, the
     clients' sample counts from the split (a deployment replaces them with what the clients
     report). The clients' rows are read from the file to find the public set, never kept."""
-    names, train, test, public, clients = _load_split(cfg, seed)
-    pub = Tokenized(
-        tokenize(tokenizer, [train.texts[i] for i in public], max_length), train.labels[public]
-    )
+    d = _load_split(cfg, seed)
     return ServerData(
-        names,
-        Tokenized(tokenize(tokenizer, test.texts, max_length), test.labels),
-        pub,
-        [len(c) for c in clients],
+        d.names,
+        encode(tokenizer, d.test, None, cfg, max_length),
+        encode(tokenizer, d.train, d.public, cfg, max_length),
+        [len(c) for c in d.clients],
         tokenizer.pad_token_id,
+        eval_prompts(tokenizer, cfg, d),
     )
 
 
 def prepare_client(cfg: DataConfig, tokenizer, max_length: int, seed: int, cid: int) -> ClientData:
     """Client ``cid``'s data only (a deployed client holding its partition of a shared file):
     its samples and the public texts tokenized; the other clients' rows are never kept."""
-    names, train, _, public, clients = _load_split(cfg, seed)
-    if not 0 <= cid < len(clients):
-        raise DataError(f"client {cid} does not exist: the data has {len(clients)} clients")
-    own = clients[cid]
+    d = _load_split(cfg, seed)
+    if not 0 <= cid < len(d.clients):
+        raise DataError(f"client {cid} does not exist: the data has {len(d.clients)} clients")
     return ClientData(
-        names,
-        Tokenized(
-            tokenize(tokenizer, [train.texts[i] for i in own], max_length), train.labels[own]
-        ),
-        Tokenized(
-            tokenize(tokenizer, [train.texts[i] for i in public], max_length),
-            np.full(len(public), -1, dtype=np.int64),
-        ),
+        d.names,
+        encode(tokenizer, d.train, d.clients[cid], cfg, max_length),
+        encode(tokenizer, d.train, d.public, cfg, max_length, hide_labels=True),
         tokenizer.pad_token_id,
     )
 
 
 def prepare(cfg: DataConfig, tokenizer, max_length: int, seed: int) -> FedData:
     """Load, split and tokenise: all the data, for a process that runs every party."""
-    names, train, test, public, clients = _load_split(cfg, seed)
+    d = _load_split(cfg, seed)
     return FedData(
-        label_names=names,
-        train=Tokenized(tokenize(tokenizer, train.texts, max_length), train.labels),
-        test=Tokenized(tokenize(tokenizer, test.texts, max_length), test.labels),
-        public_idx=public,
-        client_idx=clients,
+        label_names=d.names,
+        train=encode(tokenizer, d.train, None, cfg, max_length),
+        test=encode(tokenizer, d.test, None, cfg, max_length),
+        public_idx=d.public,
+        client_idx=d.clients,
         pad_id=tokenizer.pad_token_id,
+        generate=eval_prompts(tokenizer, cfg, d),
     )
 
 

@@ -320,17 +320,18 @@ class Parts:
     body: nn.Module  # GPT2Model / LlamaModel
     blocks_attr: str  # name of the block list on body: "h" / "layers"
     norm_attr: str  # name of the final norm on body: "ln_f" / "norm"
-    head: nn.Module  # the task's head (classification: "score", wrapped by PEFT)
+    head: nn.Module  # the output layer: classification "score" (PEFT-wrapped), LM "lm_head"
 
     @property
     def blocks(self) -> nn.ModuleList:
         return getattr(self.body, self.blocks_attr)
 
 
-def parts(model: nn.Module, head: str = "score") -> Parts:
-    """Locate body, block list, final norm and the ``head`` module of the shared model
-    (GPT-2, Llama, ...)."""
+def parts(model: nn.Module, head: str = "") -> Parts:
+    """Locate body, block list, final norm and the output layer ``head`` of the shared model
+    (GPT-2, Llama, ...); by default a classifier's ``score`` or a causal LM's ``lm_head``."""
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = head or ("score" if hasattr(hf, "score") else "lm_head")
     body = getattr(hf, hf.base_model_prefix, None)
     lists = [n for n, m in (body.named_children() if body else []) if isinstance(m, nn.ModuleList)]
     norms = [n for n in _NORMS if body is not None and hasattr(body, n)]

@@ -23,6 +23,7 @@ from .io import (
 )
 from .schema import (
     DataConfig,
+    EvalConfig,
     FedConfig,
     ModelConfig,
     RunConfig,
@@ -40,6 +41,7 @@ __all__ = [
     "DataConfig",
     "TrainConfig",
     "FedConfig",
+    "EvalConfig",
     "check",
     "opt",
     "load",

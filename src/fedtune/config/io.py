@@ -53,6 +53,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # a true/false option that also has 'auto'
+            return str(value).lower()
         raise ConfigError(f"config key {key}: expected a string, got {value!r}")
     raise ConfigError(f"config key {key}: unsupported type {tp}")  # pragma: no cover
 

@@ -39,18 +39,54 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
+    task: str = opt(
+        "classification",
+        "what is fine-tuned: 'classification' (a head on the LLM predicts data.label_column) or "
+        "'generation' (causal LM: the model writes data.response_template after "
+        "data.prompt_template; loss on the response tokens only)",
+        ("classification", "generation"),
+    )
     path: str = opt(
         "",
-        "folder holding train.csv and test.csv; empty = ../shared/data/banking77 when present, "
-        "else the HF hub dataset named by data.hub_name",
+        "folder holding train.csv and test.csv (or .jsonl); empty = ../shared/data/banking77 "
+        "when present, else the HF hub dataset named by data.hub_name",
     )
     hub_name: str = opt("PolyAI/banking77", "HF hub dataset used when no local folder is found")
-    text_column: str = opt("text", "CSV column with the input text")
-    label_column: str = opt("category", "CSV column with the class label")
+    text_column: str = opt("text", "column with the input text (classification)")
+    label_column: str = opt("category", "column with the class label (classification)")
+    prompt_template: str = opt(
+        "{text}",
+        "generation: the prompt, formatted from each row's columns (Python format syntax), "
+        "e.g. '{mr}' or '{instruction}\\n\\n{input}'",
+    )
+    response_template: str = opt(
+        "{category}",
+        "generation: the response the model learns to write, e.g. '{ref}' or '{output}'; "
+        "a class column here runs classification as generation (exact-match accuracy)",
+    )
+    chat_template: str = opt(
+        "auto",
+        "generation: wrap the prompt in the tokenizer's chat template ('auto': when it has "
+        "one) or in a plain 'prompt\\n' template",
+        ("auto", "chat", "plain"),
+    )
+    test_fraction: float = opt(
+        0.1, "held out as the test set (seeded) when the data has no test split"
+    )
     public_size: int = opt(5002, "training samples held out as the public set (KD-FedLLM)")
     num_clients: int = opt(3, "number of clients")
     samples_per_client: int = opt(0, "samples per client; 0 = split all non-public samples")
-    partition: str = opt("iid", "how client data is drawn", ("iid", "dirichlet", "sizes"))
+    partition: str = opt(
+        "iid",
+        "how client data is drawn: uniformly, label-skewed, explicit sizes, or whole groups of "
+        "data.partition_column (natural non-IID: Dolly's category, E2E's restaurant name)",
+        ("iid", "dirichlet", "sizes", "column"),
+    )
+    partition_column: str = opt(
+        "",
+        "partition=column: the column whose values are dealt to clients; 'mr[name]' reads the "
+        "slot 'name' of an E2E meaning representation in column 'mr'",
+    )
     dirichlet_alpha: float = opt(0.5, "label-skew concentration for partition=dirichlet")
     client_sizes: tuple[int, ...] = opt((), "explicit client sizes for partition=sizes")
     test_size: int = opt(0, "evaluate on a seeded subset of this many test samples; 0 = all")
@@ -78,6 +114,22 @@ class TrainConfig:
     )
     group_by_length: bool = opt(
         False, "shuffle, then sort chunks of 16 batches by length: less padding, same samples"
+    )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    generate_every: int = opt(
+        0,
+        "generation tasks: greedy-generate for eval.generate_samples test prompts and score "
+        "them (BLEU, chrF, ROUGE-L, exact match) at round 0, every N rounds and after the "
+        "last; 0 = round 0 and the last only",
+    )
+    generate_samples: int = opt(40, "distinct test prompts generated for (seeded subset)")
+    max_new_tokens: int = opt(64, "generation length limit per prompt")
+    generate_batch_size: int = opt(16, "prompts generated at once (left-padded, KV cache)")
+    at_start: bool = opt(
+        True, "generation tasks: evaluate the base model as round 0 (the gain is visible)"
     )
 
 
@@ -169,6 +221,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FedConfig = field(default_factory=FedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # One section per registered framework that has options (``cfg.kd``, ``cfg.split``, ...):
     # ``(name, section)`` pairs, completed with defaults; TOML tables ``[kd]``, ``[split]``.
     sections: tuple[tuple[str, Any], ...] = ()
@@ -220,6 +273,17 @@ def validate(cfg: RunConfig) -> None:
     check(d.samples_per_client >= 0, "data.samples_per_client", "must be >= 0")
     check(d.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
     check(d.test_size >= 0, "data.test_size", "must be >= 0")
+    check(0 < d.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
+    check(
+        d.partition != "column" or bool(d.partition_column),
+        "data.partition_column",
+        "partition=column needs a column name",
+    )
+    e = cfg.eval
+    check(e.generate_every >= 0, "eval.generate_every", "must be >= 0")
+    check(e.generate_samples >= 1, "eval.generate_samples", "must be >= 1")
+    check(e.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+    check(e.generate_batch_size >= 1, "eval.generate_batch_size", "must be >= 1")
     if d.partition == "sizes":
         check(
             len(d.client_sizes) == d.num_clients,

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 
 from .. import compute, seeds
 from ..context import Context
-from ..data import batches
+from ..data import PAD_VALUES, batches
 from . import multilora
 from .jobs import Predict, Train
 from .stacked import StackedOptimizer, optimizer_template
-from .train import LocalResult, job_batches
+from .train import LocalResult, job_batches, shape_of
 
 MIN_BUCKET_ROWS = 16  # smallest sub-batch a fused step is split into (see length_buckets)
 _NETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # peft model -> MultiNet
@@ -64,22 +64,36 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
 def fuse(parts: list[tuple[int, dict]], pad_id: int) -> dict[str, torch.Tensor]:
     """Concatenate per-client batches ``(slot, batch)`` into one right-padded batch.
 
-    Returns ``input_ids``/``attention_mask [B, L]`` (L = longest part), ``labels [B]`` and
-    ``rows [B]`` (the slot of each row)."""
-    length = max(b["input_ids"].shape[1] for _, b in parts)
-    ids, mask = [], []
-    for _, b in parts:
-        extra = length - b["input_ids"].shape[1]
-        ids.append(F.pad(b["input_ids"], (0, extra), value=pad_id))
-        mask.append(F.pad(b["attention_mask"], (0, extra), value=0))
+    Returns every batch tensor joined (``input_ids``/``attention_mask [B, L]``, L = longest
+    part; ``labels [B]``; generation's targets ``[B, R]``), ``rows [B]`` (the slot of each row)
+    and ``pos [B]`` (the fused row order)."""
     rows = [torch.full((len(b["labels"]),), slot, dtype=torch.long) for slot, b in parts]
     return {
-        "input_ids": torch.cat(ids),
-        "attention_mask": torch.cat(mask),
-        "labels": torch.cat([b["labels"] for _, b in parts]),
+        **join([b for _, b in parts], pad_id),
         "rows": torch.cat(rows),
         "pos": torch.arange(sum(len(b["labels"]) for _, b in parts)),
     }
+
+
+def join(batches: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Batches concatenated row-wise; 2-D tensors right-padded to the widest
+    (:data:`fedtune.data.PAD_VALUES`, token ids with ``pad_id``)."""
+    out = {}
+    for key, first in batches[0].items():
+        if first.dim() == 2:
+            width = max(b[key].shape[1] for b in batches)
+            fill = pad_id if key == "input_ids" else PAD_VALUES.get(key, 0)
+            out[key] = torch.cat(
+                [F.pad(b[key], (0, width - b[key].shape[1]), value=fill) for b in batches]
+            )
+        else:
+            out[key] = torch.cat([b[key] for b in batches])
+    return out
+
+
+def rows_of(batch: dict[str, torch.Tensor], idx) -> dict[str, torch.Tensor]:
+    """The rows ``idx`` (a slice or an index tensor) of every tensor of ``batch``."""
+    return {k: v[idx] for k, v in batch.items()}
 
 
 def length_buckets(batch: dict[str, torch.Tensor], min_rows: int) -> list[dict[str, torch.Tensor]]:
@@ -146,7 +160,7 @@ def train_many(ctx: Context, jobs: list[Train]) -> list[LocalResult]:
             cfg.autocast,
             tuple((losses[s].name, len(b["labels"])) for s, b in parts),
             uniform,
-            tuple(tuple(sub["input_ids"].shape) for sub in subs),
+            tuple(shape_of(sub) for sub in subs),
         )
         opt.zero_grad()
         with compute.step(key):
@@ -155,11 +169,11 @@ def train_many(ctx: Context, jobs: list[Train]) -> list[LocalResult]:
                 rowwise_step(ctx, mnet, subs, parts, uniform, losses, counts, loss_sum)
             else:
                 logits = fused_logits(ctx, mnet, subs, parts, uniform)
-                labels = to_device(fused["labels"], device)
+                whole = {k: to_device(v, device) for k, v in fused.items()}
                 total, start = 0, 0
                 for (slot, _), size in zip(parts, sizes, strict=True):
                     rows = slice(start, start + size)
-                    loss = losses[slot](logits[rows], {"labels": labels[rows]})
+                    loss = losses[slot](logits[rows], rows_of(whole, rows))
                     loss_sum[slot] += loss.detach()
                     total, start = total + loss, start + size
                 total.backward()
@@ -192,9 +206,7 @@ def rowwise_step(ctx, mnet, subs, parts, uniform, losses, counts, loss_sum) -> N
         else:  # each client's own loss on its own rows (grouped on the host: no device sync)
             groups = [(s, torch.nonzero(sub["rows"] == s).squeeze(1)) for s, _ in parts]
             groups = [(s, to_device(i, ctx.device)) for s, i in groups if len(i)]
-            values = torch.cat(
-                [losses[s].rows(logits[i], {"labels": batch["labels"][i]}) for s, i in groups]
-            )
+            values = torch.cat([losses[s].rows(logits[i], rows_of(batch, i)) for s, i in groups])
             rows = torch.cat([torch.full_like(i, s) for s, i in groups])
         per_row = values / counts[rows]  # a client's rows sum to its mean loss
         per_row.sum().backward()  # the sub-batches' gradients add up
@@ -211,7 +223,9 @@ def sub_logits(ctx: Context, mnet, sub: dict, parts: list, uniform: bool):
 
 
 def fused_logits(ctx: Context, mnet, subs: list[dict], parts: list, uniform: bool):
-    """Logits ``[B, C]`` of a fused batch, in fused row order, from its sub-batches."""
+    """Logits ``[B, ...]`` of a fused batch, in fused row order, from its sub-batches
+    (generation's ``[b, R, V]`` are zero-padded to the widest R: those positions have no
+    target)."""
     out, pos = [], []
     for sub in subs:
         batch, logits = sub_logits(ctx, mnet, sub, parts, uniform)
@@ -219,6 +233,9 @@ def fused_logits(ctx: Context, mnet, subs: list[dict], parts: list, uniform: boo
         pos.append(batch["pos"])
     if len(out) == 1:
         return out[0]
+    if out[0].dim() == 3:
+        width = max(x.shape[1] for x in out)
+        out = [F.pad(x, (0, 0, 0, width - x.shape[1])) for x in out]
     return torch.cat(out)[torch.argsort(torch.cat(pos))]
 
 

@@ -42,6 +42,13 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def shape_of(batch: dict[str, torch.Tensor]) -> tuple[int, ...]:
+    """What a step's FLOPs depend on: ``(B, L)``, and for generation the response positions
+    ``R`` (the LM head runs there only)."""
+    extra = tuple(batch["target_pos"].shape[1:]) if "target_pos" in batch else ()
+    return (*batch["input_ids"].shape, *extra)
+
+
 @dataclass
 class LocalResult:
     state: dict[str, torch.Tensor]  # trained trainable state
@@ -120,7 +127,7 @@ def train(ctx: Context, job: Train) -> LocalResult:
     bar = tqdm(total=job.steps or None, leave=False, disable=not ctx.progress, unit="step")
     for batch in job_batches(job, cfg, ctx.data.pad_id):
         batch = to_device(batch, device)
-        with compute.step((job.loss.name, cfg.autocast, *batch["input_ids"].shape)):
+        with compute.step((job.loss.name, cfg.autocast, *shape_of(batch))):
             loss = loss_fn(ctx.task.logits(model, batch, cfg.autocast), batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -137,9 +144,10 @@ def train(ctx: Context, job: Train) -> LocalResult:
 def outputs(
     ctx: Context, state: dict[str, torch.Tensor] | None, data: Tokenized, idx: np.ndarray
 ) -> torch.Tensor:
-    """The task's outputs (classification: logits ``[len(idx), C]``; float32, CPU, in ``idx``
-    order) under ``state`` (None: what the model holds), in ``train.eval_batch_size`` batches
-    of length-sorted samples, so little compute goes to padding."""
+    """The task's per-row scores (:meth:`~fedtune.tasks.Task.scores`; classification: logits
+    ``[len(idx), C]``; float32, CPU, in ``idx`` order) under ``state`` (None: what the model
+    holds), in ``train.eval_batch_size`` batches of length-sorted samples, so little compute
+    goes to padding."""
     model, amp = ctx.model, ctx.cfg.train.autocast
     if state is not None:
         load_trainable_state(model, state)
@@ -149,8 +157,8 @@ def outputs(
     out: list[torch.Tensor] = []
     for batch in batches(data, idx[order], ctx.cfg.train.eval_batch_size, ctx.data.pad_id):
         batch = to_device(batch, ctx.device)
-        with compute.step(("infer", amp, *batch["input_ids"].shape)):
-            out.append(ctx.task.logits(model, batch, amp))
+        with compute.step(("infer", amp, *shape_of(batch))):
+            out.append(ctx.task.scores(ctx.task.logits(model, batch, amp), batch))
     logits = torch.cat(out).cpu()
     result = torch.empty_like(logits)
     result[torch.as_tensor(order)] = logits  # back to idx order

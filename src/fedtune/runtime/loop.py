@@ -32,6 +32,7 @@ from .records import (
     RoundState,
     evaluate_global,
     format_round,
+    initial_record,
     round_record,
     sample_clients,
 )
@@ -125,6 +126,12 @@ def run(
             if log is not None:
                 log(f"resuming {out} after round {done} of {cfg.fed.rounds}")
         load_seconds = time.perf_counter() - t_start
+        if done == 0 and cfg.eval.at_start and ctx.data.generate is not None:
+            history.append(initial_record(ctx, server))  # round 0: the base model
+            if rundir is not None:
+                rundir.append_metrics(history[-1])
+            if log is not None:
+                log(format_round(history[-1], cfg.fed.rounds))
         bar = tqdm(
             range(done + 1, cfg.fed.rounds + 1),
             desc=fw.name,
@@ -140,7 +147,7 @@ def run(
             record["attempts"] = attempts
             record["round_seconds"] = time.perf_counter() - t0
             if rnd % cfg.fed.eval_every == 0 or rnd == cfg.fed.rounds:
-                record.update(evaluate_global(ctx, server))
+                record.update(evaluate_global(ctx, server, rnd))
                 clients = transport.local_clients()
                 if fw.client_eval is not None and clients is not None:
                     record.update(fw.client_eval(ctx, server, clients))

@@ -12,6 +12,7 @@ from .. import seeds
 from ..compute import ComputeMeter, ComputeStats
 from ..context import ServerContext
 from ..execution.train import evaluate
+from ..generate import eval_prompts, generate, score
 from ..messages import DOWN, UP, Ledger, client_name
 
 
@@ -56,12 +57,33 @@ class RoundResult:
     completed: bool = True
 
 
-def evaluate_global(ctx: ServerContext, server) -> dict:
-    """Test metrics of the server's global state (every runtime's evaluation rounds)."""
+def evaluate_global(ctx: ServerContext, server, rnd: int = -1) -> dict:
+    """Test metrics of the server's global state (every runtime's evaluation rounds);
+    generation tasks also generate and score at round ``rnd`` 0, the last round and every
+    ``eval.generate_every`` rounds (:func:`generation_metrics`)."""
     t0 = time.perf_counter()
-    ev = evaluate(ctx, server.eval_state(), ctx.data.test)  # the task's metrics
-    metrics = {k: v for k, v in ev.items() if k != "loss"}  # classification: accuracy, F1
+    state = server.eval_state()
+    ev = evaluate(ctx, state, ctx.data.test)  # the task's metrics
+    metrics = {k: v for k, v in ev.items() if k != "loss"}  # accuracy, F1; perplexity
+    every = ctx.cfg.eval.generate_every
+    if rnd in (0, ctx.cfg.fed.rounds) or (every and rnd > 0 and rnd % every == 0):
+        metrics.update(generation_metrics(ctx, state))
     return {**metrics, "test_loss": ev["loss"], "eval_seconds": time.perf_counter() - t0}
+
+
+def generation_metrics(ctx: ServerContext, state: dict) -> dict:
+    """BLEU, chrF, ROUGE-L and exact match of greedy generations for the seeded
+    ``eval.generate_samples`` test prompts (nothing for tasks without them), and the first
+    prompt's generation (``sample``: a sentence to read by round)."""
+    gen, e = ctx.data.generate, ctx.cfg.eval
+    if gen is None or len(gen) == 0:
+        return {}
+    idx = eval_prompts(e.generate_samples, len(gen), ctx.cfg.seed)
+    prompts = [gen.prompts[i] for i in idx]
+    hyps = generate(
+        ctx.model, ctx.tokenizer, prompts, e.max_new_tokens, e.generate_batch_size, state
+    )
+    return {**score(hyps, [gen.refs[i] for i in idx]), "sample": hyps[0]}
 
 
 def round_record(rnd: int, result: RoundResult, ledger: Ledger) -> dict:
@@ -116,8 +138,25 @@ def round_record(rnd: int, result: RoundResult, ledger: Ledger) -> dict:
     }
 
 
+def initial_record(ctx: ServerContext, server) -> dict:
+    """Round 0: the base model's test metrics (generation tasks, ``eval.at_start``), so the
+    gain of training is visible; nothing was exchanged or computed by a client."""
+    zero = {"bytes_up_per_client": 0.0, "bytes_down_per_client": 0.0, "client_flops": 0}
+    return {
+        "round": 0,
+        **zero,
+        "bytes_by_kind": {UP: {}, DOWN: {}},
+        "client_seconds": 0.0,
+        "client_peak_memory_bytes": 0,
+        "round_seconds": 0.0,
+        **evaluate_global(ctx, server, 0),
+    }
+
+
 def format_round(r: dict, rounds: int) -> str:
-    acc = f"acc {r['accuracy']:.4f} f1 {r['macro_f1']:.4f} | " if "accuracy" in r else ""
+    if r["round"] == 0:
+        return f"round 0/{rounds} | {quality(r)}"
+    acc = quality(r) + " | " if quality(r) else ""
     loss = f"loss {r['train_loss']:.4f} | " if "train_loss" in r else ""
     faults_ = [
         f"{k} {len(r[k]) if isinstance(r[k], list) else r[k]}"
@@ -131,3 +170,15 @@ def format_round(r: dict, rounds: int) -> str:
         f" | client {r['client_flops'] / 1e12:.3f} TFLOP {r['client_seconds']:.1f} s"
         f" | {r['round_seconds']:.1f} s" + (f" | {' '.join(faults_)}" if faults_ else "")
     )
+
+
+def quality(r: dict) -> str:
+    """The task metrics of a record, for its console line ('' when it was not evaluated)."""
+    parts = []
+    if "accuracy" in r:
+        parts.append(f"acc {r['accuracy']:.4f} f1 {r['macro_f1']:.4f}")
+    if "perplexity" in r:
+        parts.append(f"ppl {r['perplexity']:.3f}")
+    if "bleu" in r:
+        parts.append(f"bleu {r['bleu']:.1f} rougeL {r['rouge_l']:.1f} em {r['exact_match']:.1f}")
+    return " ".join(parts)

@@ -77,8 +77,25 @@ class RunDir:
         atomic_write(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
+# Task metrics a summary reports for the first and last evaluation.
+TASK_METRICS = (
+    "accuracy",
+    "macro_f1",
+    "test_loss",
+    "perplexity",
+    "bleu",
+    "chrf",
+    "rouge_l",
+    "exact_match",
+    "sample",
+)
+
+
 def summarize(cfg: RunConfig, ctx, history: list[dict], ledger: Ledger, n_exchanged: int) -> dict:
-    """The ``summary.json`` of a run (all frameworks share this schema)."""
+    """The ``summary.json`` of a run (all frameworks share this schema). A round-0 record
+    (the base model, generation tasks) is reported as ``initial``, not averaged over."""
+    initial = [r for r in history if r["round"] == 0]
+    history = [r for r in history if r["round"] > 0]
     evals = [r for r in history if "accuracy" in r]
 
     def mean(key: str) -> float:
@@ -90,8 +107,14 @@ def summarize(cfg: RunConfig, ctx, history: list[dict], ledger: Ledger, n_exchan
         for d in (UP, DOWN):
             for k, v in r["bytes_by_kind"][d].items():
                 kinds[d][k] = kinds[d].get(k, 0.0) + v / len(history)
+    last = next((r for r in reversed(history) if "test_loss" in r), {})
+
+    def task_metrics(r: dict) -> dict:
+        return {k: r[k] for k in TASK_METRICS if k in r}
+
     return {
         "framework": cfg.fed.framework,
+        "task": cfg.data.task,
         "model": cfg.model.name,
         "dataset": cfg.data.path or str(default_data_dir() or cfg.data.hub_name),
         "num_clients": ctx.data.num_clients,
@@ -104,6 +127,8 @@ def summarize(cfg: RunConfig, ctx, history: list[dict], ledger: Ledger, n_exchan
         "final_accuracy": evals[-1]["accuracy"] if evals else None,
         "best_accuracy": max(r["accuracy"] for r in evals) if evals else None,
         "final_macro_f1": evals[-1]["macro_f1"] if evals else None,
+        "final": task_metrics(last),  # the last evaluation's task metrics (every task)
+        "initial": task_metrics(initial[0]) if initial else None,  # round 0: the base model
         "trainable_params_exchanged": n_exchanged,
         "bytes_up_per_client_per_round": mean("bytes_up_per_client"),
         "bytes_down_per_client_per_round": mean("bytes_down_per_client"),

@@ -1,8 +1,9 @@
 """Tasks: what fine-tuning means for the model's outputs, the loss, the metrics, and what split
 learning keeps of the last hidden states. Everything else calls the task.
 
-``ctx.task`` is the run's task. A task implements :class:`Task`; register one with
-:func:`register`. Built in: ``classification`` (:mod:`.classification`).
+``ctx.task`` is the run's task (``data.task``). A task implements :class:`Task`; register one
+with :func:`register`. Built in: ``classification`` (:mod:`.classification`) and
+``generation`` (:mod:`.generation`, a causal LM).
 """
 
 from __future__ import annotations
@@ -27,23 +28,32 @@ class Task(Protocol):
     head_name: str
 
     def logits(self, model: nn.Module, batch: dict[str, torch.Tensor], amp: str) -> torch.Tensor:
-        """The model's float32 outputs for ``input_ids`` / ``attention_mask [B, L]``."""
+        """The model's float32 outputs for ``input_ids`` / ``attention_mask [B, L]``: one
+        row per batch row (classification ``[B, C]``, generation ``[B, R, V]``)."""
+        ...
+
+    def scores(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What evaluation keeps of each row's outputs: ``[B, ...]`` (classification: the
+        logits; generation: the row's NLL sum and token count)."""
         ...
 
     def loss(self):
         """The training loss on private data (a :class:`~fedtune.execution.jobs.Loss`)."""
         ...
 
-    def metrics(self, logits: torch.Tensor, labels: np.ndarray) -> dict[str, float]:
-        """Test metrics from the outputs on a whole test set."""
+    def metrics(self, scores: torch.Tensor, labels: np.ndarray) -> dict[str, float]:
+        """Test metrics (with ``loss``) from the :meth:`scores` of a whole test set."""
         ...
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """What the head reads of the last hidden states ``[B, L, H]`` (split learning)."""
         ...
 
-    def head(self, model: nn.Module, pooled: torch.Tensor, amp: str) -> torch.Tensor:
-        """The head on :meth:`pool`'s output: float32 outputs."""
+    def head(
+        self, model: nn.Module, pooled: torch.Tensor, batch: dict[str, torch.Tensor], amp: str
+    ) -> torch.Tensor:
+        """The head on :meth:`pool`'s output (what :meth:`logits` returns); ``batch`` holds
+        what it needs besides (generation: ``target_pos``)."""
         ...
 
 
@@ -55,7 +65,7 @@ def register(task: Task) -> None:
 
 
 def get(name: str) -> Task:
-    from . import classification  # noqa: F401  (the built-in task registers itself)
+    from . import classification, generation  # noqa: F401  (built-in tasks register)
 
     if name not in _TASKS:
         raise ConfigError(f"unknown task {name!r}; available: {', '.join(_TASKS)}")

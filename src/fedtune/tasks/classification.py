@@ -67,6 +67,9 @@ class Classification:
     def loss(self) -> CrossEntropy:
         return CrossEntropy()
 
+    def scores(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return logits
+
     def metrics(self, logits: torch.Tensor, labels: np.ndarray) -> dict[str, float]:
         return metrics(logits, labels)
 
@@ -74,13 +77,15 @@ class Classification:
         """``hidden [B, L, H]`` at each row's last non-pad position: ``[B, H]``."""
         return hidden[torch.arange(len(hidden), device=hidden.device), last_positions(mask)]
 
-    def head(self, model: nn.Module, pooled: torch.Tensor, amp: str) -> torch.Tensor:
+    def head(
+        self, model: nn.Module, pooled: torch.Tensor, batch: dict[str, torch.Tensor], amp: str
+    ) -> torch.Tensor:
         """The classification head on pooled states: ``[B, H]`` -> float32 logits ``[B, C]``.
 
         HF applies the head to every position and then pools; the head is linear per
         position, so pooling first gives the same logits."""
         with autocast(pooled.device, amp):
-            return parts(model, self.head_name).head(pooled).float()
+            return parts(model).head(pooled).float()
 
 
 register(Classification())

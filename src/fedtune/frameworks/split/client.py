@@ -9,11 +9,24 @@ import torch
 from ... import compute, seeds
 from ...context import ClientContext
 from ...data import batches
+from ...execution.engine import join
 from ...execution.train import make_optimizer, optimizer_step, to_device
 from ...messages import ACTIVATIONS, GRADIENTS, LABELS, PARAMETERS, SERVER, Message, client_name
 from ...models import load_trainable_state
+from .config import is_u_shaped
 from .layers import round_samples
 from .model import client_forward, compress, decompress
+
+
+def round_labels(round_batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """What the server needs to compute the loss of every batch of the round, rows in order:
+    classification ``labels [N]``; generation the response positions and their tokens
+    ``target_pos``, ``target_ids [N, R]`` (int32, padded to the round's widest row with 0 and
+    -100): in generative split learning the labels ARE the text."""
+    if "target_ids" not in round_batches[0]:
+        return {"labels": torch.cat([b["labels"] for b in round_batches])}
+    joined = join([{k: b[k] for k in ("target_pos", "target_ids")} for b in round_batches], 0)
+    return {k: v.to(torch.int32) for k, v in joined.items()}
 
 
 class Client:
@@ -32,7 +45,7 @@ class Client:
 
     def handle(self, msg: Message, link) -> Message:
         ctx, rnd, me = self.ctx, msg.round, client_name(self.cid)
-        t, s = ctx.cfg.train, ctx.cfg.split
+        t = ctx.cfg.train
         stream = seeds.client(ctx.cfg.seed, rnd, self.cid)
         seeds.seed_torch(stream)  # dropout is reproducible per (round, client)
         k = int(msg.meta["split_layer"])
@@ -50,9 +63,10 @@ class Client:
         round_batches = list(
             batches(ctx.data.train, idx, t.batch_size, ctx.data.pad_id, rng, t.group_by_length)
         )
-        if not s.u_shaped:  # c2 (labels): the labels of every batch of the round, in order
-            labels = torch.cat([b["labels"] for b in round_batches])
-            link.call(Message(LABELS, rnd, me, SERVER, {"labels": labels}))
+        if not is_u_shaped(
+            ctx.cfg
+        ):  # c2 (labels): the labels of every batch of the round, in order
+            link.call(Message(LABELS, rnd, me, SERVER, round_labels(round_batches)))
         losses = []
         for batch in round_batches:
             losses.append(self.step(to_device(batch, ctx.device), k, link, rnd))
@@ -79,11 +93,11 @@ class Client:
         mask = batch["attention_mask"].bool()
         reply = link.call(Message(ACTIVATIONS, rnd, me, SERVER, {**x, "mask": mask}))
         hidden = ctx.model.config.hidden_size  # ours, never read from a message
-        if s.u_shaped:  # the head and the loss stay here; send back d loss / d pooled
+        if is_u_shaped(ctx.cfg):  # the head and the loss stay here; send back d loss / d pooled
             pooled = decompress(reply.tensors, s.compression, hidden)
             pooled = pooled.to(ctx.device).requires_grad_()
             with compute.step((*key, "head")):
-                logits = ctx.task.head(ctx.model, pooled, amp)
+                logits = ctx.task.head(ctx.model, pooled, batch, amp)
                 loss = ctx.task.loss()(logits, batch)
                 loss.backward()
             g = compress(pooled.grad, s.compression, s.topk_ratio)

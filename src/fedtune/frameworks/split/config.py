@@ -7,6 +7,12 @@ from dataclasses import dataclass
 from ...config import check, opt
 
 
+def is_u_shaped(cfg) -> bool:
+    """Whether a run's split learning is U-shaped (``split.u_shaped``, resolved for its task)."""
+    u = cfg.split.u_shaped
+    return u == "true" or (u == "auto" and cfg.data.task == "generation")
+
+
 @dataclass(frozen=True)
 class SplitConfig:
     """Split-FedLLM options (section ``[split]``); see fedtune.frameworks.split."""
@@ -45,8 +51,11 @@ class SplitConfig:
         ("none", "fp16", "bf16", "int8", "topk"),
     )
     topk_ratio: float = opt(0.1, "compression=topk: fraction of each token's values kept")
-    u_shaped: bool = opt(
-        False, "keep the head on the client: labels never leave it (U-shaped split learning)"
+    u_shaped: str = opt(
+        "auto",
+        "keep the head on the client, so labels never leave it (U-shaped split learning); "
+        "auto = true for generation (its labels are the text itself), false for classification",
+        ("auto", "true", "false"),
     )
     samples_per_round: int = opt(
         0, "training samples each client processes per round; 0 = train.local_epochs passes"

@@ -23,6 +23,7 @@ from ...messages import (
     encode,
 )
 from ...models import num_blocks
+from .config import is_u_shaped
 from .model import client_forward, compress, part_names
 
 
@@ -66,16 +67,17 @@ def wire_bytes_per_round(ctx: Context, k: int, num_samples: int) -> int:
     h = compress(torch.zeros(b, cfg.model.max_length, hidden), s.compression, s.topk_ratio)
     mask = {"mask": torch.ones(b, cfg.model.max_length, dtype=torch.bool)}
     per_batch = size(ACTIVATIONS, {**h, **mask})  # c2: h [B, L, H] and the mask up
-    if s.u_shaped:  # pooled states [B, H] down, their gradient up, then dL/dh down
+    u = is_u_shaped(cfg)
+    if u:  # pooled states [B, H] down, their gradient up, then dL/dh down
         pooled = compress(torch.zeros(b, hidden), s.compression, s.topk_ratio)
         per_batch += size(ACTIVATIONS, pooled) + size(GRADIENTS, pooled) + size(GRADIENTS, h)
     else:  # c4: dL/dh down with the batch loss (a float: 1/3 has a typical repr length)
         per_batch += size(GRADIENTS, h, {"loss": 1 / 3})
     once = 0
-    if not s.u_shaped:  # c2 (labels) up once per round, and the server's acknowledgement
+    if not u:  # c2 (labels) up once per round, and the server's acknowledgement
         once += size(LABELS, {"labels": torch.zeros(num_samples, dtype=torch.long)})
         once += size(METADATA, {}, {"received": num_samples})
-    state = {n: ctx.init_state[n] for n in part_names(ctx.model, k, "client", s.u_shaped)}
+    state = {n: ctx.init_state[n] for n in part_names(ctx.model, k, "client", u)}
     once += size(PARAMETERS, state, {"split_layer": k})  # cc1 down
     once += size(PARAMETERS, state, {"num_samples": num_samples, "loss": 1 / 3, "steps": steps})
     return steps * per_batch + once

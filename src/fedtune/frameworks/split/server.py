@@ -25,8 +25,34 @@ from ...messages import (
     client_name,
 )
 from ...models import load_trainable_state
+from .config import is_u_shaped
 from .layers import choose_split_layers
 from .model import compress, decompress, part_names, server_forward
+
+
+def received_labels(msg: Message) -> dict[str, torch.Tensor]:
+    """A client's LABELS for the round: ``labels [N]`` (classification) or ``target_pos`` and
+    ``target_ids [N, R]`` (generation), as int64."""
+    t = msg.tensors
+    names = {"labels"} if "labels" in t else {"target_pos", "target_ids"}
+    if set(t) != names or any(v.is_floating_point() for v in t.values()):
+        raise MessageError(f"labels from {msg.sender} are malformed")
+    if len({len(v) for v in t.values()}) != 1:
+        raise MessageError(f"labels from {msg.sender} disagree in length")
+    return {k: v.long() for k, v in t.items()}
+
+
+def take_labels(store: dict[int, dict], cid: int, b: int, device) -> dict[str, torch.Tensor]:
+    """The next ``b`` rows of client ``cid``'s round labels (removed from ``store``), as a
+    loss batch; generation's are trimmed to the batch's widest row."""
+    have = store[cid]
+    batch = {k: v[:b].to(device) for k, v in have.items()}
+    store[cid] = {k: v[b:] for k, v in have.items()}
+    if "target_ids" in batch:
+        tgt = batch["target_ids"]
+        r = max(1, int((tgt != -100).sum(1).max()))
+        batch = {k: v[:, :r] for k, v in batch.items()}
+    return batch
 
 
 class Server:
@@ -35,7 +61,7 @@ class Server:
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx, self.s = ctx, ctx.cfg.split
         self.layers = choose_split_layers(ctx)
-        u = self.s.u_shaped
+        self.u = u = is_u_shaped(ctx.cfg)
         self.client_keys = [part_names(ctx.model, k, "client", u) for k in self.layers]
         self.server_keys = [part_names(ctx.model, k, "server", u) for k in self.layers]
         self.cid = {client_name(c): c for c in range(len(self.layers))}
@@ -43,7 +69,7 @@ class Server:
         self.strategy = build(ctx.cfg.fed)  # per tensor: each has its own set of parties
         self.states: dict = {}  # slot ('shared' or cid) -> server-side tensors
         self.opts: dict = {}  # slot -> optimizer, kept across rounds like the clients' Adam
-        self.labels: dict[int, torch.Tensor] = {}  # cid -> this round's labels not yet used
+        self.labels: dict[int, dict] = {}  # cid -> this round's labels not yet used
         self.pending: dict[int, tuple] = {}  # U-shaped: cid -> (h, pooled) between two calls
         self.serve_seconds = 0.0
         self.saved_opts: dict = {}  # slot -> optimizer state from a checkpoint, loaded lazily
@@ -148,7 +174,7 @@ class Server:
             "split-server",
             msg.kind,
             self.layers[cid],
-            self.s.u_shaped,
+            self.u,
             self.ctx.cfg.train.autocast,
             shapes,
         )
@@ -159,10 +185,9 @@ class Server:
 
     def _serve(self, cid: int, msg: Message) -> Message:
         if msg.kind == LABELS:
-            self.labels[cid] = msg.tensors["labels"].to(self.ctx.device)
-            reply = Message(
-                METADATA, msg.round, SERVER, msg.sender, {}, {"received": len(self.labels[cid])}
-            )
+            self.labels[cid] = received_labels(msg)
+            n = len(next(iter(self.labels[cid].values())))
+            reply = Message(METADATA, msg.round, SERVER, msg.sender, {}, {"received": n})
         elif msg.kind == ACTIVATIONS:
             reply = self._forward(cid, msg)
         elif msg.kind == GRADIENTS and cid in self.pending:
@@ -182,13 +207,13 @@ class Server:
         mask = msg.tensors["mask"].to(ctx.device).long()
         # c3: the remaining blocks, final norm and pooling (and, unless U-shaped, the head).
         pooled = ctx.task.pool(server_forward(ctx.model, h, mask, k, ctx.cfg.train.autocast), mask)
-        if self.s.u_shaped:  # return the pooled last hidden states; the client has the head
+        if self.u:  # return the pooled last hidden states; the client has the head
             self.pending[cid] = (h, pooled)
             x = compress(pooled, self.s.compression, self.s.topk_ratio)
             return Message(ACTIVATIONS, msg.round, SERVER, msg.sender, x)
-        labels, self.labels[cid] = self.labels[cid][: len(h)], self.labels[cid][len(h) :]
-        logits = ctx.task.head(ctx.model, pooled, ctx.cfg.train.autocast)
-        loss = ctx.task.loss()(logits, {"labels": labels})
+        batch = take_labels(self.labels, cid, len(h), ctx.device)
+        logits = ctx.task.head(ctx.model, pooled, batch, ctx.cfg.train.autocast)
+        loss = ctx.task.loss()(logits, batch)
         return self._backward(cid, msg.round, h, loss, None, {"loss": loss.detach().item()})
 
     def _backward(self, cid: int, rnd: int, h, out, grad, meta: dict) -> Message:

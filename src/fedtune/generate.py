@@ -1,0 +1,89 @@
+"""Greedy generation with the KV cache, and its scores against references with maintained
+libraries: sacrebleu (multi-reference corpus BLEU and chrF), rouge-score (ROUGE-L, the best
+reference per prompt) and exact match (a class name as the response: accuracy)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .models import load_trainable_state
+
+
+@torch.inference_mode()
+def generate(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    state: dict[str, torch.Tensor] | None = None,
+) -> list[str]:
+    """Greedy continuations of token-id ``prompts`` (templated), decoded without special
+    tokens and stripped; ``state`` (the trainable tensors) is loaded first when given.
+
+    Prompts run ``batch_size`` at a time, longest first, left-padded (a decoder continues
+    from the last position of every row)."""
+    from transformers import GenerationConfig
+
+    if state is not None:
+        load_trainable_state(model, state)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad,
+        use_cache=True,
+    )
+    was_training = model.training
+    model.eval()
+    order = np.argsort([-len(p) for p in prompts], kind="stable")
+    out: list[str] = [""] * len(prompts)
+    for s in range(0, len(order), batch_size):
+        rows = order[s : s + batch_size]
+        width = max(len(prompts[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, i in enumerate(rows):
+            ids[j, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[j, width - len(prompts[i]) :] = 1
+        seqs = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+        )
+        texts = tokenizer.batch_decode(seqs[:, width:], skip_special_tokens=True)
+        for i, text in zip(rows, texts, strict=True):
+            out[i] = text.strip()
+    if was_training:
+        model.train()
+    return out
+
+
+def score(hyps: list[str], refs: list[list[str]]) -> dict[str, float]:
+    """``bleu`` and ``chrf`` (sacrebleu corpus scores with every reference of each prompt),
+    ``rouge_l`` (rouge-score F-measure against the best reference, averaged) and
+    ``exact_match`` (the hypothesis equals a reference), all in percent."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    width = max(len(r) for r in refs)
+    streams = [[r[i] if i < len(r) else None for r in refs] for i in range(width)]
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge = [scorer.score_multi(r, h)["rougeL"].fmeasure for h, r in zip(hyps, refs, strict=True)]
+    exact = [h.strip() in {x.strip() for x in r} for h, r in zip(hyps, refs, strict=True)]
+    return {
+        "bleu": float(sacrebleu.corpus_bleu(hyps, streams).score),
+        "chrf": float(sacrebleu.corpus_chrf(hyps, streams).score),
+        "rouge_l": 100.0 * float(np.mean(rouge)),
+        "exact_match": 100.0 * float(np.mean(exact)),
+    }
+
+
+def eval_prompts(n: int, available: int, seed: int) -> np.ndarray:
+    """The seeded subset of ``n`` evaluation prompts out of ``available`` (the same every
+    round and for every framework of a seed), sorted."""
+    if n >= available:
+        return np.arange(available)
+    return np.sort(np.random.default_rng((seed, 4)).permutation(available)[:n])
