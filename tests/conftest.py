@@ -57,3 +57,21 @@ def tiny_cfg(data_dir: Path, model: str = "tiny-gpt2", **sections) -> config.Run
         else:
             base[k] = v
     return config.from_dict(base)
+
+
+def gen_cfg(data_dir: Path, model: str = "tiny-gpt2", **sections) -> config.RunConfig:
+    """:func:`tiny_cfg` as a generation task: the synthetic data's category name is the
+    response to its text (classification run as generation)."""
+    gen = {
+        "data": {
+            "task": "generation",
+            "prompt_template": "{text}",
+            "response_template": "{category}",
+        },
+        "model": {"max_length": 48},
+        "eval": {"generate_samples": 4, "max_new_tokens": 6},
+    }
+    for k, v in sections.items():
+        gen[k] = {**gen.get(k, {}), **v} if isinstance(v, dict) else v
+    model_opts = gen.pop("model")
+    return config.with_overrides(tiny_cfg(data_dir, model=model, **gen), model=model_opts)
