@@ -176,3 +176,24 @@ def test_e2e_keeps_every_reference_and_partitions_by_name():
     bad = config.replace(cfg, partition_column="nope")
     with pytest.raises(DataError, match="no column 'nope'"):
         prepare(bad, load_tokenizer("tiny-gpt2"), 128, 0)
+
+
+@pytest.mark.parametrize(("topk", "dtype", "value_bytes"), [(4, "float16", 2), (16, "float32", 4)])
+def test_per_token_kd_bytes_are_tokens_times_k_times_entry(synth_dir, topk, dtype, value_bytes):
+    cfg = gen_cfg(
+        synth_dir,
+        fed={"framework": "kd", "rounds": 1},
+        kd={"topk": topk, "logit_dtype": dtype, "public_samples": 12, "client_eval": False},
+    )
+    s = simulate(cfg, log=None)
+    ctx = build_context(cfg)
+    from fedtune.frameworks.kd.common import public_candidates
+
+    public = ctx.data.public()
+    rows = public_candidates(ctx.server())
+    tokens = sum(len(public.ids[i]) - int(public.prompt_len[i]) for i in rows)  # S x T
+    entry = value_bytes + 2  # + an int16 index (vocabulary 257)
+    kinds = s["bytes_per_client_per_round_by_kind"]
+    for direction in ("up", "down"):  # b3 and b7 carry the same shape
+        header = kinds[direction]["logits"] - tokens * topk * entry
+        assert 0 < header < 1024, (direction, header)  # envelope + safetensors header

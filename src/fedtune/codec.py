@@ -80,14 +80,31 @@ def encode(
         raise ValueError(f"unknown top-k selection {select!r}; one of {SELECTS}")
     if x.dim() < 1 or not 0 <= topk <= x.shape[-1]:
         raise ValueError(f"top-k {topk} needs 0 <= k <= D for a tensor of shape {list(x.shape)}")
-    values, out = x.detach().float(), {}
+    values, idx = x.detach().float(), None
     if topk:
         if select == "largest":
             values, idx = values.topk(topk, dim=-1)  # [..., k], sorted descending
         else:
             idx = values.abs().topk(topk, dim=-1).indices
             values = values.gather(-1, idx)
-        out["indices"] = idx.to(index_dtype(x.shape[-1]))
+    return encode_sparse(values, idx, x.shape[-1], dtype, center)
+
+
+def encode_sparse(
+    values: torch.Tensor,
+    indices: torch.Tensor | None,
+    dim: int,
+    dtype: str = "float32",
+    center: bool = False,
+) -> dict[str, torch.Tensor]:
+    """:func:`encode` of entries already selected: ``values [..., k]`` at ``indices [..., k]``
+    of rows of ``dim`` entries (``indices`` None: the whole rows, k = dim). For when the
+    dense rows would not fit in memory (per-token logits over a 49k vocabulary)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; one of {tuple(DTYPES)}")
+    values, out = values.detach().float(), {}
+    if indices is not None:
+        out["indices"] = indices.to(index_dtype(dim))
     if dtype == "int8":
         if center:  # 2 * 127 steps span [lo, hi]; the floor keeps a constant row finite
             hi, lo = values.amax(-1, keepdim=True), values.amin(-1, keepdim=True)
@@ -117,6 +134,20 @@ def decode(tensors: dict[str, torch.Tensor], dim: int, fill: float = 0.0) -> tor
             scales, shapes of ``values`` / ``indices`` / ``scale`` that disagree with each
             other or with ``dim``, or indices outside ``[0, dim)`` or repeated within a row.
     """
+    values, idx = decode_sparse(tensors, dim)
+    if idx is None:
+        return values
+    rows = list(values.shape[:-1])
+    full = torch.full((*rows, dim), fill, dtype=torch.float32, device=values.device)
+    return full.scatter_(-1, idx, values)
+
+
+def decode_sparse(
+    tensors: dict[str, torch.Tensor], dim: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The checked entries of an :func:`encode` d message without filling the gaps: float32
+    ``values [..., k]`` and int64 ``indices [..., k]`` (None when whole rows were sent).
+    Raises :class:`~fedtune.errors.MessageError` as :func:`decode` does."""
     if "values" not in tensors:
         raise MessageError("compressed tensor without 'values'")
     values, idx, scale = tensors["values"], tensors.get("indices"), tensors.get("scale")
@@ -142,7 +173,7 @@ def decode(tensors: dict[str, torch.Tensor], dim: int, fill: float = 0.0) -> tor
     if idx is None:
         if shape[-1] != dim:
             raise MessageError(f"compressed values {shape}: expected {dim} entries per row")
-        return values
+        return values, None
     if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
         raise MessageError(f"indices of dtype {idx.dtype} are not integers")
     if list(idx.shape) != shape or shape[-1] > dim:
@@ -153,5 +184,4 @@ def decode(tensors: dict[str, torch.Tensor], dim: int, fill: float = 0.0) -> tor
     # A repeated index would make scatter keep an arbitrary one of its values.
     if shape[-1] > 1 and (idx.sort(-1).values.diff(dim=-1) == 0).any():
         raise MessageError("indices repeat within a row")
-    full = torch.full((*rows, dim), fill, dtype=torch.float32, device=values.device)
-    return full.scatter_(-1, idx, values)
+    return values, idx

@@ -253,19 +253,21 @@ def predict_many(ctx: Context, jobs: list[Predict]) -> list:
     order = np.argsort([len(data.ids[i]) for i in idx], kind="stable")
     per = max(1, cfg.eval_batch_size // n)  # samples per fused batch: each repeated n times
     outs: list[torch.Tensor] = []
+    reduce = jobs[0].reduce or ctx.task.scores
     for batch in batches(data, idx[order], per, pad_id):
         b = len(batch["labels"])
-        ids = to_device(batch["input_ids"].repeat(n, 1), device)
-        mask = to_device(batch["attention_mask"].repeat(n, 1), device)
+        fused = {
+            k: to_device(v.repeat(n, *([1] * (v.dim() - 1))), device) for k, v in batch.items()
+        }
         slots = torch.arange(n, device=device)
         mnet.set_rows(slots.repeat_interleave(b), slots)
         amp = cfg.autocast
-        with compute.step(("infer_many", amp, n, *ids.shape)):
-            logits = ctx.task.logits(mnet.net, {"input_ids": ids, "attention_mask": mask}, amp)
-        outs.append(logits.view(n, b, -1))
+        with compute.step(("infer_many", amp, n, *shape_of(fused))):
+            out = reduce(ctx.task.logits(mnet.net, fused, amp), fused)
+        outs.append(out.view(n, b, *out.shape[1:]))
     mnet.set_rows(None)
     mnet.net.train()
-    logits = torch.cat(outs, dim=1).cpu()  # [n, S, C] in sorted order
+    logits = torch.cat(outs, dim=1).cpu()  # [n, S, ...] in sorted order
     result = torch.empty_like(logits)
     result[:, torch.as_tensor(order)] = logits
     return list(result.unbind(0))

@@ -127,7 +127,7 @@ class Batched:
 
 def predict_key(job: Predict) -> tuple:
     """Predict jobs fuse when they ask for the same samples of the same data."""
-    return ("predict", id(job.data), np.asarray(job.idx).tobytes())
+    return ("predict", id(job.data), np.asarray(job.idx).tobytes(), id(job.reduce))
 
 
 def job_samples(job: Job) -> float:

@@ -73,11 +73,15 @@ class Train:
 
 @dataclass
 class Predict:
-    """Logits ``[len(idx), C]`` (float32, CPU, ``idx`` order) of ``state`` on ``data[idx]``."""
+    """Per-row outputs (float32, CPU, ``idx`` order) of ``state`` on ``data[idx]``: the task's
+    scores (classification: logits ``[len(idx), C]``), or ``reduce(logits, batch)`` of each
+    batch's outputs when given (e.g. the top-k of every token's vocabulary logits: what a
+    client keeps of ``[B, R, V]``). Jobs with the same ``reduce`` object fuse."""
 
     state: dict[str, torch.Tensor]
     data: Tokenized
     idx: np.ndarray
+    reduce: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor] | None = None
 
 
 Job = Train | Predict

@@ -142,13 +142,18 @@ def train(ctx: Context, job: Train) -> LocalResult:
 
 @torch.inference_mode()
 def outputs(
-    ctx: Context, state: dict[str, torch.Tensor] | None, data: Tokenized, idx: np.ndarray
+    ctx: Context,
+    state: dict[str, torch.Tensor] | None,
+    data: Tokenized,
+    idx: np.ndarray,
+    reduce=None,
 ) -> torch.Tensor:
     """The task's per-row scores (:meth:`~fedtune.tasks.Task.scores`; classification: logits
     ``[len(idx), C]``; float32, CPU, in ``idx`` order) under ``state`` (None: what the model
     holds), in ``train.eval_batch_size`` batches of length-sorted samples, so little compute
-    goes to padding."""
+    goes to padding. ``reduce(logits, batch)`` replaces the task's scores when given."""
     model, amp = ctx.model, ctx.cfg.train.autocast
+    reduce = reduce or ctx.task.scores
     if state is not None:
         load_trainable_state(model, state)
     model.eval()
@@ -158,7 +163,7 @@ def outputs(
     for batch in batches(data, idx[order], ctx.cfg.train.eval_batch_size, ctx.data.pad_id):
         batch = to_device(batch, ctx.device)
         with compute.step(("infer", amp, *shape_of(batch))):
-            out.append(ctx.task.scores(ctx.task.logits(model, batch, amp), batch))
+            out.append(reduce(ctx.task.logits(model, batch, amp), batch))
     logits = torch.cat(out).cpu()
     result = torch.empty_like(logits)
     result[torch.as_tensor(order)] = logits  # back to idx order
@@ -168,7 +173,7 @@ def outputs(
 
 def predict(ctx: Context, job: Predict) -> torch.Tensor:
     """Run a :class:`~fedtune.execution.jobs.Predict` job: outputs ``[len(idx), C]``."""
-    return outputs(ctx, job.state, job.data, job.idx)
+    return outputs(ctx, job.state, job.data, job.idx, job.reduce)
 
 
 def evaluate(ctx: Context, state: dict[str, torch.Tensor] | None, data: Tokenized) -> dict:

@@ -14,8 +14,8 @@ from ...errors import MessageError
 from ...execution.jobs import Predict, Train
 from ...execution.train import evaluate, num_local_steps
 from ...messages import LABELS, LOGITS, METADATA, SERVER, Message, client_name
-from .common import distill_batch_size, public_candidates, received_logits, selection_view
-from .ops import Distill, pack_logits
+from .common import distill_batch_size, public_candidates, selection_view
+from .knowledge import knowledge
 
 
 class Client:
@@ -27,6 +27,7 @@ class Client:
         self.state = {k: v.clone() for k, v in ctx.init_state.items()}
         self.opt_state: dict | None = None
         self.candidates = public_candidates(ctx)
+        self.knowledge = knowledge(ctx)  # class logits, or per-token (generation)
         self.selection = self.candidates  # positions in the public set: this round's
 
     def state_dict(self) -> dict:
@@ -51,7 +52,7 @@ class Client:
             )
             self.state, self.opt_state = result.state, result.opt_state
             # b2: logits on the public selection (its labels are never read here).
-            logits = yield Predict(self.state, self.ctx.data.public, self.selection)
+            logits = yield self.knowledge.predict(self.state, self.selection)
             return self.upload(msg.round, result.loss, logits)
         if msg.kind == LOGITS:
             return (yield from self.distill_global(msg))
@@ -78,9 +79,8 @@ class Client:
     def upload(self, rnd: int, loss: float, logits: torch.Tensor) -> Message:
         """b3: upload the logits, compressed; the loss is fixed-width so sizes do not depend
         on it."""
-        kd = self.ctx.cfg.kd
         meta = {"num_samples": len(self.ctx.data.train), "loss": f"{loss:.6e}"}
-        tensors = pack_logits(logits, kd.topk, kd.logit_dtype)
+        tensors = self.knowledge.pack(logits, self.selection)
         return Message(LOGITS, rnd, client_name(self.cid), SERVER, tensors, meta)
 
     def distill_global(self, msg: Message) -> Generator[Train, object, None]:
@@ -88,13 +88,13 @@ class Client:
         ctx, kd = self.ctx, self.ctx.cfg.kd
         if kd.client_distill_epochs == 0:
             return None
-        global_logits = received_logits(msg, len(self.selection), ctx.data.num_labels, SERVER)
+        teacher = self.knowledge.teacher(self.knowledge.unpack(msg, self.selection, SERVER))
         result = yield Train(
             self.state,
             self.opt_state,
             selection_view(ctx.data.public, self.selection),
             np.arange(len(self.selection)),
-            Distill((global_logits / kd.temperature).softmax(-1), kd.temperature),
+            self.knowledge.loss(teacher, self.selection),
             seeds.client(ctx.cfg.seed, msg.round, self.cid, job=1),
             epochs=kd.client_distill_epochs,
             batch_size=distill_batch_size(ctx),
@@ -104,8 +104,13 @@ class Client:
 
 
 def client_eval(ctx: ServerContext, server, clients: dict[int, Client]) -> dict:
-    """Mean test accuracy of the clients' local models (the global model is the headline)."""
+    """Mean test accuracy (generation: perplexity) of the clients' local models (the global
+    model is the headline)."""
     if not ctx.cfg.kd.client_eval:
         return {}
-    accs = [evaluate(ctx, cl.state, ctx.data.test)["accuracy"] for _, cl in sorted(clients.items())]
-    return {"client_accuracy": float(np.mean(accs)), "client_accuracies": accs}
+    evals = [evaluate(ctx, cl.state, ctx.data.test) for _, cl in sorted(clients.items())]
+    if "accuracy" in evals[0]:
+        accs = [e["accuracy"] for e in evals]
+        return {"client_accuracy": float(np.mean(accs)), "client_accuracies": accs}
+    ppl = [e["perplexity"] for e in evals]
+    return {"client_perplexity": float(np.mean(ppl)), "client_perplexities": ppl}

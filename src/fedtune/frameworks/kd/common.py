@@ -64,4 +64,5 @@ def received_logits(msg: Message, rows: int, num_classes: int, sender: str) -> t
 def selection_view(data: Tokenized, idx: np.ndarray) -> Tokenized:
     """The public samples ``data[idx]`` as a dataset whose labels are their row positions
     ``0..S-1``: a distillation job's batches then know their rows of the teacher ``[S, C]``."""
-    return Tokenized([data.ids[i] for i in idx], np.arange(len(idx)))
+    plen = None if data.prompt_len is None else data.prompt_len[idx]
+    return Tokenized([data.ids[i] for i in idx], np.arange(len(idx)), plen)

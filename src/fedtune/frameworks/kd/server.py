@@ -11,23 +11,19 @@ import torch
 from ... import seeds
 from ...aggregate import meta_problem
 from ...context import ServerContext
-from ...errors import ConfigError, MessageError
+from ...errors import MessageError
 from ...execution.jobs import Train
-from ...execution.train import train
+from ...execution.train import outputs, train
 from ...messages import LOGITS, METADATA, SERVER, Message, client_name
 from .common import (
     distill_batch_size,
     public_candidates,
-    public_logits,
-    received_logits,
     selection_view,
 )
+from .knowledge import knowledge
 from .ops import (
-    Distill,
-    aggregate_knowledge,
     alignment_weights,
     label_distribution,
-    pack_logits,
     prune_public,
     tv_distance,
 )
@@ -40,14 +36,10 @@ class Server:
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
         self.candidates = public_candidates(ctx)
-        if ctx.cfg.kd.topk >= ctx.data.num_labels:
-            raise ConfigError(
-                f"config key kd.topk: must be < the number of classes "
-                f"({ctx.data.num_labels}), got {ctx.cfg.kd.topk}"
-            )
+        self.knowledge = knowledge(ctx)  # class logits, or per-token (generation)
         self.state = {k: v.clone() for k, v in ctx.init_state.items()}
         self.opt_state: dict | None = None
-        self.global_logits: torch.Tensor | None = None  # [N, C] from the last b6
+        self.global_logits: torch.Tensor | None = None  # [N, ...] outputs of the last b6
         self.histograms: dict[int, np.ndarray] = {}  # cid -> [C] private label counts
 
     def round(self, rnd: int, clients: list[int]) -> Generator[dict, dict, dict]:
@@ -75,7 +67,7 @@ class Server:
         sel = np.arange(n)
         if kd.prune != "none":
             if self.global_logits is None:
-                self.global_logits = public_logits(ctx, self.state, self.candidates)
+                self.global_logits = self.public_outputs()
             sel = prune_public(self.global_logits, kd.prune, kd.prune_keep)
             mask = np.zeros(n, dtype=bool)
             mask[sel] = True
@@ -96,7 +88,8 @@ class Server:
                     raise MessageError(why)
                 if kd.align != "none" and i not in self.histograms:
                     raise MessageError("no valid label histogram")
-                logits.append(received_logits(replies[i], len(sel), c, client_name(i)))
+                rows = self.candidates[sel]
+                logits.append(self.knowledge.unpack(replies[i], rows, client_name(i)))
                 cids.append(i)
             except MessageError as e:
                 rejected[str(i)] = str(e)
@@ -104,9 +97,7 @@ class Server:
         if not cids:  # nothing usable: the global model stays as it was
             return metrics
         sizes = [int(float(replies[i].meta["num_samples"])) for i in cids]
-        teacher, kept = aggregate_knowledge(
-            logits, kd.temperature, kd.aggregate, sizes, kd.entropy_threshold
-        )
+        teacher, kept = self.knowledge.aggregate(logits, sizes, self.candidates[sel])
         metrics["train_loss"] = float(
             np.average([float(replies[i].meta["loss"]) for i in cids], weights=sizes)
         )
@@ -135,7 +126,7 @@ class Server:
             self.opt_state,
             selection_view(ctx.data.public, self.candidates[sel]),
             rows,
-            Distill(teacher, kd.temperature, w, y),
+            self.knowledge.loss(teacher, self.candidates[sel], w, y),
             (ctx.cfg.seed, rnd, seeds.KD_SERVER),
             epochs=kd.server_epochs,
             batch_size=distill_batch_size(ctx),
@@ -145,11 +136,16 @@ class Server:
         self.state, self.opt_state = result.state, result.opt_state
         metrics["server_distill_loss"] = result.loss
         # b6: the global model's logits on all candidates (the next round prunes with them).
-        self.global_logits = public_logits(ctx, self.state, self.candidates)
+        self.global_logits = self.public_outputs()
         # b7: broadcast them on this round's selection; b8 happens in Client.handle.
-        down = pack_logits(self.global_logits[sel], kd.topk, kd.logit_dtype)
+        down = self.knowledge.pack(self.global_logits[sel], self.candidates[sel])
         yield {cid: Message(LOGITS, rnd, SERVER, client_name(cid), down) for cid in replies}
         return metrics
+
+    def public_outputs(self) -> torch.Tensor:
+        """b6: the global model's outputs on every public candidate (in candidate order)."""
+        job = self.knowledge.predict(self.state, self.candidates)
+        return outputs(self.ctx, job.state, job.data, job.idx, job.reduce)
 
     def eval_state(self) -> dict[str, torch.Tensor]:
         return self.state
