@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import gen_cfg
+from conftest import gen_cfg, tiny_cfg
 from fedtune import config
 from fedtune.context import build_context
 from fedtune.data import collate, prepare, response_targets
@@ -197,3 +197,38 @@ def test_per_token_kd_bytes_are_tokens_times_k_times_entry(synth_dir, topk, dtyp
     for direction in ("up", "down"):  # b3 and b7 carry the same shape
         header = kinds[direction]["logits"] - tokens * topk * entry
         assert 0 < header < 1024, (direction, header)  # envelope + safetensors header
+
+
+@pytest.mark.parametrize("task", ["generation", "classification"])
+def test_saved_adapter_loads_with_peft_by_the_base_name(synth_dir, tmp_path, task, capsys):
+    """The run's adapter names its base model (here a local directory standing in for a hub
+    name) and loads with PEFT's Auto classes; fedtune predict/generate use it too."""
+    from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fedtune.cli import main
+    from fedtune.models import tiny_config, tiny_tokenizer
+
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("tiny-gpt2")).save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    make = gen_cfg if task == "generation" else tiny_cfg
+    cfg = config.with_overrides(make(synth_dir, fed={"rounds": 1}), model={"name": str(base)})
+    simulate(cfg, tmp_path / "run", log=None)
+    adapter = tmp_path / "run" / "adapter"
+    if task == "generation":
+        model = AutoPeftModelForCausalLM.from_pretrained(adapter)
+        assert (
+            main(["generate", str(tmp_path / "run"), "my card fee", "--max-new-tokens", "3"]) == 0
+        )
+    else:
+        labels = AutoConfig.from_pretrained(adapter).id2label
+        assert sorted(labels.values()) == ["card", "cash", "fee", "transfer"]
+        model = AutoPeftModelForSequenceClassification.from_pretrained(
+            adapter, num_labels=len(labels)
+        )
+        assert main(["predict", str(tmp_path / "run"), "visa card please"]) == 0
+        label, prob = capsys.readouterr().out.split()
+        assert label in labels.values() and 0.25 < float(prob) <= 1.0  # 4 classes
+    assert model.peft_config["default"].base_model_name_or_path == str(base)

@@ -42,6 +42,8 @@ def _run(args: argparse.Namespace) -> int:
     summary = simulate(cfg, args.out, resume=bool(args.resume))
     keys = (
         "framework",
+        "task",
+        "final",
         "final_accuracy",
         "best_accuracy",
         "bytes_up_per_client_per_round",
@@ -108,6 +110,24 @@ def _plot(args: argparse.Namespace) -> int:
     if not find_runs(args.run_dirs):
         raise ConfigError(f"no finished run (summary.json) in {', '.join(args.run_dirs)}")
     experiments.write_outputs(args.run_dirs, out, notes=None, title=args.title)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .inference import load_run
+
+    run = load_run(args.run_dir, args.device)
+    for text, (label, prob) in zip(args.texts, run.predict(args.texts), strict=True):
+        print(f"{label}\t{prob:.4f}\t{text}" if len(args.texts) > 1 else f"{label}\t{prob:.4f}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .inference import load_run
+
+    run = load_run(args.run_dir, args.device)
+    for text in run.generate(args.prompts, args.max_new_tokens):
+        print(text)
     return 0
 
 
@@ -182,6 +202,25 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", help="output folder (default: the single RUN_DIR given)")
     pl.add_argument("--title", help="report title")
     pl.set_defaults(func=_plot)
+
+    pr = sub.add_parser(
+        "predict",
+        help="label texts with a finished classification run (base model + its adapter)",
+    )
+    pr.add_argument("run_dir", help="a finished run directory")
+    pr.add_argument("texts", nargs="+", help="texts to classify")
+    pr.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    pr.set_defaults(func=_predict)
+
+    ge = sub.add_parser(
+        "generate",
+        help="respond to prompts with a finished generation run (base model + its adapter)",
+    )
+    ge.add_argument("run_dir", help="a finished run directory")
+    ge.add_argument("prompts", nargs="+", help="prompts, rendered with the run's template")
+    ge.add_argument("--max-new-tokens", type=int, help="default: the run's eval.max_new_tokens")
+    ge.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ge.set_defaults(func=_generate)
 
     from .flower.cli import add_parser as add_flower_parser  # imports flwr only when run
 

@@ -33,6 +33,8 @@ from .errors import ModelError
 
 SMOLLM2 = "smollm2-135m"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# What a saved adapter names as its base model (its weights are the GGUF's, dequantised).
+HUB_NAMES = {SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct"}
 TINY = ("tiny-gpt2", "tiny-llama")
 
 # Per-architecture LoRA targets (PEFT-style registry); the head is the task's (tasks/).
@@ -154,6 +156,12 @@ def smollm2_dir() -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def hub_name(name: str) -> str:
+    """The name another machine loads ``model.name`` by: the hub repository of the offline
+    model, else the name itself (a hub name or a local directory)."""
+    return HUB_NAMES.get(name, name)
 
 
 def load_tokenizer(name: str):

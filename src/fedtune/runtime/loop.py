@@ -176,7 +176,7 @@ def run(
         **transport.summary(),
     )
     if rundir is not None:
-        rundir.finish(summary, ctx.model, server.eval_state())
+        rundir.finish(summary, ctx, server.eval_state())
     return RunResult(summary, history)
 
 

@@ -5,7 +5,9 @@ Layout::
     RUN_DIR/config.toml        resolved config (reloadable with ``fedtune run RUN_DIR/config.toml``)
     RUN_DIR/metrics.jsonl      one JSON line per round
     RUN_DIR/summary.json       written last and atomically: its presence marks a complete run
-    RUN_DIR/adapter/           global LoRA + head as safetensors (PEFT format, loadable by PEFT)
+    RUN_DIR/adapter/           global LoRA + head as safetensors (PEFT format: loads with
+                               AutoPeftModelFor... where the base model is available by its
+                               hub name), the tokenizer, and config.json with the label names
     RUN_DIR/checkpoint/        the last round's full state, for ``fedtune run --resume RUN_DIR``
 """
 
@@ -23,7 +25,7 @@ from ..config import RunConfig, to_toml
 from ..data import default_data_dir
 from ..errors import ConfigError
 from ..messages import DOWN, UP, Ledger
-from ..models import load_trainable_state
+from ..models import hub_name, load_trainable_state
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -71,10 +73,32 @@ class RunDir:
         """Replace ``metrics.jsonl`` with ``history`` (on resume: the checkpoint's rounds)."""
         atomic_write(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
 
-    def finish(self, summary: dict, model, state: dict[str, torch.Tensor]) -> None:
-        load_trainable_state(model, state)
-        model.save_pretrained(self.path / "adapter")  # adapter_model.safetensors + config
+    def finish(self, summary: dict, ctx, state: dict[str, torch.Tensor]) -> None:
+        save_adapter(self.path / "adapter", ctx, state)
         atomic_write(self.path / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def save_adapter(path: Path, ctx, state: dict[str, torch.Tensor]) -> None:
+    """``state`` as a PEFT adapter that names the hub model as its base (not this machine's
+    cache path), with the tokenizer and, for a classifier, ``config.json`` holding
+    ``id2label`` / ``label2id`` (the class order exists nowhere else)."""
+    model = ctx.model
+    load_trainable_state(model, state)
+    peft_cfg = model.peft_config["default"]
+    local = peft_cfg.base_model_name_or_path
+    peft_cfg.base_model_name_or_path = hub_name(ctx.cfg.model.name)
+    try:
+        # No embedding check: PEFT would look the base model up on the hub to see whether the
+        # vocabulary changed (it never does here).
+        model.save_pretrained(path, save_embedding_layers=False)
+    finally:
+        peft_cfg.base_model_name_or_path = local
+    ctx.tokenizer.save_pretrained(path)
+    config = model.get_base_model().config
+    if ctx.task.model_kind == "classify":
+        config.id2label = dict(enumerate(ctx.data.label_names))
+        config.label2id = {n: i for i, n in enumerate(ctx.data.label_names)}
+    config.save_pretrained(path)
 
 
 # Task metrics a summary reports for the first and last evaluation.

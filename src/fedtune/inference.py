@@ -1,0 +1,100 @@
+"""Use a finished run: the base model with the run's adapter, as a classifier or a generator.
+
+>>> run = load_run("runs/demo-gen")
+>>> run.generate(["name[Alimentum], area[city centre]"])
+['Alimentum is a restaurant in the city centre.']
+>>> load_run("runs/demo-fedllm").predict(["I lost my card"])
+[('lost_or_stolen_card', 0.93)]
+
+The base model is loaded as the run loaded it (``model.name`` of ``RUN_DIR/config.toml``: the
+offline SmolLM2, or a hub name); ``RUN_DIR/adapter`` holds the adapter (PEFT format), the
+tokenizer and the label names. Elsewhere, PEFT loads the same adapter by the hub name it
+records: ``AutoPeftModelForCausalLM.from_pretrained("RUN_DIR/adapter")``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import config, gendata, tasks
+from .context import resolve_device
+from .errors import ConfigError, ModelError
+from .generate import generate
+from .models import load_model
+
+
+@dataclass
+class TrainedRun:
+    cfg: config.RunConfig
+    model: torch.nn.Module
+    tokenizer: object
+    task: tasks.Task
+    labels: list[str]  # class names by index (classification)
+
+    def predict(self, texts: list[str]) -> list[tuple[str, float]]:
+        """Each text's most probable label and its probability (classification runs)."""
+        if self.task.model_kind != "classify":
+            raise ConfigError("this run fine-tuned a generator: use generate, not predict")
+        enc = self.tokenizer(
+            texts,
+            truncation=True,
+            max_length=self.cfg.model.max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        device = next(self.model.parameters()).device
+        batch = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
+        self.model.eval()
+        with torch.inference_mode():
+            probs = self.task.logits(self.model, batch, "off").softmax(-1).cpu()
+        best = probs.max(-1)
+        return [(self.labels[i], float(p)) for p, i in zip(best.values, best.indices, strict=True)]
+
+    def generate(self, prompts: list[str], max_new_tokens: int | None = None) -> list[str]:
+        """Greedy responses to ``prompts``, rendered with the run's template (generation runs)."""
+        if self.task.model_kind != "causal":
+            raise ConfigError("this run fine-tuned a classifier: use predict, not generate")
+        chat = gendata.uses_chat(self.tokenizer, self.cfg.data.chat_template)
+        ids = gendata.encode_prompts(self.tokenizer, prompts, chat)
+        n = max_new_tokens or self.cfg.eval.max_new_tokens
+        return generate(self.model, self.tokenizer, ids, n, self.cfg.eval.generate_batch_size)
+
+
+def load_run(run_dir: str | Path, device: str = "cpu") -> TrainedRun:
+    """The base model with ``run_dir``'s adapter loaded; one-line errors for a folder that is
+    not a finished run."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(run_dir)
+    adapter = path / "adapter" / "adapter_model.safetensors"
+    if not (path / "config.toml").is_file():
+        raise ConfigError(f"{path} is not a run directory (no config.toml)")
+    if not adapter.is_file():
+        raise ConfigError(f"{path} has no trained adapter (the run did not finish)")
+    cfg = config.load(path / "config.toml", ["progress=false"])
+    task = tasks.get(cfg.data.task)
+    labels: list[str] = []
+    if task.model_kind == "classify":
+        try:
+            id2label = json.loads((path / "adapter" / "config.json").read_text())["id2label"]
+            labels = [id2label[str(i)] for i in range(len(id2label))]
+        except (OSError, ValueError, KeyError):
+            raise ConfigError(f"{path}/adapter/config.json holds no label names") from None
+    model, tok = load_model(cfg.model, max(len(labels), 2), resolve_device(device), task)
+    try:
+        weights = load_file(adapter)
+    except Exception as e:  # a truncated or foreign file
+        raise ModelError(f"cannot read {adapter}: {str(e).splitlines()[0]}") from None
+    trainable = sum(p.requires_grad for p in model.parameters())
+    try:
+        result = set_peft_model_state_dict(model, weights)
+    except RuntimeError as e:  # shapes that do not fit
+        raise ModelError(f"{adapter} does not fit {cfg.model.name!r}: {str(e)[:200]}") from None
+    if result.unexpected_keys or len(weights) != trainable:
+        raise ModelError(f"{adapter} does not hold the {trainable} trained tensors of this model")
+    return TrainedRun(cfg, model, tok, task, labels)
