@@ -232,3 +232,33 @@ def test_saved_adapter_loads_with_peft_by_the_base_name(synth_dir, tmp_path, tas
         label, prob = capsys.readouterr().out.split()
         assert label in labels.values() and 0.25 < float(prob) <= 1.0  # 4 classes
     assert model.peft_config["default"].base_model_name_or_path == str(base)
+
+
+def test_test_subset_keeps_whole_prompts():
+    from fedtune.gendata import whole_groups
+
+    order = np.array([3, 0, 4, 1, 2])
+    # unique prompts: exactly the classification subset order[:n]
+    assert whole_groups(["a", "b", "c", "d", "e"], order, 2).tolist() == [3, 0]
+    # rows 0, 2 share prompt "x": taking row 3 ("y") then row 0 brings row 2 along
+    assert whole_groups(["x", "z", "x", "y", "w"], order, 2).tolist() == [3, 0, 2]
+
+
+@pytest.mark.skipif(not E2E.is_dir(), reason="needs ../shared/data/e2e")
+def test_e2e_test_subset_has_every_reference_of_its_prompts():
+    cfg = config.replace(
+        gen_cfg(E2E).data,
+        path=str(E2E),
+        prompt_template="{mr}",
+        response_template="{ref}",
+        public_size=100,
+        test_size=50,
+    )
+    data = prepare(cfg, load_tokenizer("tiny-gpt2"), 128, 0)
+    full = prepare(config.replace(cfg, test_size=0), load_tokenizer("tiny-gpt2"), 128, 0)
+    refs = dict(zip(full.generate.texts, full.generate.refs, strict=True))
+    assert len(data.test) == sum(len(r) for r in data.generate.refs) >= 50
+    assert all(
+        sorted(refs[t]) == sorted(r)
+        for t, r in zip(data.generate.texts, data.generate.refs, strict=True)
+    )

@@ -98,7 +98,7 @@ def test_aggregates_mean_std_and_rows(compare_dir):
     c = report.curve(groups[0])
     assert list(c["round"]) == [1, 2, 3]
     assert c["cum_bytes"].tolist() == [2000, 4000, 6000]
-    assert c["accuracy"][-1] == pytest.approx(0.82)
+    assert c["value"][-1] == pytest.approx(0.82)
 
 
 def test_table_one_ranks_and_planted_disagreement(compare_dir):
@@ -258,3 +258,42 @@ def test_compare_end_to_end_tiny(tmp_path, synth_dir):
     assert "| KD-FedLLM | 0 |" in md and "## Table I" in md
     if importlib.util.find_spec("matplotlib"):
         assert (out / "comm_vs_compute.png").stat().st_size > 5000
+
+
+def test_generation_runs_report_bleu_and_the_generative_claim(tmp_path):
+    # framework -> (BLEU, perplexity, bytes per direction): KD planted as the cheapest, which
+    # the paper's generative-task claim (KD is less efficient there) does not allow.
+    numbers = {"fedllm": (40.0, 6.0, 3e6), "kd": (20.0, 9.0, 1e5), "split": (38.0, 6.5, 3e7)}
+    for fw, (bleu, ppl, b) in numbers.items():
+        path = tmp_path / fw
+        write_run(path, fw, 0, 0.0, b, b, 1e12, data={"task": "generation"})
+        summary = json.loads((path / "summary.json").read_text())
+        summary.update(task="generation", final={"bleu": bleu, "perplexity": ppl, "rouge_l": 50.0})
+        (path / "summary.json").write_text(json.dumps(summary))
+        lines = [
+            {
+                "round": 0,
+                "perplexity": 12.0,
+                "bytes_up_per_client": 0.0,
+                "bytes_down_per_client": 0.0,
+            }
+        ]
+        lines += [
+            {
+                "round": r,
+                "perplexity": ppl + 3 - r,
+                "bytes_up_per_client": b,
+                "bytes_down_per_client": b,
+            }
+            for r in (1, 2, 3)
+        ]
+        (path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    runs = report.find_runs([tmp_path])
+    rows = [report.aggregate(g) for g in report.group_runs(runs)]
+    assert [r["accuracy_mean"] for r in rows] == [40.0, 20.0, 38.0]  # the headline is BLEU
+    c = report.curve(report.group_runs(runs)[0])
+    assert c["round"].tolist() == [0, 1, 2, 3] and c["value"].tolist() == [12.0, 8.0, 7.0, 6.0]
+    md = report.build_report(runs)
+    assert "| final BLEU | ROUGE-L |" in md and "| FedLLM | 0 | 40.0 | 50.0 |" in md
+    assert "less efficient on generative tasks" in md
+    assert "Disagreement on communication: KD-FedLLM ranks 1" in md

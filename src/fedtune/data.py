@@ -148,6 +148,20 @@ def subset(data: Tokenized, idx: np.ndarray) -> Tokenized:
 # ----------------------------------------------------------------------------- loading
 
 
+def data_folder(cfg: DataConfig) -> Path | None:
+    """``data.path`` (a relative path not found from here is also tried from the repository
+    root, so a preset's ``../shared/data/e2e`` works from any directory), else
+    :func:`default_data_dir`."""
+    if not cfg.path:
+        return default_data_dir()
+    path = Path(cfg.path)
+    if not path.is_absolute() and not path.exists():
+        beside = Path(__file__).resolve().parents[2] / path
+        if beside.exists():
+            return beside
+    return path
+
+
 def default_data_dir() -> Path | None:
     """``$FEDTUNE_DATA``, else ``../shared/data/banking77`` beside the working dir or the repo."""
     candidates = [os.environ.get("FEDTUNE_DATA", "")]
@@ -205,7 +219,7 @@ def _load_hub(name: str, text_col: str, label_col: str):
 def load_text_classification(cfg: DataConfig) -> tuple[list[str], TextDataset, TextDataset]:
     """Load train/test. Returns ``(label_names, train, test)`` with labels indexed by the
     sorted set of training labels; a test label unseen in training is a DataError."""
-    path = Path(cfg.path) if cfg.path else default_data_dir()
+    path = data_folder(cfg)
     if path is not None:
         if not path.is_dir():
             raise DataError(f"data folder not found: {path}")
@@ -359,12 +373,13 @@ def _load_split(cfg: DataConfig, seed: int) -> Loaded:
     else:
         names, train, test = load_text_classification(cfg)
     public, clients = split_federated(train.labels, cfg, seed)
-    pairs = gendata.Pairs(test.texts, test.responses or [], []) if generation else None
     if cfg.test_size and cfg.test_size < len(test.texts):
-        keep = np.sort(
-            np.random.default_rng(seed + 1).permutation(len(test.texts))[: cfg.test_size]
-        )
-        test = select(test, keep)
+        order = np.random.default_rng(seed + 1).permutation(len(test.texts))
+        keep = order[: cfg.test_size]
+        if generation:  # whole prompts: every reference of a prompt stays with it
+            keep = gendata.whole_groups(test.texts, order, cfg.test_size)
+        test = select(test, np.sort(keep))
+    pairs = gendata.Pairs(test.texts, test.responses or [], []) if generation else None
     return Loaded(names, train, test, public, clients, pairs)
 
 

@@ -103,9 +103,9 @@ def _hub_rows(name: str) -> tuple[list[dict], list[dict] | None]:
 def load_rows(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
     """Train and test rows from ``data.path`` (train/test .csv or .jsonl) or the hub; without
     a test split a seeded ``data.test_fraction`` of train is held out."""
-    from .data import default_data_dir
+    from .data import data_folder
 
-    path = Path(cfg.path) if cfg.path else default_data_dir()
+    path = data_folder(cfg)
     if path is not None:
         if not path.is_dir():
             raise DataError(f"data folder not found: {path}")
@@ -166,6 +166,23 @@ def render(cfg: DataConfig, rows: list[dict[str, str]], where: str) -> Pairs:
         part = cfg.partition == "column"
         groups.append(column_value(row, cfg.partition_column) if part else responses[-1])
     return Pairs(prompts, responses, groups)
+
+
+def whole_groups(prompts: list[str], order: np.ndarray, n: int) -> np.ndarray:
+    """Rows of the prompts met first in ``order`` until they hold at least ``n`` rows: a
+    test subset that keeps every reference of its prompts (for one row per prompt, simply
+    ``order[:n]``)."""
+    rows: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        rows.setdefault(p, []).append(i)
+    keep: list[int] = []
+    for i in order:
+        if len(keep) >= n:
+            break
+        group = rows.pop(prompts[i], None)
+        if group is not None:
+            keep.extend(group)
+    return np.asarray(keep, dtype=np.int64)
 
 
 def uses_chat(tokenizer, mode: str) -> bool:

@@ -24,7 +24,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .report import Group, Run, aggregate, curve, framework_order, group_runs, title  # noqa: E402
+from .report import (  # noqa: E402
+    HEADLINE,
+    PER_ROUND,
+    Group,
+    Run,
+    aggregate,
+    curve,
+    framework_order,
+    group_runs,
+    title,
+)
 
 COLORS = {"fedllm": "tab:blue", "kd": "tab:orange", "split": "tab:green"}
 MARKERS = ("o", "s", "^", "D", "v", "P")
@@ -56,28 +66,30 @@ def _legend(ax, n: int) -> None:
 
 
 def accuracy_curves(groups: list[Group], out: Path, x: str) -> str:
-    """Accuracy against the round (``x="round"``) or cumulative bytes per client (``"bytes"``)."""
+    """The per-round quality (accuracy; generation: held-out perplexity) against the round
+    (``x="round"``) or the cumulative bytes per client (``"bytes"``)."""
+    metric, label = PER_ROUND.get(groups[0].runs[0].task, PER_ROUND["classification"])
     styles = _style(groups)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, g in enumerate(groups):
         c = curve(g)
         xs = c["round"] if x == "round" else c["cum_bytes"]
         every = max(1, len(xs) // 10)  # 100 rounds: a marker every 10th point, not a smear
-        ax.plot(xs, c["accuracy"], label=g.label, markersize=4, markevery=every, **styles[i])
+        ax.plot(xs, c["value"], label=g.label, markersize=4, markevery=every, **styles[i])
         if len(g.runs) > 1 and len(groups) <= 3:  # the spread over seeds; more bands blur
-            lo, hi = c["accuracy"] - c["accuracy_std"], c["accuracy"] + c["accuracy_std"]
+            lo, hi = c["value"] - c["value_std"], c["value"] + c["value_std"]
             ax.fill_between(xs, lo, hi, color=styles[i]["color"], alpha=0.12, linewidth=0)
     if x == "round":
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
         ax.set_xlabel("round")
-        ax.set_title("Test accuracy per round")
-        name = "accuracy_vs_round.png"
+        ax.set_title(f"{label.capitalize()} per round")
+        name = f"{metric}_vs_round.png"
     else:
-        ax.set_xscale("log")
+        ax.set_xscale("symlog" if metric == "perplexity" else "log")  # round 0 sent 0 bytes
         ax.set_xlabel("cumulative bytes per client, up + down (log)")
-        ax.set_title("Test accuracy against communication")
-        name = "accuracy_vs_bytes.png"
-    ax.set_ylabel("test accuracy")
+        ax.set_title(f"{label.capitalize()} against communication")
+        name = f"{metric}_vs_bytes.png"
+    ax.set_ylabel(label)
     ax.grid(True, alpha=0.3, which="both")
     _legend(ax, len(groups))
     return _save(fig, out / name)
@@ -149,7 +161,8 @@ def accuracy_vs_setting(groups: list[Group], out: Path) -> str:
         ax.set_xlabel(", ".join(keys) or "setting")
         ax.set_title(title(fw))
         ax.grid(True, alpha=0.3)
-    axes[0][0].set_ylabel("final test accuracy")
+    headline = HEADLINE.get(groups[0].runs[0].task, HEADLINE["classification"])[1]
+    axes[0][0].set_ylabel(f"final test {headline}")
     fig.suptitle("Accuracy under the varied factor (Fig. 3)")
     return _save(fig, out / "accuracy_vs_setting.png")
 

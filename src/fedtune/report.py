@@ -25,6 +25,14 @@ import numpy as np
 # Keys that never define a setting: the seed is what a group averages over; the rest is cosmetic.
 IGNORED_KEYS = {"seed", "name", "progress"}
 
+# Per task: the headline quality of a run (its final value; higher is better) and the metric
+# drawn per round (measured at every evaluation round, round 0 included for generation).
+HEADLINE = {"classification": ("accuracy", "accuracy"), "generation": ("bleu", "BLEU")}
+PER_ROUND = {
+    "classification": ("accuracy", "test accuracy"),
+    "generation": ("perplexity", "held-out perplexity"),
+}
+
 
 def title(framework: str) -> str:
     """A framework's display name from the registry (``kd`` -> ``KD-FedLLM``)."""
@@ -57,6 +65,10 @@ class Run:
     @property
     def seed(self) -> int:
         return self.summary.get("seed", self.config.get("seed", 0))
+
+    @property
+    def task(self) -> str:
+        return self.summary.get("task") or self.config.get("data.task", "classification")
 
 
 @dataclass
@@ -146,9 +158,16 @@ def _std(values) -> float:
 
 
 def aggregate(group: Group) -> dict:
-    """One table row: means over the group's seeds (peak memory: the max)."""
+    """One table row: means over the group's seeds (peak memory: the max). ``accuracy_mean``
+    / ``accuracy_std`` are the task's headline quality (:data:`HEADLINE`: accuracy, or BLEU
+    for generation); generation rows also carry perplexity, ROUGE-L and exact match."""
     s = [r.summary for r in group.runs]
-    acc = [x.get("final_accuracy") for x in s]
+    task = group.runs[0].task
+    key = HEADLINE.get(task, HEADLINE["classification"])[0]
+    finals = [x.get("final") or {} for x in s]
+    acc = (
+        [x.get("final_accuracy") for x in s] if key == "accuracy" else [f.get(key) for f in finals]
+    )
     up = _mean(x.get("bytes_up_per_client_per_round") for x in s)
     down = _mean(x.get("bytes_down_per_client_per_round") for x in s)
     return {
@@ -166,31 +185,35 @@ def aggregate(group: Group) -> dict:
         "client_flops": _mean(x.get("client_flops_per_round") for x in s),
         "client_seconds": _mean(x.get("client_seconds_per_round") for x in s),
         "client_peak_memory": max((x.get("client_peak_memory_bytes") or 0 for x in s), default=0),
+        "task": task,
+        **{f"{k}_mean": _mean(f.get(k) for f in finals) for k in GENERATION_METRICS},
     }
 
 
+GENERATION_METRICS = ("perplexity", "bleu", "chrf", "rouge_l", "exact_match")
+
+
 def curve(group: Group) -> dict[str, np.ndarray]:
-    """Accuracy per evaluated round and the cumulative bytes (up + down) per client at that
-    round, both averaged over seeds on the rounds every seed evaluated."""
+    """The task's per-round metric (:data:`PER_ROUND`: accuracy, or perplexity for
+    generation) per evaluated round and the cumulative bytes (up + down) per client at that
+    round, both averaged over seeds on the rounds every seed evaluated: ``round``,
+    ``value``, ``value_std``, ``cum_bytes``."""
+    metric = PER_ROUND.get(group.runs[0].task, PER_ROUND["classification"])[0]
     per_run = []
     for r in group.runs:
         total = np.cumsum(
             [m["bytes_up_per_client"] + m["bytes_down_per_client"] for m in r.metrics]
         )
         per_run.append(
-            {
-                m["round"]: (m["accuracy"], total[i])
-                for i, m in enumerate(r.metrics)
-                if "accuracy" in m
-            }
+            {m["round"]: (m[metric], total[i]) for i, m in enumerate(r.metrics) if metric in m}
         )
     rounds = sorted(set.intersection(*(set(p) for p in per_run)))  # a group has >= 1 run
     acc = np.array([[p[t][0] for t in rounds] for p in per_run]).reshape(len(per_run), -1)
     cum = np.array([[p[t][1] for t in rounds] for p in per_run]).reshape(len(per_run), -1)
     return {
         "round": np.array(rounds, dtype=int),
-        "accuracy": acc.mean(0),
-        "accuracy_std": acc.std(0, ddof=1) if len(per_run) > 1 else np.zeros(len(rounds)),
+        "value": acc.mean(0),
+        "value_std": acc.std(0, ddof=1) if len(per_run) > 1 else np.zeros(len(rounds)),
         "cum_bytes": cum.mean(0),
     }
 
@@ -208,14 +231,50 @@ def fmt_si(x: float, unit: str = "") -> str:
     return f"{x:.3g} {unit}".strip()
 
 
-def fmt_acc(mean: float, std: float, n: int = 2) -> str:
+def fmt_acc(mean: float, std: float, n: int = 2, digits: int = 4) -> str:
     """``0.8200 ± 0.0283``; a single seed has no spread to show."""
     if not np.isfinite(mean):
         return "n/a"
-    return f"{mean:.4f} ± {std:.4f}" if n > 1 else f"{mean:.4f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
 
 
 def results_table(rows: list[dict]) -> list[str]:
+    """One table per task: classification rows, then generation rows."""
+    cls = [r for r in rows if r.get("task", "classification") != "generation"]
+    gen = [r for r in rows if r.get("task") == "generation"]
+    return [
+        *(class_table(cls) if cls else []),
+        *([""] if cls and gen else []),
+        *(generation_table(gen) if gen else []),
+    ]
+
+
+def _costs(r: dict) -> str:
+    return (
+        f"| {fmt_si(r['bytes_up'], 'B')} | {fmt_si(r['bytes_down'], 'B')} "
+        f"| {fmt_si(r['client_flops'], 'FLOP')} | {r['client_seconds']:.3g} "
+        f"| {fmt_si(r['client_peak_memory'], 'B')} |"
+    )
+
+
+def generation_table(rows: list[dict]) -> list[str]:
+    head = (
+        "| framework | seeds | final BLEU | ROUGE-L | chrF | exact match | perplexity "
+        "| bytes up / client / round | bytes down / client / round | client FLOPs / round "
+        "| client s / round | client peak memory |"
+    )
+    lines = [head, "|" + " --- |" * 12]
+    for r in rows:
+        seeds = ",".join(str(s) for s in r["seeds"])
+        lines.append(
+            f"| {r['label']} | {seeds} | {fmt_acc(r['accuracy_mean'], r['accuracy_std'], len(r['seeds']), 1)} "
+            f"| {r['rouge_l_mean']:.1f} | {r['chrf_mean']:.1f} | {r['exact_match_mean']:.1f} "
+            f"| {r['perplexity_mean']:.3f} " + _costs(r)
+        )
+    return lines
+
+
+def class_table(rows: list[dict]) -> list[str]:
     head = (
         "| framework | seeds | final accuracy (mean ± std) | macro-F1 | bytes up / client / round "
         "| bytes down / client / round | client FLOPs / round | client s / round "
@@ -226,9 +285,7 @@ def results_table(rows: list[dict]) -> list[str]:
         seeds = ",".join(str(s) for s in r["seeds"])
         lines.append(
             f"| {r['label']} | {seeds} | {fmt_acc(r['accuracy_mean'], r['accuracy_std'], len(r['seeds']))} "
-            f"| {r['macro_f1_mean']:.4f} | {fmt_si(r['bytes_up'], 'B')} "
-            f"| {fmt_si(r['bytes_down'], 'B')} | {fmt_si(r['client_flops'], 'FLOP')} "
-            f"| {r['client_seconds']:.3g} | {fmt_si(r['client_peak_memory'], 'B')} |"
+            f"| {r['macro_f1_mean']:.4f} " + _costs(r)
         )
     return lines
 
@@ -269,8 +326,9 @@ def build_report(
         "",
         "## Results",
         "",
-        "Per framework and setting, over seeds: final test accuracy (mean ± sample std), and "
-        "per client and round: bytes on the wire (measured from the encoded messages), "
+        "Per framework and setting, over seeds: the final test quality (accuracy; generation: "
+        "BLEU, mean ± sample std, with ROUGE-L, chrF, exact match and held-out perplexity), "
+        "and per client and round: bytes on the wire (measured from the encoded messages), "
         "client FLOPs and seconds (means) and peak memory (max).",
         "",
         *results_table(rows),
