@@ -164,6 +164,12 @@ class ComputeMeter:
             self._start_segment()
 
     @contextlib.contextmanager
+    def _counted(self):
+        with FlopCounterMode(display=False) as counter:
+            yield
+        self.stats.flops += int(counter.get_total_flops())
+
+    @contextlib.contextmanager
     def _step(self, key: tuple):
         if key in self.cache:
             self.stats.flops += self.cache[key]
@@ -173,6 +179,15 @@ class ComputeMeter:
             yield
         self.cache[key] = int(counter.get_total_flops())
         self.stats.flops += self.cache[key]
+
+
+def counted():
+    """Wrap work whose FLOPs depend on more than shapes (greedy decoding stops when the model
+    says so): in ``shape`` mode it is counted every time, op by op. A no-op otherwise."""
+    meter = _CURRENT.get()
+    if meter is None or meter.mode != "shape":
+        return contextlib.nullcontext()
+    return meter._counted()
 
 
 def step(key: tuple):

@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import compute
 from .models import load_trainable_state
 
 
-@torch.inference_mode()
 def generate(
     model: nn.Module,
     tokenizer,
@@ -21,7 +21,22 @@ def generate(
     state: dict[str, torch.Tensor] | None = None,
 ) -> list[str]:
     """Greedy continuations of token-id ``prompts`` (templated), decoded without special
-    tokens and stripped; ``state`` (the trainable tensors) is loaded first when given.
+    tokens and stripped; ``state`` (the trainable tensors) is loaded first when given."""
+    ids = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, state)
+    return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+@torch.inference_mode()
+def generate_ids(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    state: dict[str, torch.Tensor] | None = None,
+) -> list[list[int]]:
+    """The new token ids of greedy continuations of ``prompts``, cut after the first
+    end-of-sequence token (kept: it ends the response).
 
     Prompts run ``batch_size`` at a time, longest first, left-padded (a decoder continues
     from the last position of every row)."""
@@ -41,7 +56,8 @@ def generate(
     was_training = model.training
     model.eval()
     order = np.argsort([-len(p) for p in prompts], kind="stable")
-    out: list[str] = [""] * len(prompts)
+    out: list[list[int]] = [[] for _ in prompts]
+    eos = tokenizer.eos_token_id
     for s in range(0, len(order), batch_size):
         rows = order[s : s + batch_size]
         width = max(len(prompts[i]) for i in rows)
@@ -50,12 +66,12 @@ def generate(
         for j, i in enumerate(rows):
             ids[j, width - len(prompts[i]) :] = torch.tensor(prompts[i])
             mask[j, width - len(prompts[i]) :] = 1
-        seqs = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
-        )
-        texts = tokenizer.batch_decode(seqs[:, width:], skip_special_tokens=True)
-        for i, text in zip(rows, texts, strict=True):
-            out[i] = text.strip()
+        with compute.counted():  # a client generating (sequence-level KD) counts its FLOPs
+            seqs = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+            )
+        for i, new in zip(rows, seqs[:, width:].tolist(), strict=True):
+            out[i] = new[: new.index(eos) + 1] if eos in new else new
     if was_training:
         model.train()
     return out

@@ -23,8 +23,8 @@ import numpy as np
 from ..compute import ComputeMeter, ComputeStats
 from ..context import Context
 from ..messages import Message
-from .jobs import Job, Predict, Train
-from .train import predict, train
+from .jobs import Generate, Job, Predict, Train
+from .train import generate_job, predict, train
 
 Work = Generator[Job, Any, Message | None]
 Start = Callable[[], "Work | Message | None"]
@@ -45,7 +45,7 @@ class Sequential:
         self.ctx = ctx
 
     def execute(self, job: Job) -> Any:
-        return train(self.ctx, job) if isinstance(job, Train) else predict(self.ctx, job)
+        return execute(self.ctx, job)
 
     def run(self, work: dict[int, Start], meters: dict[int, ComputeMeter]) -> dict:
         out = {}
@@ -54,6 +54,15 @@ class Sequential:
                 w = start()
                 out[cid] = drive(w, self.execute) if isinstance(w, Generator) else w
         return out
+
+
+def execute(ctx: Context, job: Job) -> Any:
+    """Run one job alone on the shared model."""
+    if isinstance(job, Train):
+        return train(ctx, job)
+    if isinstance(job, Generate):
+        return generate_job(ctx, job)
+    return predict(ctx, job)
 
 
 def drive(work: Work, execute: Callable[[Job], Any]) -> Message | None:
@@ -93,6 +102,10 @@ class Batched:
         return {cid: out[cid] for cid in work}  # in the order the work came
 
     @staticmethod
+    def _one_by_one(ctx: Context, jobs: list[Job]) -> list:
+        return [execute(ctx, job) for job in jobs]
+
+    @staticmethod
     def _advance(cid, gen: Work, result, jobs: dict, out: dict, first: bool = False) -> None:
         try:
             jobs[cid] = next(gen) if first else gen.send(result)
@@ -105,11 +118,16 @@ class Batched:
 
         groups: dict[Any, list[int]] = {}
         for cid, job in jobs.items():
-            key = "train" if isinstance(job, Train) else predict_key(job)
+            if isinstance(job, Generate):  # decoding does not fuse: each on its own
+                key = ("generate", cid)
+            else:
+                key = "train" if isinstance(job, Train) else predict_key(job)
             groups.setdefault(key, []).append(cid)
         results = {}
         for key, cids in groups.items():
             run = engine.train_many if key == "train" else engine.predict_many
+            if key[0] == "generate":
+                run = self._one_by_one
             size = self.chunk or len(cids)
             for c in range(0, len(cids), size):
                 chunk = cids[c : c + size]

@@ -84,4 +84,16 @@ class Predict:
     reduce: Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor] | None = None
 
 
-Job = Train | Predict
+@dataclass
+class Generate:
+    """Greedy responses of ``state`` to the prompts of ``data[idx]`` (each row's first
+    ``prompt_len`` tokens): the new token ids of each row, up to ``max_new_tokens`` and
+    ending with the end-of-sequence token when the model emitted it."""
+
+    state: dict[str, torch.Tensor]
+    data: Tokenized
+    idx: np.ndarray
+    max_new_tokens: int
+
+
+Job = Train | Predict | Generate

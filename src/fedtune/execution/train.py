@@ -176,6 +176,18 @@ def predict(ctx: Context, job: Predict) -> torch.Tensor:
     return outputs(ctx, job.state, job.data, job.idx, job.reduce)
 
 
+def generate_job(ctx: Context, job) -> list[list[int]]:
+    """Run a :class:`~fedtune.execution.jobs.Generate` job: each row's new token ids."""
+    from ..generate import generate_ids
+
+    data = job.data
+    prompts = [data.ids[i][: int(data.prompt_len[i])] for i in job.idx]
+    cfg = ctx.cfg.eval
+    return generate_ids(
+        ctx.model, ctx.tokenizer, prompts, job.max_new_tokens, cfg.generate_batch_size, job.state
+    )
+
+
 def evaluate(ctx: Context, state: dict[str, torch.Tensor] | None, data: Tokenized) -> dict:
     """The task's test metrics of ``state`` on all of ``data``."""
     return ctx.task.metrics(outputs(ctx, state, data, np.arange(len(data))), data.labels)

@@ -14,7 +14,7 @@ from ...errors import MessageError
 from ...execution.jobs import Predict, Train
 from ...execution.train import evaluate, num_local_steps
 from ...messages import LABELS, LOGITS, METADATA, SERVER, Message, client_name
-from .common import distill_batch_size, public_candidates, selection_view
+from .common import distill_batch_size, public_candidates
 from .knowledge import knowledge
 
 
@@ -89,11 +89,12 @@ class Client:
         if kd.client_distill_epochs == 0:
             return None
         teacher = self.knowledge.teacher(self.knowledge.unpack(msg, self.selection, SERVER))
+        data = self.knowledge.train_data(teacher, self.selection)
         result = yield Train(
             self.state,
             self.opt_state,
-            selection_view(ctx.data.public, self.selection),
-            np.arange(len(self.selection)),
+            data,
+            np.arange(len(data)),
             self.knowledge.loss(teacher, self.selection),
             seeds.client(ctx.cfg.seed, msg.round, self.cid, job=1),
             epochs=kd.client_distill_epochs,

@@ -36,6 +36,13 @@ class KDConfig:
         "toward their aggregate label distribution (public labels: the teacher's argmax)",
         ("none", "reweight", "resample"),
     )
+    level: str = opt(
+        "logits",
+        "what knowledge is: logits (per sample; generation: per response token, top-k over the "
+        "vocabulary) or, generation only, 'sequence': the token ids each party generates for "
+        "the public prompts (sequence-level KD, a few bytes per token)",
+        ("logits", "sequence"),
+    )
     topk: int = opt(0, "send only the top-k logits (values + indices) per sample; 0 = all classes")
     logit_dtype: str = opt(
         "float32",

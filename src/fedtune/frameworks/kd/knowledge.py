@@ -10,11 +10,13 @@ import numpy as np
 import torch
 
 from ...context import Context
+from ...data import Tokenized
 from ...errors import ConfigError, MessageError
 from ...execution.jobs import Loss, Predict
 from ...messages import Message
-from .common import received_logits
+from .common import received_logits, selection_view
 from .ops import Distill, aggregate_knowledge, pack_logits
+from .sequences import SequenceKnowledge
 from .tokens import (
     TokenDistill,
     TopK,
@@ -53,6 +55,10 @@ class Knowledge(Protocol):
         """b8: the teacher from the server's knowledge."""
         ...
 
+    def train_data(self, teacher: Any, rows: np.ndarray) -> Tokenized:
+        """What b5 and b8 train on; its ``labels`` are the teacher's row positions."""
+        ...
+
     def loss(self, teacher: Any, rows: np.ndarray, weights=None, labels=None) -> Loss:
         """Distillation toward ``teacher`` on public ``rows`` (b5, b8)."""
         ...
@@ -86,6 +92,9 @@ class ClassKnowledge:
 
     def teacher(self, received):
         return (received / self.kd.temperature).softmax(-1)
+
+    def train_data(self, teacher, rows) -> Tokenized:
+        return selection_view(self.ctx.data.public, rows)
 
     def loss(self, teacher, rows, weights=None, labels=None) -> Loss:
         return Distill(teacher, self.kd.temperature, weights, labels)
@@ -142,6 +151,9 @@ class TokenKnowledge:
         values, idx = received
         return sparse_probs(values, self.kd.temperature), idx
 
+    def train_data(self, teacher, rows) -> Tokenized:
+        return selection_view(self.ctx.data.public, rows)
+
     def loss(self, teacher, rows, weights=None, labels=None) -> Loss:
         counts = self.counts[rows]
         offsets = torch.as_tensor(np.concatenate([[0], np.cumsum(counts)[:-1]]))
@@ -150,6 +162,9 @@ class TokenKnowledge:
 
 
 def knowledge(ctx: Context) -> Knowledge:
-    """The run's knowledge: per token when the public set holds prompt/response pairs."""
+    """The run's knowledge: per token when the public set holds prompt/response pairs, or
+    generated sequences with ``kd.level = "sequence"``."""
+    if ctx.cfg.kd.level == "sequence":
+        return SequenceKnowledge(ctx)
     generative = ctx.data.public.prompt_len is not None
     return TokenKnowledge(ctx) if generative else ClassKnowledge(ctx)

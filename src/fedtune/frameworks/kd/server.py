@@ -12,13 +12,13 @@ from ... import seeds
 from ...aggregate import meta_problem
 from ...context import ServerContext
 from ...errors import MessageError
+from ...execution.executors import execute
 from ...execution.jobs import Train
-from ...execution.train import outputs, train
+from ...execution.train import train
 from ...messages import LOGITS, METADATA, SERVER, Message, client_name
 from .common import (
     distill_batch_size,
     public_candidates,
-    selection_view,
 )
 from .knowledge import knowledge
 from .ops import (
@@ -27,6 +27,11 @@ from .ops import (
     prune_public,
     tv_distance,
 )
+
+
+def pick(outputs, sel: np.ndarray):
+    """Rows ``sel`` of a party's outputs (a tensor, or a list of sequences)."""
+    return outputs[sel] if isinstance(outputs, torch.Tensor) else [outputs[i] for i in sel]
 
 
 class Server:
@@ -124,7 +129,7 @@ class Server:
         job = Train(
             self.state,
             self.opt_state,
-            selection_view(ctx.data.public, self.candidates[sel]),
+            self.knowledge.train_data(teacher, self.candidates[sel]),
             rows,
             self.knowledge.loss(teacher, self.candidates[sel], w, y),
             (ctx.cfg.seed, rnd, seeds.KD_SERVER),
@@ -138,14 +143,14 @@ class Server:
         # b6: the global model's logits on all candidates (the next round prunes with them).
         self.global_logits = self.public_outputs()
         # b7: broadcast them on this round's selection; b8 happens in Client.handle.
-        down = self.knowledge.pack(self.global_logits[sel], self.candidates[sel])
+        down = self.knowledge.pack(pick(self.global_logits, sel), self.candidates[sel])
         yield {cid: Message(LOGITS, rnd, SERVER, client_name(cid), down) for cid in replies}
         return metrics
 
-    def public_outputs(self) -> torch.Tensor:
-        """b6: the global model's outputs on every public candidate (in candidate order)."""
-        job = self.knowledge.predict(self.state, self.candidates)
-        return outputs(self.ctx, job.state, job.data, job.idx, job.reduce)
+    def public_outputs(self):
+        """b6: the global model's outputs on every public candidate (in candidate order):
+        logits, or generated sequences (``kd.level = "sequence"``)."""
+        return execute(self.ctx, self.knowledge.predict(self.state, self.candidates))
 
     def eval_state(self) -> dict[str, torch.Tensor]:
         return self.state
