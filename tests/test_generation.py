@@ -245,7 +245,7 @@ def test_test_subset_keeps_whole_prompts():
 
 
 @pytest.mark.skipif(not E2E.is_dir(), reason="needs ../shared/data/e2e")
-def test_e2e_test_subset_has_every_reference_of_its_prompts():
+def test_e2e_test_subset_is_the_first_prompts_with_all_their_references():
     cfg = config.replace(
         gen_cfg(E2E).data,
         path=str(E2E),
@@ -254,11 +254,26 @@ def test_e2e_test_subset_has_every_reference_of_its_prompts():
         public_size=100,
         test_size=50,
     )
-    data = prepare(cfg, load_tokenizer("tiny-gpt2"), 128, 0)
-    full = prepare(config.replace(cfg, test_size=0), load_tokenizer("tiny-gpt2"), 128, 0)
-    refs = dict(zip(full.generate.texts, full.generate.refs, strict=True))
-    assert len(data.test) == sum(len(r) for r in data.generate.refs) >= 50
-    assert all(
-        sorted(refs[t]) == sorted(r)
-        for t, r in zip(data.generate.texts, data.generate.refs, strict=True)
+    data = prepare(cfg, load_tokenizer("tiny-gpt2"), 512, 0)  # no prompt is truncated
+    prompts = {tuple(x[:p]) for x, p in zip(data.test.ids, data.test.prompt_len, strict=True)}
+    first = data.generate.prompts[: len(prompts)]  # the generation set's order
+    assert prompts == {tuple(p) for p in first}
+    assert len(data.test) == sum(len(r) for r in data.generate.refs[: len(prompts)]) >= 50
+
+
+def test_classification_as_generation_scores_the_classifier_test_rows(synth_dir):
+    gen = prepare(
+        config.replace(gen_cfg(synth_dir).data, test_size=30), load_tokenizer("tiny-gpt2"), 48, 0
     )
+    cls = prepare(
+        config.replace(tiny_cfg(synth_dir).data, test_size=30), load_tokenizer("tiny-gpt2"), 48, 0
+    )
+    # the synthetic texts repeat, so compare as multisets of (text tokens, label name)
+    want = sorted(
+        (tuple(x), cls.label_names[y]) for x, y in zip(cls.test.ids, cls.test.labels, strict=True)
+    )
+    got = sorted(
+        (tuple(load_tokenizer("tiny-gpt2")(t)["input_ids"]), r[0])
+        for t, r in zip(gen.generate.texts[:30], gen.generate.refs[:30], strict=True)
+    )
+    assert len(want) == 30 and got == want

@@ -373,13 +373,18 @@ def _load_split(cfg: DataConfig, seed: int) -> Loaded:
     else:
         names, train, test = load_text_classification(cfg)
     public, clients = split_federated(train.labels, cfg, seed)
+    order = np.random.default_rng(seed + 1).permutation(len(test.texts))
+    # Generation: the prompts to generate for, in this seeded order, each with all its
+    # references; the first eval.generate_samples of them are scored.
+    pairs = None
+    if generation:
+        shuffled = select(test, order)
+        pairs = gendata.Pairs(shuffled.texts, shuffled.responses or [], [])
     if cfg.test_size and cfg.test_size < len(test.texts):
-        order = np.random.default_rng(seed + 1).permutation(len(test.texts))
         keep = order[: cfg.test_size]
-        if generation:  # whole prompts: every reference of a prompt stays with it
+        if generation:  # whole prompts, met in the same order: every reference stays
             keep = gendata.whole_groups(test.texts, order, cfg.test_size)
         test = select(test, np.sort(keep))
-    pairs = gendata.Pairs(test.texts, test.responses or [], []) if generation else None
     return Loaded(names, train, test, public, clients, pairs)
 
 

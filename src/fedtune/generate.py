@@ -97,9 +97,8 @@ def score(hyps: list[str], refs: list[list[str]]) -> dict[str, float]:
     }
 
 
-def eval_prompts(n: int, available: int, seed: int) -> np.ndarray:
-    """The seeded subset of ``n`` evaluation prompts out of ``available`` (the same every
-    round and for every framework of a seed), sorted."""
-    if n >= available:
-        return np.arange(available)
-    return np.sort(np.random.default_rng((seed, 4)).permutation(available)[:n])
+def eval_prompts(n: int, available: int) -> np.ndarray:
+    """The first ``n`` of the ``available`` evaluation prompts. They come in a seeded order
+    (:func:`fedtune.data.prepare`), the one the test subset ``data.test_size`` is drawn in:
+    a classification dataset run as generation scores the rows the classifier is tested on."""
+    return np.arange(min(n, available))

@@ -78,7 +78,7 @@ def generation_metrics(ctx: ServerContext, state: dict) -> dict:
     gen, e = ctx.data.generate, ctx.cfg.eval
     if gen is None or len(gen) == 0:
         return {}
-    idx = eval_prompts(e.generate_samples, len(gen), ctx.cfg.seed)
+    idx = eval_prompts(e.generate_samples, len(gen))
     prompts = [gen.prompts[i] for i in idx]
     hyps = generate(
         ctx.model, ctx.tokenizer, prompts, e.max_new_tokens, e.generate_batch_size, state
