@@ -277,3 +277,58 @@ def test_classification_as_generation_scores_the_classifier_test_rows(synth_dir)
         for t, r in zip(gen.generate.texts[:30], gen.generate.refs[:30], strict=True)
     )
     assert len(want) == 30 and got == want
+
+
+def test_sequence_level_kd_sends_token_ids_and_checks_them(synth_dir):
+    from fedtune.errors import ConfigError, MessageError
+    from fedtune.frameworks.kd.sequences import SequenceKnowledge
+    from fedtune.messages import LOGITS, SERVER, Message
+
+    cfg = gen_cfg(
+        synth_dir,
+        fed={"framework": "kd", "rounds": 1},
+        kd={"level": "sequence", "public_samples": 12, "client_eval": False},
+    )
+    s = simulate(cfg, log=None)
+    # each response holds at most eval.max_new_tokens = 6 ids (int16: vocabulary 257) and
+    # one int32 length: at most 12 x (6 x 2 + 4) bytes + the header
+    up = s["bytes_per_client_per_round_by_kind"]["up"]["logits"]
+    assert up < 12 * (6 * 2 + 4) + 1024
+    kn = SequenceKnowledge(build_context(cfg).server())
+    rows = np.arange(2)
+    good = kn.pack([[5, 256], [7]], rows)
+    assert good["tokens"].dtype == torch.int16 and kn.unpack(
+        Message(LOGITS, 1, "c", SERVER, good), rows, "c"
+    ) == [[5, 256], [7]]
+    bad = [
+        {**good, "lengths": torch.tensor([2, 2], dtype=torch.int32)},  # do not add up
+        {**good, "tokens": torch.tensor([5, 999, 7], dtype=torch.int16)},  # outside vocabulary
+        {**good, "lengths": torch.tensor([3], dtype=torch.int32)},  # wrong number of prompts
+        {"tokens": good["tokens"].float(), "lengths": good["lengths"]},  # not integers
+    ]
+    for tensors in bad:
+        with pytest.raises(MessageError):
+            kn.unpack(Message(LOGITS, 1, "c", SERVER, tensors), rows, "c")
+    with pytest.raises(ConfigError, match="kd.level"):
+        simulate(tiny_cfg(synth_dir, fed={"framework": "kd"}, kd={"level": "sequence"}), log=None)
+
+
+@pytest.mark.parametrize("level", ["logits", "sequence"])
+def test_batched_kd_on_generation_equals_sequential(synth_dir, level):
+    # tiny-llama with LoRA dropout 0 has no dropout at all, so both engines compute the same;
+    # float32 rounding (other shapes) is amplified by Adam, hence a bound relative to how far
+    # training moved the held-out perplexity rather than a fixed epsilon.
+    runs = {}
+    for engine_ in ("sequential", "batched"):
+        cfg = gen_cfg(
+            synth_dir,
+            model="tiny-llama",
+            fed={"framework": "kd", "rounds": 2, "engine": engine_},
+            kd={"level": level, "topk": 8, "public_samples": 16, "client_eval": False},
+        )
+        runs[engine_] = simulate(config.with_overrides(cfg, model={"lora_dropout": 0.0}), log=None)
+    seq, bat = runs["sequential"], runs["batched"]
+    moved = abs(seq["final"]["perplexity"] - seq["initial"]["perplexity"])
+    assert moved > 0.1
+    assert abs(bat["final"]["perplexity"] - seq["final"]["perplexity"]) <= 1e-2 * moved
+    assert bat["bytes_per_client_per_round_by_kind"] == seq["bytes_per_client_per_round_by_kind"]

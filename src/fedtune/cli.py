@@ -126,7 +126,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .inference import load_run
 
     run = load_run(args.run_dir, args.device)
-    for text in run.generate(args.prompts, args.max_new_tokens):
+    for text in run.generate(args.prompts, args.max_new_tokens, args.raw):
         print(text)
     return 0
 
@@ -217,7 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="respond to prompts with a finished generation run (base model + its adapter)",
     )
     ge.add_argument("run_dir", help="a finished run directory")
-    ge.add_argument("prompts", nargs="+", help="prompts, rendered with the run's template")
+    ge.add_argument(
+        "prompts",
+        nargs="+",
+        help="prompts; each fills the run's data.prompt_template when it has one field",
+    )
+    ge.add_argument("--raw", action="store_true", help="do not apply data.prompt_template")
     ge.add_argument("--max-new-tokens", type=int, help="default: the run's eval.max_new_tokens")
     ge.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ge.set_defaults(func=_generate)

@@ -91,6 +91,7 @@ def run_all(specs: list[RunSpec], out: str | Path, log=print) -> list[Path]:
     An unfinished run with the same config is resumed from its checkpoint (``--resume``);
     a finished run with a different config is an error rather than silently reused."""
     from .runtime import simulate  # torch and transformers only when something runs
+    from .runtime.records import quality
 
     root = Path(out) / "runs"
     paths = []
@@ -114,7 +115,7 @@ def run_all(specs: list[RunSpec], out: str | Path, log=print) -> list[Path]:
             shutil.rmtree(path)
         log(f"{head}: running ({time.perf_counter() - t0:.0f} s elapsed)")
         summary = simulate(spec.cfg, path, log=log, resume=resume)
-        log(f"{head}: accuracy {summary['final_accuracy']:.4f} in {summary['wall_seconds']:.0f} s")
+        log(f"{head}: {quality(summary['final'])} in {summary['wall_seconds']:.0f} s")
     log(f"{len(specs)} runs done in {time.perf_counter() - t0:.0f} s")
     return paths
 

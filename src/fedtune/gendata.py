@@ -103,7 +103,7 @@ def _hub_rows(name: str) -> tuple[list[dict], list[dict] | None]:
 def load_rows(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
     """Train and test rows from ``data.path`` (train/test .csv or .jsonl) or the hub; without
     a test split a seeded ``data.test_fraction`` of train is held out."""
-    from .data import data_folder
+    from .textdata import data_folder
 
     path = data_folder(cfg)
     if path is not None:

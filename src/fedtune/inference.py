@@ -54,10 +54,19 @@ class TrainedRun:
         best = probs.max(-1)
         return [(self.labels[i], float(p)) for p, i in zip(best.values, best.indices, strict=True)]
 
-    def generate(self, prompts: list[str], max_new_tokens: int | None = None) -> list[str]:
-        """Greedy responses to ``prompts``, rendered with the run's template (generation runs)."""
+    def generate(
+        self, prompts: list[str], max_new_tokens: int | None = None, raw: bool = False
+    ) -> list[str]:
+        """Greedy responses to ``prompts`` (generation runs). Each prompt fills the run's
+        ``data.prompt_template`` when that has one field (``"Describe ...: {mr}"``: give the
+        ``mr``), unless ``raw``; then the chat template (or the plain one) wraps it."""
         if self.task.model_kind != "causal":
             raise ConfigError("this run fine-tuned a classifier: use predict, not generate")
+        template = self.cfg.data.prompt_template
+        names = set(gendata.fields_of(template))
+        if not raw and len(names) == 1:
+            field = next(iter(names))
+            prompts = [template.format(**{field: p}) for p in prompts]
         chat = gendata.uses_chat(self.tokenizer, self.cfg.data.chat_template)
         ids = gendata.encode_prompts(self.tokenizer, prompts, chat)
         n = max_new_tokens or self.cfg.eval.max_new_tokens

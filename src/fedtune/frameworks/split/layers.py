@@ -69,13 +69,19 @@ def wire_bytes_per_round(ctx: Context, k: int, num_samples: int) -> int:
     per_batch = size(ACTIVATIONS, {**h, **mask})  # c2: h [B, L, H] and the mask up
     u = is_u_shaped(cfg)
     if u:  # pooled states [B, H] down, their gradient up, then dL/dh down
-        pooled = compress(torch.zeros(b, hidden), s.compression, s.topk_ratio)
+        full = torch.zeros(b, cfg.model.max_length, hidden)
+        pooled = ctx.task.pool(full, torch.ones(b, cfg.model.max_length, dtype=torch.long))
+        pooled = compress(pooled, s.compression, s.topk_ratio)  # [B, H]; generation [B, L, H]
         per_batch += size(ACTIVATIONS, pooled) + size(GRADIENTS, pooled) + size(GRADIENTS, h)
     else:  # c4: dL/dh down with the batch loss (a float: 1/3 has a typical repr length)
         per_batch += size(GRADIENTS, h, {"loss": 1 / 3})
     once = 0
     if not u:  # c2 (labels) up once per round, and the server's acknowledgement
-        once += size(LABELS, {"labels": torch.zeros(num_samples, dtype=torch.long)})
+        labels = {"labels": torch.zeros(num_samples, dtype=torch.long)}
+        if ctx.task.model_kind == "causal":  # the response tokens and their positions
+            t = torch.zeros(num_samples, cfg.model.max_length - 1, dtype=torch.int32)
+            labels = {"target_pos": t, "target_ids": t}
+        once += size(LABELS, labels)
         once += size(METADATA, {}, {"received": num_samples})
     state = {n: ctx.init_state[n] for n in part_names(ctx.model, k, "client", u)}
     once += size(PARAMETERS, state, {"split_layer": k})  # cc1 down

@@ -42,17 +42,32 @@ def received_labels(msg: Message) -> dict[str, torch.Tensor]:
     return {k: v.long() for k, v in t.items()}
 
 
-def take_labels(store: dict[int, dict], cid: int, b: int, device) -> dict[str, torch.Tensor]:
+def take_labels(
+    store: dict[int, dict], cid: int, b: int, length: int, classes: int, device
+) -> dict[str, torch.Tensor]:
     """The next ``b`` rows of client ``cid``'s round labels (removed from ``store``), as a
-    loss batch; generation's are trimmed to the batch's widest row."""
-    have = store[cid]
+    loss batch for activations of ``length`` positions; generation's are trimmed to the
+    batch's widest row. Labels outside ``[0, classes)`` (the classes, or the vocabulary) or
+    positions outside the batch are a MessageError, as too few labels are."""
+    have = store.get(cid) or {}
     batch = {k: v[:b].to(device) for k, v in have.items()}
+    if not batch or len(next(iter(batch.values()))) != b:
+        raise MessageError(f"client {cid} sent activations without their labels")
     store[cid] = {k: v[b:] for k, v in have.items()}
-    if "target_ids" in batch:
-        tgt = batch["target_ids"]
-        r = max(1, int((tgt != -100).sum(1).max()))
-        batch = {k: v[:, :r] for k, v in batch.items()}
-    return batch
+    if "target_ids" not in batch:
+        y = batch["labels"]
+        if (y < 0).any() or (y >= classes).any():
+            raise MessageError(f"labels from client {cid} outside [0, {classes})")
+        return batch
+    tgt, pos = batch["target_ids"], batch["target_pos"]
+    if (
+        ((tgt != -100) & ((tgt < 0) | (tgt >= classes))).any()
+        or (pos < 0).any()
+        or (pos >= length).any()
+    ):
+        raise MessageError(f"response tokens from client {cid} outside the vocabulary or batch")
+    r = max(1, int((tgt != -100).sum(1).max()))
+    return {k: v[:, :r] for k, v in batch.items()}
 
 
 class Server:
@@ -62,6 +77,8 @@ class Server:
         self.ctx, self.s = ctx, ctx.cfg.split
         self.layers = choose_split_layers(ctx)
         self.u = u = is_u_shaped(ctx.cfg)
+        out = ctx.model.get_output_embeddings() if ctx.task.model_kind == "causal" else None
+        self.classes = out.weight.shape[0] if out is not None else ctx.data.num_labels
         self.client_keys = [part_names(ctx.model, k, "client", u) for k in self.layers]
         self.server_keys = [part_names(ctx.model, k, "server", u) for k in self.layers]
         self.cid = {client_name(c): c for c in range(len(self.layers))}
@@ -211,7 +228,7 @@ class Server:
             self.pending[cid] = (h, pooled)
             x = compress(pooled, self.s.compression, self.s.topk_ratio)
             return Message(ACTIVATIONS, msg.round, SERVER, msg.sender, x)
-        batch = take_labels(self.labels, cid, len(h), ctx.device)
+        batch = take_labels(self.labels, cid, len(h), h.shape[1], self.classes, ctx.device)
         logits = ctx.task.head(ctx.model, pooled, batch, ctx.cfg.train.autocast)
         loss = ctx.task.loss()(logits, batch)
         return self._backward(cid, msg.round, h, loss, None, {"loss": loss.detach().item()})
