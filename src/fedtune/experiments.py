@@ -115,7 +115,7 @@ def run_all(specs: list[RunSpec], out: str | Path, log=print) -> list[Path]:
             shutil.rmtree(path)
         log(f"{head}: running ({time.perf_counter() - t0:.0f} s elapsed)")
         summary = simulate(spec.cfg, path, log=log, resume=resume)
-        log(f"{head}: {quality(summary['final'])} in {summary['wall_seconds']:.0f} s")
+        log(f"{head}: {quality(summary.get('final', {}))} in {summary['wall_seconds']:.0f} s")
     log(f"{len(specs)} runs done in {time.perf_counter() - t0:.0f} s")
     return paths
 
