@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fedtune.aggregate import update_problem, weighted_average
+from fedtune.aggregate import screen_updates, update_problem, weighted_average
 
 
 def test_hand_computed_weighted_average():
@@ -118,3 +118,21 @@ def test_update_problem_reasons_and_norm_bound():
         },
     )
     assert accepted == [0] and set(rejected) == {"1", "2"}
+
+
+def test_ratio_screen_and_sample_bound_by_hand():
+    import math
+
+    ref = {"w": torch.zeros(2)}
+    ups = {c: {"w": torch.tensor([n, 0.0])} for c, n in enumerate([1.0, 2.0, 3.0, 100.0])}
+    metas = {c: {"num_samples": 10, "loss": 0.5} for c in ups}
+    refs = {c: ref for c in ups}
+    # norms 1, 2, 3, 100: the lower median is 2, so 10 x 2 = 20 < 100 rejects client 3 only
+    ok, rejected = screen_updates(ups, refs, 0.0, metas, max_ratio=10.0)
+    assert ok == [0, 1, 2] and list(rejected) == ["3"] and "median 2" in rejected["3"]
+    # two clients cannot tell which one is honest: the ratio screen needs three
+    ok, rejected = screen_updates({0: ups[0], 3: ups[3]}, refs, 0.0, None, max_ratio=10.0)
+    assert ok == [0, 3] and not rejected
+    # a client claiming more samples than the server knows it holds
+    ok, rejected = screen_updates(ups, refs, 0.0, metas, max_samples={2: 9.0, 0: math.inf})
+    assert ok == [0, 1, 3] and "num_samples=10 exceeds the 9" in rejected["2"]

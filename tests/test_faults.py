@@ -124,10 +124,17 @@ def test_the_norm_bound_rejects_the_poisoned_update(synth_dir, tmp_path):
 def test_robust_aggregation_in_kd_and_split(synth_dir, tmp_path, framework):
     """A poisoned client (x100 update; KD: x100 logits) under the median: the run completes;
     split still learns (measured 0.80 after 6 rounds, 0.28 with FedAvg). The median itself is
-    checked by hand in test_aggregate.py / test_kd.py."""
+    checked by hand in test_aggregate.py / test_kd.py. The default norm-ratio screen is off
+    here: it would reject the poisoned update before the median sees it (tested below)."""
     cfg = tiny_cfg(
         synth_dir,
-        fed={"rounds": 3, "framework": framework, "poison_clients": [0], "aggregator": "median"},
+        fed={
+            "rounds": 3,
+            "framework": framework,
+            "poison_clients": [0],
+            "aggregator": "median",
+            "max_update_ratio": 0.0,
+        },
         kd={"public_samples": 40, "aggregate": "median"},
         train={"lr": 1e-2},
     )
@@ -135,3 +142,19 @@ def test_robust_aggregation_in_kd_and_split(synth_dir, tmp_path, framework):
     assert summary["rounds"] == 3 and all(r["rejected"] == 0 for r in metrics(tmp_path / "run"))
     if framework == "split":
         assert summary["final_accuracy"] > 0.4
+
+
+@pytest.mark.parametrize("framework", ["fedllm", "split"])
+def test_default_ratio_screen_rejects_an_absurd_update(synth_dir, tmp_path, framework):
+    """No bound configured (fed.max_update_norm=0): a client sending global + 1e6 x its update
+    is rejected by the default fed.max_update_ratio, every round, and the global state stays
+    finite; the honest clients' run goes on."""
+    cfg = tiny_cfg(
+        synth_dir,
+        fed={"rounds": 2, "framework": framework, "poison_clients": [1], "poison_scale": 1e6},
+    )
+    summary = simulate(cfg, tmp_path / "run", log=None)
+    for r in metrics(tmp_path / "run"):
+        assert list(r["rejected_reasons"]) == ["1"], r["rejected_reasons"]
+        assert "fed.max_update_ratio" in r["rejected_reasons"]["1"]
+    assert summary["rounds"] == 2 and np.isfinite(summary["final"]["test_loss"])

@@ -194,15 +194,18 @@ def update_problem(
     return None
 
 
-def meta_problem(meta: dict) -> str | None:
-    """Why a reply's metadata is unusable: ``num_samples`` must be a number > 0 (the FedAvg
-    weight) and ``loss`` a finite number (or its decimal string); None when fine."""
+def meta_problem(meta: dict, max_samples: float = math.inf) -> str | None:
+    """Why a reply's metadata is unusable: ``num_samples`` must be a number in
+    ``(0, max_samples]`` (the FedAvg weight: a client cannot claim more samples than the server
+    knows it holds) and ``loss`` a finite number (or its decimal string); None when fine."""
     try:
         n, loss = float(meta["num_samples"]), float(meta["loss"])
     except (KeyError, TypeError, ValueError):
         return "metadata lacks a numeric num_samples or loss"
     if not (math.isfinite(n) and n > 0 and math.isfinite(loss)):
         return f"metadata num_samples={n} / loss={loss} out of range"
+    if n > max_samples:
+        return f"num_samples={n:.0f} exceeds the {max_samples:.0f} this client can have used"
     return None
 
 
@@ -211,17 +214,36 @@ def screen_updates(
     references: dict[int, dict[str, torch.Tensor]],
     max_norm: float = 0.0,
     metas: dict[int, dict] | None = None,
+    max_ratio: float = 0.0,
+    max_samples: dict[int, float] | None = None,
 ) -> tuple[list[int], dict[str, str]]:
     """Validate each client's update against its reference (what the server sent it) and,
-    when given, its reply metadata (:func:`meta_problem`).
+    when given, its reply metadata (:func:`meta_problem`, with ``max_samples[cid]`` the most
+    samples the server knows client ``cid`` can have used).
+
+    With ``max_ratio > 0`` and at least 3 valid updates, an update whose norm
+    ``||update - reference||`` is over ``max_ratio`` times the round's median norm is
+    rejected too: the median of 3 or more is an honest client's unless most are malicious,
+    so no scale needs tuning (``fed.max_update_ratio``; 2 clients cannot tell which is which).
 
     Returns ``(accepted client ids (sorted), {client id as str: reason} of the rejected)``."""
     accepted, rejected = [], {}
     for cid in sorted(updates):
-        why = meta_problem(metas[cid]) if metas is not None else None
+        bound = (max_samples or {}).get(cid, math.inf)
+        why = meta_problem(metas[cid], bound) if metas is not None else None
         why = why or update_problem(updates[cid], references[cid], max_norm)
         if why is None:
             accepted.append(cid)
         else:
             rejected[str(cid)] = why
+    if max_ratio > 0 and len(accepted) >= 3:
+        norms = {c: update_norm(updates[c], references[c]) for c in accepted}
+        median = sorted(norms.values())[(len(norms) - 1) // 2]  # the lower median
+        if median > 0:
+            for c in [c for c in accepted if norms[c] > max_ratio * median]:
+                accepted.remove(c)
+                rejected[str(c)] = (
+                    f"update norm {norms[c]:.4g} is over {max_ratio:g} x the round's median "
+                    f"{median:.4g} (fed.max_update_ratio)"
+                )
     return accepted, rejected

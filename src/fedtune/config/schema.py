@@ -171,6 +171,11 @@ class FedConfig:
     max_update_norm: float = opt(
         0.0, "reject a client update whose L2 norm ||update - global|| exceeds this; 0 = no bound"
     )
+    max_update_ratio: float = opt(
+        10.0,
+        "reject an update whose norm is over this many times the round's median update norm "
+        "(with 3 or more valid updates; no scale to tune); 0 = off",
+    )
     aggregator: str = opt(
         "fedavg",
         "how client updates are combined (FedLLM, Split-FedLLM): fedavg (sample-weighted mean), "
@@ -313,6 +318,11 @@ def validate(cfg: RunConfig) -> None:
     )
     check(f.max_retries >= 0, "fed.max_retries", "must be >= 0")
     check(f.max_update_norm >= 0, "fed.max_update_norm", "must be >= 0")
+    check(
+        f.max_update_ratio == 0 or f.max_update_ratio >= 1,
+        "fed.max_update_ratio",
+        f"must be 0 (off) or >= 1, got {f.max_update_ratio}",
+    )
     check(0 <= f.trim_ratio < 0.5, "fed.trim_ratio", f"must be in [0, 0.5), got {f.trim_ratio}")
     check(f.max_message_bytes >= 1024, "fed.max_message_bytes", "must be >= 1024")
     check(

@@ -41,12 +41,19 @@ def _node_key(args) -> int:
     return 0
 
 
+def _need_tls(args, have_tls: bool, how: str) -> None:
+    """Secure by default: plaintext only when the user typed ``--insecure``."""
+    if not have_tls and not args.insecure:
+        raise ConfigError(f"no TLS: give {how}, or --insecure (plaintext, a closed test network)")
+
+
 def _home(args, role: str) -> str:
     """FLWR_HOME: ``--home``, else the environment's, else ``./flwr-home/ROLE``."""
     return args.home or os.environ.get("FLWR_HOME") or f"flwr-home/{role}"
 
 
 def _superlink(args) -> int:
+    _need_tls(args, bool(args.certs), "--certs DIR (from `fedtune flower certs`)")
     _need_flwr()
     from . import deploy
 
@@ -61,6 +68,7 @@ def _superlink(args) -> int:
 
 
 def _supernode(args) -> int:
+    _need_tls(args, bool(args.root_certificates), "--root-certificates CA.pem")
     _need_flwr()
     from . import deploy
 
@@ -69,6 +77,9 @@ def _supernode(args) -> int:
 
 
 def _run(args) -> int:
+    _need_tls(args, bool(args.root_certificates), "--root-certificates CA.pem")
+    split_tls = bool(args.split_certfile and args.split_keyfile)
+    _need_tls(args, split_tls, "--split-certfile and --split-keyfile (the split stream)")
     _need_flwr()
     from . import deploy
 
@@ -96,6 +107,7 @@ def _run(args) -> int:
 
 
 def _local(args) -> int:
+    _need_tls(args, args.tls, "--tls (self-signed certificates for every link)")
     _need_flwr()
     from .local import LocalFederation
 
@@ -151,7 +163,8 @@ def add_parser(sub) -> None:
     sl = fs.add_parser("superlink", help="start a SuperLink (closed-network settings)")
     sl.add_argument("--host", default="0.0.0.0")
     sl.add_argument("--port", type=int, default=9093)
-    sl.add_argument("--certs", help="folder from `fedtune flower certs` (TLS); else insecure")
+    sl.add_argument("--certs", help="folder from `fedtune flower certs` (TLS)")
+    sl.add_argument("--insecure", action="store_true", help="no TLS (a closed test network)")
     sl.add_argument("--auth", action="store_true", help="accept registered SuperNodes only")
     sl.add_argument("--home", help="FLWR_HOME (default: $FLWR_HOME or ./flwr-home/superlink)")
     sl.set_defaults(func=_superlink)
@@ -160,7 +173,7 @@ def add_parser(sub) -> None:
     sn.add_argument("--superlink", required=True, help="SuperLink host:port")
     sn.add_argument("--partition-id", type=int, required=True, help="this node's client id")
     sn.add_argument("--data-dir", help="own folder with train.csv (+ public.csv for KD)")
-    sn.add_argument("--root-certificates", help="CA of the SuperLink (TLS); else --insecure")
+    sn.add_argument("--root-certificates", help="CA of the SuperLink (TLS)")
     sn.add_argument("--insecure", action="store_true", help="no TLS (loopback / testing)")
     sn.add_argument("--auth-supernode-private-key", help="this node's private key (auth)")
     sn.add_argument("--split-root-certificates", help="CA of the split server's certificate")
@@ -175,7 +188,10 @@ def add_parser(sub) -> None:
     r.add_argument("--out", required=True, help="run directory (FLWR_HOME etc. in OUT/flower)")
     r.add_argument("--remote-out", help="run directory on the SuperLink host (default: --out)")
     r.add_argument("--superlink", required=True, help="SuperLink host:port")
-    r.add_argument("--root-certificates", help="CA of the SuperLink (TLS); else insecure")
+    r.add_argument("--root-certificates", help="CA of the SuperLink (TLS)")
+    r.add_argument(
+        "--insecure", action="store_true", help="no TLS to the SuperLink and on the split stream"
+    )
     r.add_argument("--split-host", default="127.0.0.1", help="host clients dial (split)")
     r.add_argument("--split-bind", default="0.0.0.0:0", help="split server bind address")
     r.add_argument("--split-certfile", help="split server TLS certificate (on the SuperLink)")
@@ -193,6 +209,7 @@ def add_parser(sub) -> None:
     lo.add_argument("--out", required=True, help="run directory (federation in OUT.flower)")
     lo.add_argument("--nodes", type=int, default=3, help="SuperNodes (= data.num_clients)")
     lo.add_argument("--tls", action="store_true", help="self-signed TLS on every link")
+    lo.add_argument("--insecure", action="store_true", help="no TLS (loopback only)")
     lo.add_argument("--auth", action="store_true", help="SuperNode authentication")
     lo.add_argument("--data-dirs", help="comma-separated own data folder per node")
     lo.add_argument("--timeout", type=float, default=3600, help="seconds for the run")

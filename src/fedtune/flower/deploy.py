@@ -154,15 +154,24 @@ def make_certs(folder: str | Path, hosts: list[str]) -> dict[str, Path]:
     paths = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key"}
     paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths["key"].write_bytes(
+    write_private(
+        paths["key"],
         key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
-        )
+        ),
     )
-    paths["key"].chmod(0o600)
     return paths
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a private key readable by its owner only from the first byte on (created 0600;
+    an existing file is replaced, not reused with its old mode)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def make_node_key(path: str | Path) -> tuple[Path, Path]:
@@ -174,14 +183,14 @@ def make_node_key(path: str | Path) -> tuple[Path, Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
-    path.write_bytes(
+    write_private(
+        path,
         key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.OpenSSH,
             serialization.NoEncryption(),
-        )
+        ),
     )
-    path.chmod(0o600)
     pub = path.with_name(path.name + ".pub")
     pub.write_bytes(
         key.public_key().public_bytes(

@@ -47,6 +47,8 @@ class Server:
             sent,
             self.ctx.cfg.fed.max_update_norm,
             {c: m.meta for c, m in replies.items()},
+            self.ctx.cfg.fed.max_update_ratio,
+            {c: float(self.ctx.data.client_sizes[c]) for c in replies},  # a3 sends len(data)
         )
         metrics: dict = {"rejected": len(rejected), "rejected_reasons": rejected}
         if not ok:  # nothing usable: the global state stays as it was

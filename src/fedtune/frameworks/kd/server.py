@@ -89,7 +89,7 @@ class Server:
         logits, cids = [], []
         for i in sorted(replies):
             try:
-                if why := meta_problem(replies[i].meta):
+                if why := meta_problem(replies[i].meta, float(ctx.data.client_sizes[i])):
                     raise MessageError(why)
                 if kd.align != "none" and i not in self.histograms:
                     raise MessageError("no valid label histogram")

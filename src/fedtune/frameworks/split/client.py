@@ -10,7 +10,7 @@ from ... import compute, seeds
 from ...context import ClientContext
 from ...data import batches
 from ...execution.engine import join
-from ...execution.train import make_optimizer, optimizer_step, to_device
+from ...execution.train import make_optimizer, optimizer_step, shape_of, to_device
 from ...messages import ACTIVATIONS, GRADIENTS, LABELS, PARAMETERS, SERVER, Message, client_name
 from ...models import load_trainable_state
 from .config import is_u_shaped
@@ -83,7 +83,9 @@ class Client:
     def step(self, batch: dict, k: int, link, rnd: int) -> float:
         """One split training step on ``input_ids [B, L]``; returns the batch loss."""
         ctx, s, amp = self.ctx, self.ctx.cfg.split, self.ctx.cfg.train.autocast
-        me, key = client_name(self.cid), ("split-client", amp, *batch["input_ids"].shape, k)
+        # the FLOPs of a step depend on the batch's shape (generation: also its R response
+        # positions, where the LM head runs)
+        me, key = client_name(self.cid), ("split-client", amp, *shape_of(batch), k)
         self.opt.zero_grad(set_to_none=True)
         # c1: embeddings + blocks [0, k) with the client's LoRA.
         with compute.step((*key, "forward")):

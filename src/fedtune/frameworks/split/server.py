@@ -26,7 +26,7 @@ from ...messages import (
 )
 from ...models import load_trainable_state
 from .config import is_u_shaped
-from .layers import choose_split_layers
+from .layers import choose_split_layers, samples_per_round
 from .model import compress, decompress, part_names, server_forward
 
 
@@ -144,6 +144,11 @@ class Server:
             sent,
             fed.max_update_norm,
             {c: m.meta for c, m in replies.items()},
+            fed.max_update_ratio,
+            {
+                c: float(samples_per_round(self.ctx.cfg, self.ctx.data.client_sizes[c]))
+                for c in replies
+            },
         )
         metrics: dict = {
             "rejected": len(rejected),
@@ -187,6 +192,8 @@ class Server:
         cid = self.cid[msg.sender]
         # The server's FLOPs for one request depend only on its kind, cut and tensor shapes.
         shapes = tuple(tuple(t.shape) for t in msg.tensors.values())
+        if msg.kind == ACTIVATIONS and not self.u:  # the head runs on the labels' R positions
+            shapes += (self._label_width(cid, len(msg.tensors.get("values", ()))),)
         key = (
             "split-server",
             msg.kind,
@@ -199,6 +206,13 @@ class Server:
             reply = self._serve(cid, msg)
         self.serve_seconds += time.perf_counter() - t0
         return reply
+
+    def _label_width(self, cid: int, b: int) -> int:
+        """R of the next ``b`` rows of client ``cid``'s labels (generation), else 0."""
+        tgt = (self.labels.get(cid) or {}).get("target_ids")
+        if tgt is None or not len(tgt[:b]):
+            return 0
+        return max(1, int((tgt[:b] != -100).sum(1).max()))
 
     def _serve(self, cid: int, msg: Message) -> Message:
         if msg.kind == LABELS:
