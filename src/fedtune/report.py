@@ -249,45 +249,59 @@ def results_table(rows: list[dict]) -> list[str]:
     ]
 
 
-def _costs(r: dict) -> str:
-    return (
-        f"| {fmt_si(r['bytes_up'], 'B')} | {fmt_si(r['bytes_down'], 'B')} "
-        f"| {fmt_si(r['client_flops'], 'FLOP')} | {r['client_seconds']:.3g} "
-        f"| {fmt_si(r['client_peak_memory'], 'B')} |"
-    )
+COST_COLUMNS = (
+    "bytes up / client / round",
+    "bytes down / client / round",
+    "client FLOPs / round",
+    "client s / round",
+    "client peak memory",
+)
+
+
+def _table(columns: tuple[str, ...], rows: list[dict], quality) -> list[str]:
+    """A results table: framework, seeds, the task's ``columns`` (``quality(row)`` gives their
+    cells) and the measured costs."""
+    names = ("framework", "seeds", *columns, *COST_COLUMNS)
+    lines = ["| " + " | ".join(names) + " |", "|" + " --- |" * len(names)]
+    for r in rows:
+        cells = (
+            r["label"],
+            ",".join(str(s) for s in r["seeds"]),
+            *quality(r),
+            fmt_si(r["bytes_up"], "B"),
+            fmt_si(r["bytes_down"], "B"),
+            fmt_si(r["client_flops"], "FLOP"),
+            f"{r['client_seconds']:.3g}",
+            fmt_si(r["client_peak_memory"], "B"),
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def generation_table(rows: list[dict]) -> list[str]:
-    head = (
-        "| framework | seeds | final BLEU | ROUGE-L | chrF | exact match | perplexity "
-        "| bytes up / client / round | bytes down / client / round | client FLOPs / round "
-        "| client s / round | client peak memory |"
+    columns = ("final BLEU", "ROUGE-L", "chrF", "exact match", "perplexity")
+    return _table(
+        columns,
+        rows,
+        lambda r: (
+            fmt_acc(r["accuracy_mean"], r["accuracy_std"], len(r["seeds"]), 1),
+            f"{r['rouge_l_mean']:.1f}",
+            f"{r['chrf_mean']:.1f}",
+            f"{r['exact_match_mean']:.1f}",
+            f"{r['perplexity_mean']:.3f}",
+        ),
     )
-    lines = [head, "|" + " --- |" * 12]
-    for r in rows:
-        seeds = ",".join(str(s) for s in r["seeds"])
-        lines.append(
-            f"| {r['label']} | {seeds} | {fmt_acc(r['accuracy_mean'], r['accuracy_std'], len(r['seeds']), 1)} "
-            f"| {r['rouge_l_mean']:.1f} | {r['chrf_mean']:.1f} | {r['exact_match_mean']:.1f} "
-            f"| {r['perplexity_mean']:.3f} " + _costs(r)
-        )
-    return lines
 
 
 def class_table(rows: list[dict]) -> list[str]:
-    head = (
-        "| framework | seeds | final accuracy (mean ± std) | macro-F1 | bytes up / client / round "
-        "| bytes down / client / round | client FLOPs / round | client s / round "
-        "| client peak memory |"
+    return _table(
+        ("final accuracy (mean ± std)", "macro-F1"),
+        rows,
+        lambda r: (
+            fmt_acc(r["accuracy_mean"], r["accuracy_std"], len(r["seeds"])),
+            f"{r['macro_f1_mean']:.4f}",
+        ),
     )
-    lines = [head, "|" + " --- |" * 9]
-    for r in rows:
-        seeds = ",".join(str(s) for s in r["seeds"])
-        lines.append(
-            f"| {r['label']} | {seeds} | {fmt_acc(r['accuracy_mean'], r['accuracy_std'], len(r['seeds']))} "
-            f"| {r['macro_f1_mean']:.4f} " + _costs(r)
-        )
-    return lines
 
 
 def setup_lines(runs: list[Run]) -> list[str]:
