@@ -99,17 +99,19 @@ def test_a_straggler_past_the_deadline_is_left_out(synth_dir, tmp_path):
 def test_a_poisoned_client_breaks_fedavg_not_median_or_trimmed_mean(synth_dir):
     """Client 0 sends global + 100 x its update. Measured (6 rounds, seed 0): clean FedAvg
     0.80, poisoned FedAvg 0.24 (chance 0.25), median 0.71, trimmed mean 0.71; norm bound 5
-    rejects exactly the poisoned client (honest norms ~1, poisoned ~70-140)."""
+    rejects exactly the poisoned client (honest norms ~1, poisoned ~70-140). The default
+    norm-ratio screen is off here, so that the aggregators see the poisoned update; with it
+    on (the default) FedAvg is protected too."""
 
     def acc(**fed):
-        cfg = tiny_cfg(
-            synth_dir, fed={"rounds": 6, "poison_clients": [0], **fed}, train={"lr": 1e-2}
-        )
+        fed = {"rounds": 6, "poison_clients": [0], "max_update_ratio": 0.0, **fed}
+        cfg = tiny_cfg(synth_dir, fed=fed, train={"lr": 1e-2})
         return simulate(cfg, log=None)["final_accuracy"]
 
     assert acc() < 0.35
     assert acc(aggregator="median") > 0.6
     assert acc(aggregator="trimmed_mean", trim_ratio=0.34) > 0.6
+    assert acc(max_update_ratio=10.0) > 0.6  # the default screen rejects the x100 update
 
 
 def test_the_norm_bound_rejects_the_poisoned_update(synth_dir, tmp_path):
