@@ -48,6 +48,16 @@ class Link:
         return self.wire.transfer(reply)
 
 
+def refused_is_lost(handle, msg: Message, link, rs: RoundState, cid: int):
+    """A client's work whose request the server refused (a MessageError from ``serve``, e.g.
+    malformed split activations): the client is lost for the round, the run goes on."""
+    try:
+        return handle(msg, link)
+    except MessageError as e:
+        rs.lost[cid] = f"refused by the server: {str(e)[:200]}"
+        return None
+
+
 class InProcess:
     """Clients are objects in this process; their jobs run on ``executor`` (default: the one
     ``fed.engine`` names)."""
@@ -84,7 +94,7 @@ class InProcess:
             link = (
                 Link(self.wire, self.server, rs.meters[cid], rs.server_meter) if serving else None
             )
-            work[cid] = partial(self.clients[cid].handle, msg, link)
+            work[cid] = partial(refused_is_lost, self.clients[cid].handle, msg, link, rs, cid)
         answers = self.executor.run(work, rs.meters)
         replies: dict[int, Message] = {}
         for cid, reply in answers.items():

@@ -111,7 +111,8 @@ def round_record(rnd: int, result: RoundResult, ledger: Ledger) -> dict:
                 by_kind[direction][kind] = by_kind[direction].get(kind, 0) + n / len(active)
     metrics = dict(result.metrics)
     rejected = dict(metrics.pop("rejected_reasons", {}))  # by the server's validation
-    rejected.update({str(c): why for c, why in result.lost.items() if why.startswith("unread")})
+    faulty = {c: why for c, why in result.lost.items() if why not in ("dropout", "deadline")}
+    rejected.update({str(c): why for c, why in faulty.items()})  # unreadable, refused
     metrics.pop("rejected", None)
 
     def mean(key):

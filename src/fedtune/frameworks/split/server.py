@@ -224,13 +224,35 @@ class Server:
         elif msg.kind == GRADIENTS and cid in self.pending:
             h, pooled = self.pending.pop(cid)
             g = self._decompress(msg).to(self.ctx.device, pooled.dtype)
+            if g.shape != pooled.shape:
+                raise MessageError(f"gradients from {msg.sender} do not match the states sent")
             reply = self._backward(cid, msg.round, h, pooled, g, {})
         else:
             raise MessageError(f"split server cannot serve a {msg.kind} message from {msg.sender}")
         return reply
 
+    def _check_activations(self, msg: Message) -> None:
+        """What a client's ACTIVATIONS must be before anything is allocated or computed from
+        them: a bool ``mask [B, L]`` with ``B <= train.batch_size``, ``L <= model.max_length``
+        and a token in every row, and values ``[B, L, ...]`` (the codec checks the rest)."""
+        cfg, mask = self.ctx.cfg, msg.tensors.get("mask")
+        if mask is None or mask.dtype != torch.bool or mask.dim() != 2:
+            raise MessageError(f"activations from {msg.sender} without a [B, L] bool mask")
+        b, length = mask.shape
+        if not (1 <= b <= cfg.train.batch_size and 1 <= length <= cfg.model.max_length):
+            raise MessageError(
+                f"activations from {msg.sender}: {b} x {length} tokens, over train.batch_size "
+                f"{cfg.train.batch_size} / model.max_length {cfg.model.max_length}"
+            )
+        values = msg.tensors.get("values")
+        if values is None or values.dim() != 3 or tuple(values.shape[:2]) != (b, length):
+            raise MessageError(f"activations from {msg.sender} do not match their mask")
+        if not mask.any(1).all():
+            raise MessageError(f"activations from {msg.sender} have a row without tokens")
+
     def _forward(self, cid: int, msg: Message) -> Message:
         ctx, k = self.ctx, self.layers[cid]
+        self._check_activations(msg)
         state = self.states[self.slot(cid)]
         load_trainable_state(ctx.model, {n: state[n] for n in self.server_keys[cid]})
         ctx.model.train()
