@@ -176,3 +176,19 @@ def test_sigkill_then_resume_gives_the_same_run(synth_dir, tmp_path):
     assert resumed.returncode == 0, err
     assert "resuming" in out + err
     assert_same_run(a, b)
+
+
+def test_finished_markers_are_durable_before_visible(tmp_path, monkeypatch):
+    """summary.json (and every atomic write) is fsynced before the rename and the folder
+    after it: a crash cannot leave a visible, half-written "finished" marker."""
+    import os
+
+    from fedtune.runtime.rundir import atomic_write
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    atomic_write(tmp_path / "summary.json", "{}\n")
+    assert (tmp_path / "summary.json").read_text() == "{}\n"
+    assert len(synced) == 2  # the file, then its folder
+    assert not list(tmp_path.glob(".*.tmp"))

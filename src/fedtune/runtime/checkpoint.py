@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from ..config import RunConfig, resume_key
 from ..errors import ConfigError
 from ..messages import Ledger
+from .rundir import durable_replace
 
 VERSION = 2  # 2: transport state, aggregator state, KD selections in the public set
 FILE = Path("checkpoint") / "state.safetensors"
@@ -163,12 +164,7 @@ def save(run_dir: str | Path, state: dict) -> Path:
     save_file(tensors, tmp, metadata={_KEY: meta})
     with open(tmp, "rb") as f:  # durable before it becomes visible
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    durable_replace(tmp, path)
     return path
 
 

@@ -29,9 +29,26 @@ from ..models import hub_name, load_trainable_state
 
 
 def atomic_write(path: Path, text: str) -> None:
+    """``path`` holds ``text`` or its old content, never a part, even after a power loss:
+    the new content is on disk before it replaces the old (``summary.json`` marks a finished
+    run, so it must not be visible before it is durable)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    durable_replace(tmp, path)
+
+
+def durable_replace(tmp: Path, path: Path) -> None:
+    """Rename the fsynced ``tmp`` over ``path`` and fsync the folder, so the rename itself
+    survives a crash."""
     os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 class RunDir:
