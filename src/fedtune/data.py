@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import gendata
 from .config import DataConfig
@@ -203,6 +204,22 @@ def response_targets(ids: list[list[int]], prompt_len: np.ndarray) -> dict[str, 
         "target_ids": tgt,
         "tokens_per_row": torch.full((len(ids),), tokens / len(ids)),
     }
+
+
+def join_batches(batches: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Batches concatenated row-wise; 2-D tensors right-padded to the widest
+    (:data:`PAD_VALUES`, token ids with ``pad_id``)."""
+    out = {}
+    for key, first in batches[0].items():
+        if first.dim() == 2:
+            width = max(b[key].shape[1] for b in batches)
+            fill = pad_id if key == "input_ids" else PAD_VALUES.get(key, 0)
+            out[key] = torch.cat(
+                [F.pad(b[key], (0, width - b[key].shape[1]), value=fill) for b in batches]
+            )
+        else:
+            out[key] = torch.cat([b[key] for b in batches])
+    return out
 
 
 def batches(

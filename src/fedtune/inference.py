@@ -1,10 +1,12 @@
 """Use a finished run: the base model with the run's adapter, as a classifier or a generator.
 
->>> run = load_run("runs/demo-gen")
->>> run.generate(["name[Alimentum], area[city centre]"])
-['Alimentum is a restaurant in the city centre.']
->>> load_run("runs/demo-fedllm").predict(["I lost my card"])
-[('lost_or_stolen_card', 0.93)]
+>>> run = load_run("runs/demo-gen")  # configs/demo-gen.toml
+>>> run.generate(["name[Alimentum], area[city centre], familyFriendly[no]"])
+['Alimentum is a family-friendly restaurant in the city centre.']
+>>> load_run("runs/b77-head").predict(["I still have not received my new card"])
+[('card_arrival', 0.1072...)]
+
+(measured: demo-gen.toml and demo-fedllm.toml with fed.rounds=3 data.test_size=300)
 
 The base model is loaded as the run loaded it (``model.name`` of ``RUN_DIR/config.toml``: the
 offline SmolLM2, or a hub name); ``RUN_DIR/adapter`` holds the adapter (PEFT format), the

@@ -351,6 +351,11 @@ def parts(model: nn.Module, head: str = "") -> Parts:
     return Parts(body, lists[0], norms[0], getattr(hf, head))
 
 
+def vocab_size(model: nn.Module) -> int:
+    """Rows of the model's output embedding (LM head): its vocabulary's size."""
+    return model.get_output_embeddings().weight.shape[0]
+
+
 def num_blocks(model: nn.Module) -> int:
     return len(parts(model).blocks)
 

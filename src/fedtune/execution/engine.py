@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .. import compute, seeds
 from ..context import Context
-from ..data import PAD_VALUES, batches
+from ..data import batches, join_batches
 from . import multilora
 from .jobs import Predict, Train
 from .stacked import StackedOptimizer, optimizer_template
@@ -69,26 +69,10 @@ def fuse(parts: list[tuple[int, dict]], pad_id: int) -> dict[str, torch.Tensor]:
     and ``pos [B]`` (the fused row order)."""
     rows = [torch.full((len(b["labels"]),), slot, dtype=torch.long) for slot, b in parts]
     return {
-        **join([b for _, b in parts], pad_id),
+        **join_batches([b for _, b in parts], pad_id),
         "rows": torch.cat(rows),
         "pos": torch.arange(sum(len(b["labels"]) for _, b in parts)),
     }
-
-
-def join(batches: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Batches concatenated row-wise; 2-D tensors right-padded to the widest
-    (:data:`fedtune.data.PAD_VALUES`, token ids with ``pad_id``)."""
-    out = {}
-    for key, first in batches[0].items():
-        if first.dim() == 2:
-            width = max(b[key].shape[1] for b in batches)
-            fill = pad_id if key == "input_ids" else PAD_VALUES.get(key, 0)
-            out[key] = torch.cat(
-                [F.pad(b[key], (0, width - b[key].shape[1]), value=fill) for b in batches]
-            )
-        else:
-            out[key] = torch.cat([b[key] for b in batches])
-    return out
 
 
 def rows_of(batch: dict[str, torch.Tensor], idx) -> dict[str, torch.Tensor]:

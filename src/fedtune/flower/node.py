@@ -53,6 +53,11 @@ def own_data(cfg: config.RunConfig, data_dir: Path, labels: list[str], tok) -> C
     samples, ``public.csv`` (optional) rows the public set (their labels are never read);
     ``labels`` are the run's class names (from the server), so label ids agree across nodes."""
     d = cfg.data
+    if d.task == "generation":
+        raise DataError(
+            "--data-dir holds classification CSVs; a generation node uses its partition of "
+            "data.path (start it without --data-dir)"
+        )
     texts, names = read_csv(data_dir / "train.csv", d.text_column, d.label_column)
     n_private = len(texts)
     if (data_dir / "public.csv").is_file():

@@ -155,9 +155,10 @@ def initial_record(ctx: ServerContext, server) -> dict:
 
 
 def format_round(r: dict, rounds: int) -> str:
+    q = quality(r)
     if r["round"] == 0:
-        return f"round 0/{rounds} | {quality(r)}"
-    acc = quality(r) + " | " if quality(r) else ""
+        return f"round 0/{rounds} | {q}"
+    acc = q + " | " if q else ""
     loss = f"loss {r['train_loss']:.4f} | " if "train_loss" in r else ""
     faults_ = [
         f"{k} {len(r[k]) if isinstance(r[k], list) else r[k]}"

@@ -14,6 +14,7 @@ from ...data import Tokenized
 from ...errors import ConfigError, MessageError
 from ...execution.jobs import Loss, Predict
 from ...messages import Message
+from ...models import vocab_size
 from .common import received_logits, selection_view
 from .ops import Distill, aggregate_knowledge, pack_logits
 from .sequences import SequenceKnowledge
@@ -117,7 +118,7 @@ class TokenKnowledge:
         if kd.aggregate not in ("mean", "samples"):
             raise ConfigError("config key kd.aggregate: generation supports 'mean' or 'samples'")
         self.ctx, self.kd = ctx, kd
-        self.vocab = ctx.model.get_output_embeddings().weight.shape[0]
+        self.vocab = vocab_size(ctx.model)
         if kd.topk >= self.vocab:
             raise ConfigError(f"config key kd.topk: must be < the vocabulary ({self.vocab})")
         self.counts = response_counts(public, np.arange(len(public)))  # [N] tokens per row

@@ -26,6 +26,7 @@ from ...context import Context
 from ...data import Tokenized
 from ...errors import ConfigError, MessageError
 from ...execution.jobs import Generate, Loss
+from ...models import vocab_size
 
 
 class SequenceKnowledge:
@@ -39,7 +40,7 @@ class SequenceKnowledge:
             if value != default:
                 raise ConfigError(f"config key {key}: not with kd.level=sequence")
         self.ctx, self.kd = ctx, kd
-        self.vocab = ctx.model.get_output_embeddings().weight.shape[0]
+        self.vocab = vocab_size(ctx.model)
         self.max_new = ctx.cfg.eval.max_new_tokens
 
     def predict(self, state, rows) -> Generate:
@@ -61,8 +62,10 @@ class SequenceKnowledge:
             if x.dim() != 1 or x.dtype.is_floating_point or x.dtype == torch.bool:
                 raise MessageError(f"sequences from {sender}: {name} must be 1-D integers")
         n = lengths.long()
-        if len(n) != len(rows) or (n < 0).any() or (n > self.max_new).any():
+        if len(n) != len(rows):
             raise MessageError(f"sequences from {sender}: {len(n)} lengths, expected {len(rows)}")
+        if (n < 0).any() or (n > self.max_new).any():
+            raise MessageError(f"sequences from {sender}: a length outside [0, {self.max_new}]")
         if int(n.sum()) != len(tokens):
             raise MessageError(f"sequences from {sender}: lengths do not add up to the tokens")
         tokens = tokens.long()

@@ -8,8 +8,7 @@ import torch
 
 from ... import compute, seeds
 from ...context import ClientContext
-from ...data import batches
-from ...execution.engine import join
+from ...data import batches, join_batches
 from ...execution.train import make_optimizer, optimizer_step, shape_of, to_device
 from ...messages import ACTIVATIONS, GRADIENTS, LABELS, PARAMETERS, SERVER, Message, client_name
 from ...models import load_trainable_state
@@ -25,7 +24,9 @@ def round_labels(round_batches: list[dict[str, torch.Tensor]]) -> dict[str, torc
     -100): in generative split learning the labels ARE the text."""
     if "target_ids" not in round_batches[0]:
         return {"labels": torch.cat([b["labels"] for b in round_batches])}
-    joined = join([{k: b[k] for k in ("target_pos", "target_ids")} for b in round_batches], 0)
+    joined = join_batches(
+        [{k: b[k] for k in ("target_pos", "target_ids")} for b in round_batches], 0
+    )
     return {k: v.to(torch.int32) for k, v in joined.items()}
 
 
@@ -63,9 +64,7 @@ class Client:
         round_batches = list(
             batches(ctx.data.train, idx, t.batch_size, ctx.data.pad_id, rng, t.group_by_length)
         )
-        if not is_u_shaped(
-            ctx.cfg
-        ):  # c2 (labels): the labels of every batch of the round, in order
+        if not is_u_shaped(ctx.cfg):  # c2 (labels): every batch's labels of the round, in order
             link.call(Message(LABELS, rnd, me, SERVER, round_labels(round_batches)))
         losses = []
         for batch in round_batches:

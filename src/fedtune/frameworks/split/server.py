@@ -24,7 +24,7 @@ from ...messages import (
     Message,
     client_name,
 )
-from ...models import load_trainable_state
+from ...models import load_trainable_state, vocab_size
 from .config import is_u_shaped
 from .layers import choose_split_layers, samples_per_round
 from .model import compress, decompress, part_names, server_forward
@@ -35,10 +35,11 @@ def received_labels(msg: Message) -> dict[str, torch.Tensor]:
     ``target_ids [N, R]`` (generation), as int64."""
     t = msg.tensors
     names = {"labels"} if "labels" in t else {"target_pos", "target_ids"}
-    if set(t) != names or any(v.is_floating_point() for v in t.values()):
+    dims = 1 if names == {"labels"} else 2
+    if set(t) != names or any(v.is_floating_point() or v.dim() != dims for v in t.values()):
         raise MessageError(f"labels from {msg.sender} are malformed")
-    if len({len(v) for v in t.values()}) != 1:
-        raise MessageError(f"labels from {msg.sender} disagree in length")
+    if len({tuple(v.shape) for v in t.values()}) != 1:
+        raise MessageError(f"labels from {msg.sender} disagree in shape")
     return {k: v.long() for k, v in t.items()}
 
 
@@ -77,8 +78,8 @@ class Server:
         self.ctx, self.s = ctx, ctx.cfg.split
         self.layers = choose_split_layers(ctx)
         self.u = u = is_u_shaped(ctx.cfg)
-        out = ctx.model.get_output_embeddings() if ctx.task.model_kind == "causal" else None
-        self.classes = out.weight.shape[0] if out is not None else ctx.data.num_labels
+        causal = ctx.task.model_kind == "causal"
+        self.classes = vocab_size(ctx.model) if causal else ctx.data.num_labels
         self.client_keys = [part_names(ctx.model, k, "client", u) for k in self.layers]
         self.server_keys = [part_names(ctx.model, k, "server", u) for k in self.layers]
         self.cid = {client_name(c): c for c in range(len(self.layers))}
