@@ -219,7 +219,8 @@ def test_own_data_folder(tmp_path):
 
 def test_split_service_serves_whole_streams_in_sampling_order():
     """Client 1 connects first but waits until client 0's stream is done (the simulation's
-    order of server-model updates); bytes are counted on both ends; a forged sender fails."""
+    order of server-model updates); bytes are counted on both ends; a forged sender is
+    refused with a short code, its reason kept on the server."""
     import threading
     from types import SimpleNamespace
 
@@ -258,8 +259,9 @@ def test_split_service_serves_whole_streams_in_sampling_order():
             name = client_name(cid)
             assert wire.ledger.round_totals(1)[name] == wires[cid].ledger.round_totals(1)[name]
         tokens = service.begin_round(1, [0], ComputeMeter())
-        with pytest.raises(MessageError, match="got a message from client-5"):
+        with pytest.raises(MessageError, match="INVALID_ARGUMENT: refused$"):  # no reason echoed
             client(0, sender="client-5")
+        assert "got a message from client-5" in service.refused["client-0"]
     finally:
         service.close()
         grpc_server.stop(grace=None).wait()

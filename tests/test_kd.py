@@ -151,10 +151,16 @@ def test_malformed_logits_name_their_sender():
     packed["indices"][0, 0] = 9  # a class the receiver does not have
     msg = Message(LOGITS, 1, client_name(2), SERVER, packed)
     with pytest.raises(MessageError, match=r"logits from client-2 are malformed: .*range"):
-        received_logits(msg, 3, 4, client_name(2))
+        received_logits(msg, 3, 4, client_name(2), topk=2)
     ok = Message(LOGITS, 1, client_name(2), SERVER, pack_logits(torch.randn(3, 4), topk=2))
     with pytest.raises(MessageError, match=r"expected \[2, 4\]"):
-        received_logits(ok, 2, 4, client_name(2))  # 3 rows where 2 were expected
+        received_logits(ok, 2, 4, client_name(2), topk=2)  # 3 rows where 2 were expected
+    # -inf (a class not sent) only under top-k: top-k rows when the run sends whole rows are
+    # refused, and so are whole rows when it sends top-k, or another k
+    for sent, want in ((2, 0), (0, 2), (3, 2)):
+        m = Message(LOGITS, 1, client_name(2), SERVER, pack_logits(torch.randn(3, 4), topk=sent))
+        with pytest.raises(MessageError, match="logits from client-2"):
+            received_logits(m, 3, 4, client_name(2), topk=want)
 
 
 def test_pruning_keeps_the_least_confident_samples():

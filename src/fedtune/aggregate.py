@@ -161,6 +161,19 @@ def aggregate(
     return strategy(states[0] if states else {}, states, weights)
 
 
+def finite(x) -> bool:
+    """No NaN or Inf in ``x``: a tensor, or a dict / tuple of them (None and integer tensors
+    pass; so does anything else, e.g. lists of token ids). The global state is never
+    non-finite: a server checks what it is about to adopt."""
+    if isinstance(x, torch.Tensor):
+        return not x.is_floating_point() or bool(torch.isfinite(x).all())
+    if isinstance(x, dict):
+        return all(finite(v) for v in x.values())
+    if isinstance(x, tuple):
+        return all(finite(v) for v in x)
+    return True
+
+
 def update_norm(update: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
     """L2 norm of ``update - reference`` over all tensors (float64)."""
     total = 0.0

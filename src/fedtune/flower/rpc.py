@@ -9,6 +9,7 @@ transport failure (server gone, deadline, refused) into a one-line :class:`Messa
 
 from __future__ import annotations
 
+import hmac
 import json
 import queue
 import struct
@@ -61,6 +62,16 @@ def _options(max_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+def find_peer(tokens: dict[str, str], given: str) -> str | None:
+    """The peer ``given`` identifies, comparing it with every token in constant time (a
+    dictionary lookup's timing would tell an attacker how much of a guess was right)."""
+    found, given_b = None, str(given).encode()
+    for token, peer in tokens.items():
+        if hmac.compare_digest(token.encode(), given_b):
+            found = peer
+    return found
+
+
 Handler = Callable[[Iterator[bytes], grpc.ServicerContext, str], Iterator[bytes]]
 
 
@@ -80,7 +91,7 @@ def serve(
     name); calls with any other token are refused before the handler runs."""
 
     def guarded(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        peer = tokens().get(dict(context.invocation_metadata()).get(TOKEN_KEY, ""))
+        peer = find_peer(tokens(), dict(context.invocation_metadata()).get(TOKEN_KEY, ""))
         if peer is None:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong or missing fedtune token")
         yield from handler(requests, context, peer)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -38,40 +39,104 @@ def receive_counted(wire: Wire, data: bytes) -> Message:
 class SplitService:
     """Answers a :class:`~fedtune.frameworks.Serving` server's ``serve`` requests over
     :mod:`fedtune.flower.rpc` streams; ``threads``: torch threads per serving thread (0 = all
-    cores)."""
+    cores).
 
-    def __init__(self, server, wire: Wire, *, threads: int = 0, turn_timeout: float = 600.0):
-        self.server, self.wire, self.turn_timeout = server, wire, turn_timeout
-        self.threads = threads
+    No client can hold the others up: the client whose turn it is must open its stream within
+    ``turn_timeout`` seconds and send each request within ``stall_timeout`` seconds of the
+    last answer, or it is skipped (its stream cut) and the next one goes; a token opens one
+    stream; every stream ends with its round. A refusal is sent to the client as a short code
+    only; its reason stays here (``refused``) and becomes the client's lost reason."""
+
+    def __init__(
+        self,
+        server,
+        wire: Wire,
+        *,
+        threads: int = 0,
+        turn_timeout: float = 60.0,
+        stall_timeout: float = 120.0,
+    ):
+        self.server, self.wire, self.threads = server, wire, threads
+        self.turn_timeout, self.stall_timeout = turn_timeout, stall_timeout
         self.address = ""  # host:port the clients dial, set once the server listens
         self.tokens: dict[str, str] = {}  # token -> client name, one secret per client and round
         self.order: list[str] = []
         self.done: set[str] = set()
+        self.active: dict[str, grpc.ServicerContext] = {}  # streams being served
+        self.refused: dict[str, str] = {}  # client name -> why, this round
+        self.seen = time.monotonic()  # the last progress of the client whose turn it is
+        self.computing = False  # the server is computing a request of that client
         self.round = 0
         self.closed = False
         self.meter: ComputeMeter | None = None
         self.cond = threading.Condition()
         self.lock = threading.Lock()  # Server.serve uses the one shared model
+        self.watchdog = threading.Thread(target=self._watch, daemon=True, name="split-watchdog")
 
     def begin_round(self, rnd: int, clients: list[int], meter: ComputeMeter) -> dict[int, str]:
         """Open round ``rnd`` for ``clients`` (served in this order); returns their tokens."""
         with self.cond:
-            self.round, self.meter, self.done = rnd, meter, set()
+            self.round, self.meter, self.done, self.refused = rnd, meter, set(), {}
             self.order = [client_name(c) for c in clients]
             tokens = {c: secrets.token_urlsafe(24) for c in clients}
             self.tokens = {t: client_name(c) for c, t in tokens.items()}
+            self.seen = time.monotonic()
+            self.cond.notify_all()
             return tokens
 
-    def _wait_turn(self, me: str) -> None:
+    def end_round(self) -> None:
+        """The round's exchange is over: cut the streams still open and refuse new ones, so
+        that nothing trains the server half while it is aggregated and evaluated."""
+        with self.lock, self.cond:  # the lock: a request being served finishes first
+            self.tokens, self.order = {}, []
+            for context in self.active.values():
+                context.cancel()
+            self.cond.notify_all()
+
+    def _head(self) -> str | None:
+        return next((c for c in self.order if c not in self.done), None)
+
+    def _watch(self) -> None:
+        """Skip the client whose turn it is when it does not open its stream in time, or
+        stalls in it."""
         with self.cond:
-            if me not in self.order or me in self.done:
+            while not self.closed:
+                self.cond.wait(0.2)
+                head, now = self._head(), time.monotonic()
+                if head is None:
+                    continue
+                streaming = head in self.active
+                if streaming and self.computing:
+                    continue
+                limit = self.stall_timeout if streaming else self.turn_timeout
+                if now - self.seen > limit:
+                    what = "stalled on" if streaming else "did not open"
+                    self.refused[head] = f"{what} its split stream for {limit:g} s"
+                    if streaming:
+                        self.active.pop(head).cancel()
+                    self.done.add(head)
+                    self.seen = now
+                    self.cond.notify_all()
+
+    def _wait_turn(self, me: str, context) -> None:
+        with self.cond:
+            if me not in self.order or me in self.done or me in self.active:
                 raise MessageError(f"{me} is not expected on the split link in round {self.round}")
             ahead = self.order[: self.order.index(me)]
-            ready = lambda: self.closed or self.done.issuperset(ahead)  # noqa: E731
-            if not self.cond.wait_for(ready, self.turn_timeout):
-                raise MessageError(f"{me} waited {self.turn_timeout:g} s for its turn")
-            if self.closed:
-                raise MessageError("the split server is shutting down")
+            self.cond.wait_for(
+                lambda: self.closed or me not in self.order or self.done.issuperset(ahead)
+            )
+            if self.closed or me not in self.order or me in self.done:
+                raise MessageError(f"the split round {self.round} ended before {me}'s turn")
+            self.active[me] = context
+            self.seen = time.monotonic()
+
+    def _progress(self, me: str, computing: bool = False) -> None:
+        """``me`` made progress; while the server computes its request it cannot stall."""
+        with self.cond:
+            if me not in self.active:  # cut by the watchdog or the end of the round
+                raise MessageError(f"{me}'s split stream was cut")
+            self.seen, self.computing = time.monotonic(), computing
 
     def close(self) -> None:
         """Release every stream still waiting for its turn (the run is ending)."""
@@ -81,25 +146,40 @@ class SplitService:
 
     def _finish(self, me: str) -> None:
         with self.cond:
+            self.active.pop(me, None)
             self.done.add(me)
+            self.seen, self.computing = time.monotonic(), False
             self.cond.notify_all()
 
     def handle(self, requests: Iterator[bytes], context, me: str) -> Iterator[bytes]:
         torch.set_num_threads(self.threads or os.cpu_count() or 1)  # per OS thread (OpenMP)
+        try:  # a second stream with the same token, or one out of its round, changes nothing
+            self._wait_turn(me, context)
+        except MessageError:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "not expected")
         try:
-            self._wait_turn(me)
             for data in requests:
+                self._progress(me)
                 msg = receive_counted(self.wire, data)
                 if msg.sender != me or msg.round != self.round:
                     raise MessageError(
                         f"split link of {me} got a message from {msg.sender} "
                         f"for round {msg.round} in round {self.round}"
                     )
-                with self.lock, self.meter.measure():
-                    reply = self.server.serve(msg)
+                with self.lock:
+                    self._progress(me, computing=True)  # not cut while it waited for the lock
+                    try:
+                        with self.meter.measure():
+                            reply = self.server.serve(msg)
+                    finally:
+                        self._progress(me)
                 yield self.wire.send(reply)
         except MessageError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            with self.cond:
+                self.refused.setdefault(me, str(e)[:200])
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "refused")  # the reason stays here
+        except grpc.RpcError:
+            pass  # the stream was cut (stall, end of round) or the client went away
         finally:
             self._finish(me)
 
@@ -114,9 +194,14 @@ def start_split_service(
     max_bytes=rpc.DEFAULT_MAX_BYTES,
     workers=8,
     threads=0,
+    turn_timeout=60.0,
+    stall_timeout=120.0,
 ):
     """Start the split server's stream endpoint; returns ``(service, grpc_server, port)``."""
-    service = SplitService(server, wire, threads=threads)
+    service = SplitService(
+        server, wire, threads=threads, turn_timeout=turn_timeout, stall_timeout=stall_timeout
+    )
+    service.watchdog.start()
     grpc_server, port = rpc.serve(
         service.handle,
         bind,

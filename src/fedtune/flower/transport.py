@@ -47,8 +47,6 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, poll: float = 
         got = list(grid.pull_messages(pending))
         out += got
         pending -= {m.metadata.reply_to_message_id for m in got}
-        if any(m.has_error() for m in got):
-            break  # the caller reports it; waiting for the others would only delay that
         if pending:
             time.sleep(poll)
     return out
@@ -175,6 +173,8 @@ class FlowerTransport:
                 keyfile=str(rc.get("split-keyfile", "")) or None,
                 workers=ctx.data.num_clients + 4,
                 threads=ctx.cfg.threads,
+                turn_timeout=float(rc.get("split-turn-timeout", 60)),
+                stall_timeout=float(rc.get("split-stall-timeout", 120)),
             )
             self.service.address = f"{rc.get('split-host', '127.0.0.1')}:{port}"
             self.log(
@@ -222,9 +222,10 @@ class FlowerTransport:
             cid = self.by_node.get(m.metadata.src_node_id)
             if cid is None or cid not in outgoing or cid in answered:
                 continue
-            if m.has_error():
-                raise FedtuneError(f"{client_name(cid)} failed in round {rs.rnd}: {reason(m)}")
             answered.add(cid)
+            if m.has_error():  # like a client that raises in the simulation: lost, not fatal
+                rs.lost[cid] = f"failed: {reason(m)[:200]}"
+                continue
             try:
                 rec = m.content[RECORD]
                 stats, counted, has_reply = reply_header(rec)
@@ -243,11 +244,19 @@ class FlowerTransport:
                 got[cid] = receive_counted(self.wire, bytes(rec["blob"]))
             except (KeyError, TypeError, MessageError) as e:
                 rs.lost[cid] = f"unreadable reply: {e}"
+                continue
+            if (mine := self._mine(rs.rnd, cid)) != self.counted[cid]:
+                rs.lost[cid] = f"it counted {self.counted[cid]} bytes, the server {mine}"
         for cid in outgoing:
             if cid not in answered or cid in rs.dropping:
                 rs.lost.setdefault(cid, "dropout")  # got its download and never answered
+        if self.service is not None:  # the round's streams end with its exchange
+            self.service.end_round()
+            for cid in outgoing:
+                if why := self.service.refused.get(client_name(cid)):
+                    rs.lost[cid] = f"refused by the server: {why}"
         # in the sending order, like the in-process transport (float sums depend on it)
-        return {c: got[c] for c in outgoing if got.get(c) is not None}
+        return {c: got[c] for c in outgoing if got.get(c) is not None and c not in rs.lost}
 
     def keep_after(self, rnd: int) -> int | None:
         """The last round a checkpoint was (or will have been) written after before ``rnd``:
@@ -262,13 +271,16 @@ class FlowerTransport:
         t = totals.get(client_name(cid), {})
         return {d: sum(t.get(d, {}).values()) for d in (UP, DOWN)}
 
+    def _mine(self, rnd: int, cid: int) -> dict[str, int]:
+        """The bytes this attempt at round ``rnd`` counted for ``cid``, by direction."""
+        now = self._sums(self.wire.ledger.round_totals(rnd), cid)
+        return {d: now[d] - self.before[cid][d] for d in (UP, DOWN)}
+
     def end_round(self, rs: RoundState) -> None:
-        """Both ends counted the same bytes for every client that took part to the end."""
-        totals = self.wire.ledger.round_totals(rs.rnd)
+        """Both ends counted the same bytes for every client that took part to the end (each
+        reply was checked on arrival; this catches a message after it)."""
         for cid in (c for c in rs.sampled if c not in rs.lost):
-            now, before = self._sums(totals, cid), self.before[cid]
-            mine = {d: now[d] - before[d] for d in (UP, DOWN)}
-            if mine != self.counted[cid]:
+            if (mine := self._mine(rs.rnd, cid)) != self.counted[cid]:
                 raise MessageError(
                     f"round {rs.rnd}: server counted {mine} bytes for "
                     f"{client_name(cid)}, the client {self.counted[cid]}"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .. import seeds
-from ..aggregate import build, screen_updates
+from ..aggregate import build, finite, screen_updates
 from ..context import ClientContext, ServerContext
 from ..execution.jobs import Train
 from ..execution.train import LocalResult, num_local_steps
@@ -55,7 +55,11 @@ class Server:
             return metrics
         weights = [float(replies[c].meta["num_samples"]) for c in ok]
         states = [replies[c].tensors for c in ok]
-        self.global_state = self.strategy(self.global_state, states, weights)
+        new = self.strategy(self.global_state, states, weights)
+        if not finite(new):  # finite updates can still overflow: keep the last state
+            metrics["rejected_reasons"] = {**rejected, "aggregate": "non-finite result"}
+            return metrics
+        self.global_state = new
         losses = [float(replies[c].meta["loss"]) for c in ok]
         return {"train_loss": float(np.average(losses, weights=weights)), **metrics}
 

@@ -72,8 +72,12 @@ class Client:
 
     def select(self, msg: Message) -> None:
         if "keep" in msg.tensors:  # the server pruned the public set for this round
-            n = len(self.candidates)
-            mask = np.unpackbits(msg.tensors["keep"].numpy(), count=n).astype(bool)
+            n, keep = len(self.candidates), msg.tensors["keep"]
+            if keep.dtype != torch.uint8 or tuple(keep.shape) != (-(-n // 8),):
+                raise MessageError(f"public selection mask {list(keep.shape)} is not {n} bits")
+            mask = np.unpackbits(keep.numpy(), count=n).astype(bool)
+            if not mask.any():
+                raise MessageError("public selection mask selects no sample")
             self.selection = self.candidates[mask]
 
     def upload(self, rnd: int, loss: float, logits: torch.Tensor) -> Message:

@@ -46,10 +46,17 @@ def public_logits(ctx: Context, state: dict[str, torch.Tensor], idx: np.ndarray)
     return outputs(ctx, state, ctx.data.public, idx)
 
 
-def received_logits(msg: Message, rows: int, num_classes: int, sender: str) -> torch.Tensor:
-    """Unpack and check a LOGITS message: ``[rows, C]``. The codec rejects malformed tensors
-    and non-finite values, so every row has at least one finite logit (top-k's missing
-    classes are -inf)."""
+def received_logits(
+    msg: Message, rows: int, num_classes: int, sender: str, topk: int = 0
+) -> torch.Tensor:
+    """Unpack and check a LOGITS message: ``[rows, C]``, ``topk`` (the run's ``kd.topk``)
+    entries per row sent. The codec rejects malformed tensors and non-finite values, so
+    every row has a finite logit; -inf (a class not sent) only ever comes from top-k."""
+    values, sparse = msg.tensors.get("values"), "indices" in msg.tensors
+    if values is None or values.dim() != 2 or sparse != bool(topk):
+        raise MessageError(f"logits from {sender} are not {'top-k' if topk else 'whole'} rows")
+    if values.shape[-1] != (topk or num_classes):
+        raise MessageError(f"logits from {sender}: {values.shape[-1]} per row, not {topk}")
     try:  # the codec checks names, dtypes, shapes, indices and values; we add who sent them
         logits = unpack_logits(msg.tensors, num_classes)
     except MessageError as e:

@@ -83,7 +83,7 @@ class ClassKnowledge:
         return pack_logits(outputs, self.kd.topk, self.kd.logit_dtype)
 
     def unpack(self, msg, rows, sender):
-        return received_logits(msg, len(rows), self.ctx.data.num_labels, sender)
+        return received_logits(msg, len(rows), self.ctx.data.num_labels, sender, self.kd.topk)
 
     def aggregate(self, received, sizes, rows):
         kd = self.kd

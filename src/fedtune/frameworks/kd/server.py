@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ... import seeds
-from ...aggregate import meta_problem
+from ...aggregate import finite, meta_problem
 from ...context import ServerContext
 from ...errors import MessageError
 from ...execution.executors import execute
@@ -103,6 +103,9 @@ class Server:
             return metrics
         sizes = [int(float(replies[i].meta["num_samples"])) for i in cids]
         teacher, kept = self.knowledge.aggregate(logits, sizes, self.candidates[sel])
+        if not finite(teacher):  # checked inputs cannot do this; a bug must not train on it
+            rejected["teacher"] = "the aggregated knowledge is not finite"
+            return metrics
         metrics["train_loss"] = float(
             np.average([float(replies[i].meta["loss"]) for i in cids], weights=sizes)
         )
@@ -138,8 +141,11 @@ class Server:
             resample=resample,
         )
         result = train(ctx, job)
-        self.state, self.opt_state = result.state, result.opt_state
         metrics["server_distill_loss"] = result.loss
+        if finite(result.state):
+            self.state, self.opt_state = result.state, result.opt_state
+        else:  # the global model is never non-finite: keep the last one
+            rejected["distill"] = "server distillation diverged; the global model is unchanged"
         # b6: the global model's logits on all candidates (the next round prunes with them).
         self.global_logits = self.public_outputs()
         # b7: broadcast them on this round's selection; b8 happens in Client.handle.

@@ -3,6 +3,7 @@ of the client-side LoRA (cc1, cc4). See the package docstring."""
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Generator
 
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 
 from ... import compute
-from ...aggregate import build, screen_updates
+from ...aggregate import build, finite, screen_updates
 from ...context import ServerContext
 from ...errors import MessageError
 from ...execution.train import make_optimizer, optimizer_step
@@ -91,6 +92,14 @@ class Server:
         self.pending: dict[int, tuple] = {}  # U-shaped: cid -> (h, pooled) between two calls
         self.serve_seconds = 0.0
         self.saved_opts: dict = {}  # slot -> optimizer state from a checkpoint, loaded lazily
+        # This round's request gate: the clients it serves and how many rows each may send
+        # (its samples per round: the message budget), each client's server-side state from
+        # before its first request (restored when the server refuses it), and who was refused.
+        self.rnd, self.open = 0, False
+        self.budget: dict[int, int] = {}
+        self.rows: dict[int, int] = {}
+        self.before: dict[int, tuple] = {}
+        self.refused: dict[int, str] = {}
 
     def state_dict(self) -> dict:
         """What a checkpoint must hold to resume: the global state and the server-side
@@ -123,6 +132,11 @@ class Server:
             self.states[self.slot(cid)] = {
                 n: self.global_state[n].clone() for n in dict.fromkeys(keys)
             }
+        sizes = self.ctx.data.client_sizes
+        self.budget = {c: samples_per_round(self.ctx.cfg, sizes[c]) for c in clients}
+        self.rnd, self.open, self.rows, self.before, self.refused = rnd, True, {}, {}, {}
+        self.labels.clear()
+        self.pending.clear()
         # cc1: each client gets the averaged client-side LoRA of its blocks and its split layer.
         replies: dict[int, Message] = yield {
             cid: Message(
@@ -135,6 +149,7 @@ class Server:
             )
             for cid in clients
         }
+        self.open = False  # the round's requests are over: nothing trains the server half now
         # cc4: validate the uploads (cc3); per tensor, combine (fed.aggregator, FedAvg by
         # sample count by default) over every party that trained it. Clients that did not reply
         # (dropout, deadline) or were rejected contribute no adapter.
@@ -159,7 +174,12 @@ class Server:
         }
         if not ok:  # nothing usable: the global state stays as it was
             return metrics
+        before = dict(self.global_state)
         self.aggregate(replies, ok)
+        if not finite(self.global_state):
+            self.global_state = before  # finite inputs can still overflow: keep the last state
+            metrics["rejected_reasons"] = {**rejected, "aggregate": "non-finite result"}
+            return metrics
         weights = [float(replies[c].meta["num_samples"]) for c in ok]
         losses = [float(replies[c].meta["loss"]) for c in ok]
         return {"train_loss": float(np.average(losses, weights=weights)), **metrics}
@@ -190,7 +210,13 @@ class Server:
     def serve(self, msg: Message) -> Message:
         """Answer one client request: LABELS (c2), ACTIVATIONS (c3) or, U-shaped, GRADIENTS."""
         t0 = time.perf_counter()
-        cid = self.cid[msg.sender]
+        cid = self.cid.get(msg.sender, -1)
+        if not self.open or msg.round != self.rnd or cid not in self.budget:
+            raise MessageError(f"split server does not serve {msg.sender} in round {msg.round}")
+        if cid in self.refused:
+            raise MessageError(f"{msg.sender} was refused in round {self.rnd}")
+        if cid not in self.before:
+            self.before[cid] = self._snapshot(cid)
         # The server's FLOPs for one request depend only on its kind, cut and tensor shapes.
         shapes = tuple(tuple(t.shape) for t in msg.tensors.values())
         if msg.kind == ACTIVATIONS and not self.u:  # the head runs on the labels' R positions
@@ -203,10 +229,39 @@ class Server:
             self.ctx.cfg.train.autocast,
             shapes,
         )
-        with compute.step(key):
-            reply = self._serve(cid, msg)
+        try:
+            with compute.step(key):
+                reply = self._serve(cid, msg)
+        except MessageError as e:  # the client is out for the round, its updates undone
+            self._restore(cid)
+            self.refused[cid] = str(e)
+            raise
         self.serve_seconds += time.perf_counter() - t0
         return reply
+
+    def _snapshot(self, cid: int) -> tuple:
+        """The server-side state client ``cid`` can change: its slot's tensors and optimizer."""
+        slot = self.slot(cid)
+        opt = self.opts.get(slot)
+        return (
+            {n: t.clone() for n, t in self.states[slot].items()},
+            None if opt is None else copy.deepcopy(opt.state_dict()),
+            self.saved_opts.get(slot),
+        )
+
+    def _restore(self, cid: int) -> None:
+        """Undo every update client ``cid``'s requests made this round (a shared server half
+        then holds only the other clients' batches)."""
+        slot, (states, opt, saved) = self.slot(cid), self.before[cid]
+        self.states[slot] = states
+        if opt is None:
+            self.opts.pop(slot, None)
+            if saved is not None:
+                self.saved_opts[slot] = saved
+        else:
+            self.opts[slot].load_state_dict(opt)
+        self.labels.pop(cid, None)
+        self.pending.pop(cid, None)
 
     def _label_width(self, cid: int, b: int) -> int:
         """R of the next ``b`` rows of client ``cid``'s labels (generation), else 0."""
@@ -217,10 +272,17 @@ class Server:
 
     def _serve(self, cid: int, msg: Message) -> Message:
         if msg.kind == LABELS:
-            self.labels[cid] = received_labels(msg)
-            n = len(next(iter(self.labels[cid].values())))
+            if cid in self.labels or self.rows.get(cid):
+                raise MessageError(f"{msg.sender} sent its labels twice or after activations")
+            labels = received_labels(msg)
+            n = len(next(iter(labels.values())))
+            if n > self.budget[cid]:
+                raise MessageError(
+                    f"{msg.sender} sent {n} labels, over its {self.budget[cid]} samples per round"
+                )
+            self.labels[cid] = labels
             reply = Message(METADATA, msg.round, SERVER, msg.sender, {}, {"received": n})
-        elif msg.kind == ACTIVATIONS:
+        elif msg.kind == ACTIVATIONS and cid not in self.pending:
             reply = self._forward(cid, msg)
         elif msg.kind == GRADIENTS and cid in self.pending:
             h, pooled = self.pending.pop(cid)
@@ -232,10 +294,11 @@ class Server:
             raise MessageError(f"split server cannot serve a {msg.kind} message from {msg.sender}")
         return reply
 
-    def _check_activations(self, msg: Message) -> None:
+    def _check_activations(self, cid: int, msg: Message) -> None:
         """What a client's ACTIVATIONS must be before anything is allocated or computed from
         them: a bool ``mask [B, L]`` with ``B <= train.batch_size``, ``L <= model.max_length``
-        and a token in every row, and values ``[B, L, ...]`` (the codec checks the rest)."""
+        and a token in every row, values ``[B, L, ...]`` (the codec checks the rest), and no
+        more rows this round than the client's samples per round."""
         cfg, mask = self.ctx.cfg, msg.tensors.get("mask")
         if mask is None or mask.dtype != torch.bool or mask.dim() != 2:
             raise MessageError(f"activations from {msg.sender} without a [B, L] bool mask")
@@ -250,10 +313,15 @@ class Server:
             raise MessageError(f"activations from {msg.sender} do not match their mask")
         if not mask.any(1).all():
             raise MessageError(f"activations from {msg.sender} have a row without tokens")
+        self.rows[cid] = self.rows.get(cid, 0) + b
+        if self.rows[cid] > self.budget[cid]:
+            raise MessageError(
+                f"{msg.sender} sent over its {self.budget[cid]} samples per round of activations"
+            )
 
     def _forward(self, cid: int, msg: Message) -> Message:
         ctx, k = self.ctx, self.layers[cid]
-        self._check_activations(msg)
+        self._check_activations(cid, msg)
         state = self.states[self.slot(cid)]
         load_trainable_state(ctx.model, {n: state[n] for n in self.server_keys[cid]})
         ctx.model.train()
@@ -280,10 +348,15 @@ class Server:
             if slot in self.saved_opts:  # resumed from a checkpoint
                 self.opts[slot].load_state_dict(self.saved_opts.pop(slot))
         opt = self.opts[slot]
+        if grad is None and not torch.isfinite(out):  # e.g. finite but huge activations
+            raise MessageError(f"the batch of {client_name(cid)} gives a non-finite loss")
         opt.zero_grad(set_to_none=True)  # right before backward: no other party's grads leak in
         out.backward(grad)
         optimizer_step(opt, [params[n] for n in keys], ctx.cfg.train)
-        self.states[slot].update({n: params[n].detach().clone() for n in keys})
+        new = {n: params[n].detach().clone() for n in keys}
+        if not finite(new):
+            raise MessageError(f"the batch of {client_name(cid)} made the server half non-finite")
+        self.states[slot].update(new)
         x = compress(h.grad, self.s.compression, self.s.topk_ratio)
         return Message(GRADIENTS, rnd, SERVER, client_name(cid), x, meta)
 
