@@ -120,6 +120,14 @@ def encode_sparse(
     return out
 
 
+def check_names(tensors: dict[str, torch.Tensor], extra: tuple[str, ...] = ()) -> None:
+    """A message holds only codec tensors (and the ``extra`` names its receiver expects):
+    anything else is a :class:`~fedtune.errors.MessageError`, not silently ignored."""
+    unknown = sorted(set(tensors) - set(NAMES) - set(extra))
+    if unknown:
+        raise MessageError(f"unexpected tensors {[n[:40] for n in unknown[:3]]}")
+
+
 def decode(tensors: dict[str, torch.Tensor], dim: int, fill: float = 0.0) -> torch.Tensor:
     """Inverse of :func:`encode`: float32 ``[..., dim]``.
 

@@ -164,6 +164,15 @@ def _check_tensor_header(header: dict, payload: int) -> None:
             raise MessageError(f"message tensor {name!r} has inconsistent offsets")
 
 
+def check_routing(msg: Message, sender: str, receiver: str, rnd: int) -> None:
+    """A message that arrived from ``sender`` must say so, be for ``receiver`` and for round
+    ``rnd``: a replayed or forged one is a :class:`MessageError` (and is not counted, so no
+    party's bytes can be charged to another)."""
+    if (msg.sender, msg.receiver, msg.round) != (sender, receiver, rnd):
+        said = f"{msg.sender!r:.40} -> {msg.receiver!r:.40}, round {msg.round}"
+        raise MessageError(f"{sender} sent a message marked {said} in round {rnd}")
+
+
 class Ledger:
     """Bytes on the wire, keyed by (round, client, direction, kind)."""
 

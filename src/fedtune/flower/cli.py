@@ -179,6 +179,12 @@ def add_parser(sub) -> None:
     sn.add_argument("--split-root-certificates", help="CA of the split server's certificate")
     sn.add_argument("--port", type=int, default=9094, help="local Runtime API port")
     sn.add_argument("--max-retries", type=int, help="reconnect attempts before giving up")
+    sn.add_argument(
+        "--plugin",
+        action="append",
+        metavar="MODULE",
+        help="import MODULE first (it registers frameworks or aggregators; repeatable)",
+    )
     sn.add_argument("--home", help="FLWR_HOME (default: $FLWR_HOME or ./flwr-home/supernode)")
     sn.set_defaults(func=_supernode)
 

@@ -11,6 +11,7 @@ installed in the environment of every host.
 from __future__ import annotations
 
 import datetime
+import importlib
 import ipaddress
 import os
 import shutil
@@ -48,6 +49,8 @@ split-bind = "0.0.0.0:0"  # where the split server listens (port 0: any free por
 split-host = "127.0.0.1"  # the host name clients dial for the split server
 split-certfile = ""       # TLS certificate and key of the split server ("" = plain gRPC)
 split-keyfile = ""
+split-turn-timeout = 60.0 # seconds a split client has to open its stream when its turn comes
+split-stall-timeout = 120.0 # seconds a split client may leave its stream idle
 node-timeout = 120.0      # seconds to wait for all SuperNodes
 round-timeout = 3600.0    # seconds to wait for the replies of one exchange
 resume = "false"          # "true": continue the unfinished run in out from its checkpoint
@@ -279,6 +282,11 @@ def run_supernode(args) -> int:
 
     from .node import start_worker
 
+    for module in args.plugin or []:  # the node operator's own frameworks or aggregators
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ConfigError(f"--plugin {module}: {e}") from None
     token = secrets.token_urlsafe(24)
     _, _, port = start_worker(
         args.partition_id,

@@ -64,10 +64,12 @@ class LocalFederation:
         auth: bool = False,
         data_dirs: list[str] | None = None,
         host: str = "127.0.0.1",
+        node_args: dict[int, dict] | None = None,
     ) -> None:
         self.folder = Path(folder).resolve()
         self.n, self.tls, self.auth, self.host = num_nodes, tls, auth, host
         self.data_dirs = data_dirs
+        self.node_args = node_args or {}  # partition id -> extra `supernode` options
         self.procs: list[subprocess.Popen] = []
         self.spawned: dict[int, str] = {}  # descendants seen while running -> start time
         self.ports: set[int] = set()
@@ -105,7 +107,7 @@ class LocalFederation:
             self.cli_home, self.conn, self.address, str(self.certs["ca"]) if self.certs else None
         )
         for i in range(self.n):
-            self.add_node(i)
+            self.add_node(i, **self.node_args.get(i, {}))
         return self
 
     def add_node(self, partition_id: int, *, register: bool = True, **kw) -> subprocess.Popen:

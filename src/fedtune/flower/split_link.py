@@ -24,14 +24,17 @@ import torch
 
 from ..compute import ComputeMeter, paused
 from ..errors import MessageError
-from ..messages import Message, Wire, client_name
+from ..messages import SERVER, Message, Wire, check_routing, client_name
 from . import rpc
 
 
-def receive_counted(wire: Wire, data: bytes) -> Message:
+def receive_counted(wire: Wire, data: bytes, expect: tuple[str, str, int] | None = None) -> Message:
     """Decode bytes that arrived from the other side and count them in ``wire``'s ledger
-    (``Wire.send`` counts what this side sends; this counts what it receives)."""
+    (``Wire.send`` counts what this side sends; this counts what it receives). ``expect``:
+    the ``(sender, receiver, round)`` it must carry, checked before it is counted."""
     msg = wire.receive(data)
+    if expect is not None:
+        check_routing(msg, *expect)
     wire.ledger.record(msg, len(data))
     return msg
 
@@ -160,12 +163,7 @@ class SplitService:
         try:
             for data in requests:
                 self._progress(me)
-                msg = receive_counted(self.wire, data)
-                if msg.sender != me or msg.round != self.round:
-                    raise MessageError(
-                        f"split link of {me} got a message from {msg.sender} "
-                        f"for round {msg.round} in round {self.round}"
-                    )
+                msg = receive_counted(self.wire, data, (me, SERVER, self.round))
                 with self.lock:
                     self._progress(me, computing=True)  # not cut while it waited for the lock
                     try:

@@ -29,7 +29,7 @@ from ..context import Context, ServerContext, build_context
 from ..data import prepare_server
 from ..errors import ConfigError, FedtuneError, MessageError
 from ..frameworks import Framework, Server, Serving
-from ..messages import DOWN, UP, Wire, client_name
+from ..messages import DOWN, SERVER, UP, Wire, client_name
 from ..messages import Message as FedMessage
 from ..models import load_tokenizer
 from ..runtime import faults
@@ -241,7 +241,8 @@ class FlowerTransport:
                 rs.lost[cid] = "deadline"  # its reply is discarded, never received
                 continue
             try:
-                got[cid] = receive_counted(self.wire, bytes(rec["blob"]))
+                expect = (client_name(cid), SERVER, rs.rnd)
+                got[cid] = receive_counted(self.wire, bytes(rec["blob"]), expect)
             except (KeyError, TypeError, MessageError) as e:
                 rs.lost[cid] = f"unreadable reply: {e}"
                 continue

@@ -16,7 +16,7 @@ from ..context import Context, ServerContext, build_context
 from ..errors import ConfigError, MessageError
 from ..execution.executors import Executor, make_executor
 from ..frameworks import Framework, Server, Serving
-from ..messages import Message, Wire
+from ..messages import SERVER, Message, Wire, check_routing, client_name
 from . import faults
 from .records import RoundState
 
@@ -33,11 +33,15 @@ class Link:
         server: Serving,
         meter: ComputeMeter | None = None,
         server_meter: ComputeMeter | None = None,
+        route: tuple[str, int] | None = None,
     ) -> None:
         self.wire, self.server = wire, server
         self.meter, self.server_meter = meter, server_meter
+        self.route = route  # (client, round): what every request must say, as on Flower
 
     def call(self, msg: Message) -> Message:
+        if self.route is not None:
+            check_routing(msg, self.route[0], SERVER, self.route[1])
         msg = self.wire.transfer(msg)
         with paused(self.meter):
             if self.server_meter is None:
@@ -91,8 +95,11 @@ class InProcess:
         serving = isinstance(self.server, Serving)
         work = {}
         for cid, msg in todo.items():
+            route = (client_name(cid), rs.rnd)
             link = (
-                Link(self.wire, self.server, rs.meters[cid], rs.server_meter) if serving else None
+                Link(self.wire, self.server, rs.meters[cid], rs.server_meter, route)
+                if serving
+                else None
             )
             work[cid] = partial(refused_is_lost, self.clients[cid].handle, msg, link, rs, cid)
         answers = self.executor.run(work, rs.meters)
@@ -104,6 +111,7 @@ class InProcess:
                 rs.lost[cid] = "deadline"  # its reply is discarded, never received
                 continue
             try:
+                check_routing(reply, client_name(cid), SERVER, rs.rnd)
                 replies[cid] = self.wire.transfer(reply)
             except MessageError as e:
                 rs.lost[cid] = f"unreadable reply: {e}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ... import seeds
+from ... import codec, seeds
 from ...context import Context
 from ...data import Tokenized
 from ...errors import ConfigError, MessageError
@@ -58,6 +58,7 @@ def received_logits(
     if values.shape[-1] != (topk or num_classes):
         raise MessageError(f"logits from {sender}: {values.shape[-1]} per row, not {topk}")
     try:  # the codec checks names, dtypes, shapes, indices and values; we add who sent them
+        codec.check_names(msg.tensors)
         logits = unpack_logits(msg.tensors, num_classes)
     except MessageError as e:
         raise MessageError(f"logits from {sender} are malformed: {e}") from None

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from ... import codec
 from ...context import Context
 from ...data import Tokenized
 from ...errors import ConfigError, MessageError
@@ -133,6 +134,7 @@ class TokenKnowledge:
 
     def unpack(self, msg, rows, sender):
         try:
+            codec.check_names(msg.tensors)
             values, idx = unpack_tokens(msg.tensors, self.vocab)
         except MessageError as e:
             raise MessageError(f"logits from {sender} are malformed: {e}") from None

@@ -10,7 +10,7 @@ from collections.abc import Generator
 import numpy as np
 import torch
 
-from ... import compute
+from ... import codec, compute
 from ...aggregate import build, finite, screen_updates
 from ...context import ServerContext
 from ...errors import MessageError
@@ -286,6 +286,7 @@ class Server:
             reply = self._forward(cid, msg)
         elif msg.kind == GRADIENTS and cid in self.pending:
             h, pooled = self.pending.pop(cid)
+            codec.check_names(msg.tensors)
             g = self._decompress(msg).to(self.ctx.device, pooled.dtype)
             if g.shape != pooled.shape:
                 raise MessageError(f"gradients from {msg.sender} do not match the states sent")
@@ -308,6 +309,7 @@ class Server:
                 f"activations from {msg.sender}: {b} x {length} tokens, over train.batch_size "
                 f"{cfg.train.batch_size} / model.max_length {cfg.model.max_length}"
             )
+        codec.check_names(msg.tensors, ("mask",))
         values = msg.tensors.get("values")
         if values is None or values.dim() != 3 or tuple(values.shape[:2]) != (b, length):
             raise MessageError(f"activations from {msg.sender} do not match their mask")
