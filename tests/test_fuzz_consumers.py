@@ -112,6 +112,40 @@ def tensors(names):
     return st.dictionaries(st.sampled_from(names), tensor(), max_size=len(names))
 
 
+MUTATIONS = ["none", "none", "value", "dtype", "cut", "index", "repeat", "drop", "extra"]
+
+
+@st.composite
+def encoded(draw, rows: int, dim: int, topks=(0, 1, 2)):
+    """A real :func:`fedtune.codec.encode` output ``[rows, dim]`` (any dtype, top-k, centring)
+    with at most one thing wrong (``MUTATIONS``); returns ``(tensors, topk)``."""
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    x = torch.randn(rows, dim, generator=g) * draw(st.sampled_from([1.0, 30.0, 1e4]))
+    topk = min(draw(st.sampled_from(topks)), dim)
+    dtype = draw(st.sampled_from(list(codec.DTYPES)))
+    t = codec.encode(x, dtype, topk, center=draw(st.booleans()) and dtype == "int8")
+    how, name = draw(st.sampled_from(MUTATIONS)), draw(st.sampled_from(sorted(t)))
+    v = t[name].clone()
+    if how == "value" and v.is_floating_point():
+        v.view(-1)[draw(st.integers(0, v.numel() - 1))] = draw(SPECIAL)
+    elif how == "dtype":
+        v = v.to(draw(ANY_DTYPE))
+    elif how == "cut" and v.numel():
+        v = v[..., :-1] if draw(st.booleans()) else v[:-1]
+    elif how == "index" and name == "indices":
+        info = torch.iinfo(v.dtype)  # out of [0, dim), as far as the index dtype allows
+        bad = draw(st.sampled_from([dim, dim + 1, -1, 2**15 - 1]))
+        v.view(-1)[0] = min(max(bad, info.min), info.max)
+    elif how == "repeat" and name == "indices" and v.shape[-1] > 1:
+        v[0, 1] = v[0, 0]
+    t[name] = v
+    if how == "drop":
+        del t[name]
+    elif how == "extra":
+        t["extra"] = torch.zeros(2)
+    return t, topk
+
+
 # ----------------------------------------------------------------------------- split server
 
 
@@ -177,11 +211,13 @@ def test_split_serve(split_server, requests, with_labels):
 
 
 @FUZZ
-@given(tensors(["values", "indices", "scale", "extra"]), st.integers(0, 3), st.booleans())
-def test_kd_logits(t, topk, aggregate):
+@given(encoded(6, 4), st.sampled_from([None, 0, 2]), st.booleans())
+def test_kd_logits(sent, expect, aggregate):
     from fedtune.frameworks.kd.common import received_logits
     from fedtune.frameworks.kd.ops import aggregate_knowledge
 
+    t, topk = sent
+    topk = topk if expect is None else expect  # the run's kd.topk: usually what was sent
     msg = Message(LOGITS, 1, client_name(0), SERVER, t)
     logits = consume("kd logits", received_logits, msg, 6, 4, client_name(0), topk)
     if logits is None:
@@ -195,18 +231,18 @@ def test_kd_logits(t, topk, aggregate):
 
 
 @FUZZ
-@given(tensors(["values", "indices", "scale"]), st.sampled_from([1, 7, 300]))
-def test_kd_token_logits(t, vocab):
+@given(st.sampled_from([7, 300]), st.data())
+def test_kd_token_logits(vocab, data):
     from fedtune.frameworks.kd.tokens import aggregate_tokens, unpack_tokens
 
+    t, topk = data.draw(encoded(5, vocab, (0, 3)))
     got = consume("kd token logits", unpack_tokens, t, vocab)
     if got is None:
         return
     values, idx = got
     assert finite(values) and (idx is None or (idx.min() >= 0 and idx.max() < vocab))
-    if idx is not None or values.shape[-1] == vocab:
-        k = values.shape[-1] if idx is not None else 0
-        probs, _ = aggregate_tokens([(values, idx)], 1.0, [1.0], k, vocab)
+    if (idx is None) == (topk == 0) and values.shape[-1] == (topk or vocab):
+        probs, _ = aggregate_tokens([(values, idx)], 1.0, [1.0], topk, vocab)
         assert finite(probs)
 
 
@@ -214,12 +250,15 @@ def test_kd_token_logits(t, vocab):
 
 
 @FUZZ
-@given(tensors(["values", "indices", "scale"]), st.sampled_from([1, 4, 32, 300]))
-def test_codec_decode(t, dim):
+@given(st.sampled_from([1, 4, 32, 300]), st.data())
+def test_codec_decode(dim, data):
+    t, _ = data.draw(encoded(3, dim))
+    if data.draw(st.booleans()):  # or anything at all under the codec's names
+        t = data.draw(tensors(["values", "indices", "scale"]))
     x = consume("codec", codec.decode, t, dim, float("-inf"))
     if x is not None:
         assert x.shape[-1] == dim and not x.isnan().any()
-        assert x.numel() * 4 <= max(1, t["values"].numel()) * 4 * dim  # sized by what came
+        assert x.numel() <= max(1, t["values"].numel()) * dim  # sized by what came
 
 
 # ----------------------------------------------------------------------------- Flower replies
@@ -239,7 +278,10 @@ GOOD = {
 
 
 @FUZZ
-@given(st.sampled_from(["stats", "counted", "reply", "flops", "seconds", "up", "whole"]), JSON)
+@given(
+    st.sampled_from(["none", "stats", "counted", "reply", "flops", "seconds", "up", "whole"]),
+    JSON,
+)
 def test_flower_reply_header(field, value):
     pytest.importorskip("flwr")
     from flwr.app import ConfigRecord
@@ -253,7 +295,7 @@ def test_flower_reply_header(field, value):
         h["stats"][field] = value
     elif field == "up":
         h["counted"]["up"] = value
-    else:
+    elif field != "none":
         h[field] = value
     got = consume("flower reply header", reply_header, ConfigRecord({"header": json.dumps(h)}))
     if got is not None:
@@ -293,6 +335,7 @@ def test_consumer_fuzz_budget():
     total = sum(TRIED.values())
     print(f"\nconsumer fuzz: {total} inputs {TRIED}, accepted {ACCEPTED}")
     print("largest growth of the peak memory (ru_maxrss) caused by one input:")
-    print(f"  {WORST['bytes'] / 2**20:.1f} MiB ({WORST['consumer'] or 'none'})")
+    print(f"  {WORST['bytes'] / 2**20:.1f} MiB ({WORST['consumer'] or 'none'}); ", end="")
+    print(f"the process's peak RSS: {_maxrss() / 2**20:.0f} MiB")
     if len(TRIED) >= 7:  # the whole file ran
         assert total >= 7 * EXAMPLES

@@ -49,3 +49,69 @@ def test_keys_are_private_from_the_start(tmp_path, monkeypatch):
     for key in (paths["key"], priv):
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
         assert (str(key), 0o600) in seen  # created 0600, not chmod-ed after being written
+
+
+def relay(target_port: int, seen: bytearray):
+    """A TCP relay on loopback that keeps a copy of every byte in both directions (what an
+    eavesdropper on the network sees); returns its port."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def pipe(src, dst):
+        try:
+            while data := src.recv(65536):
+                seen.extend(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            dst.close()
+
+    def accept():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", target_port))
+            threading.Thread(target=pipe, args=(conn, up), daemon=True).start()
+            threading.Thread(target=pipe, args=(up, conn), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return listener
+
+
+@pytest.mark.parametrize("tls", [True, False])
+def test_with_tls_the_split_streams_bytes_are_not_readable(tmp_path, tls):
+    """The split stream through an eavesdropping relay: with TLS the frames' content (and the
+    token) never appear on the wire; without it (--insecure) both do, so the check can fail."""
+    from fedtune.flower import deploy, rpc
+
+    secret = b"ACTIVATIONS-OF-A-PRIVATE-SENTENCE" * 4
+    certs = deploy.make_certs(tmp_path / "certs", ["localhost"]) if tls else {}
+
+    def echo(requests, context, peer):
+        yield from requests
+
+    server, port = rpc.serve(
+        echo,
+        "127.0.0.1:0",
+        lambda: {"the-token-0123456789": "client-0"},
+        certfile=str(certs["cert"]) if tls else None,
+        keyfile=str(certs["key"]) if tls else None,
+    )
+    seen = bytearray()
+    listener = relay(port, seen)
+    try:
+        address = f"localhost:{listener.getsockname()[1]}"
+        root = str(certs["ca"]) if tls else None
+        with rpc.Stream(address, "the-token-0123456789", root_cert=root, timeout=20) as s:
+            assert s.call(secret) == secret
+    finally:
+        listener.close()
+        server.stop(grace=None).wait()
+    assert len(seen) > len(secret)  # the frames went through the relay
+    leaked = secret[:32] in seen or b"the-token-0123456789" in seen
+    assert leaked is not tls

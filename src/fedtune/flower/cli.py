@@ -161,7 +161,12 @@ def add_parser(sub) -> None:
     k.set_defaults(func=_node_key)
 
     sl = fs.add_parser("superlink", help="start a SuperLink (closed-network settings)")
-    sl.add_argument("--host", default="0.0.0.0")
+    sl.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: this host only; Flower 1.41 serves the Fleet, "
+        "Control and Runtime APIs on it: give the federation's interface, e.g. 0.0.0.0)",
+    )
     sl.add_argument("--port", type=int, default=9093)
     sl.add_argument("--certs", help="folder from `fedtune flower certs` (TLS)")
     sl.add_argument("--insecure", action="store_true", help="no TLS (a closed test network)")
