@@ -7,9 +7,9 @@ wrong. ``silent`` (no work, no reply) and ``mute`` (the work done, its upload wi
 the references: what the honest clients get when client 0's part is simply missing.
 
 Imported by a SuperNode (``fedtune flower supernode --plugin adversary``, with this folder on
-``PYTHONPATH``), it makes that node's client 0 an :class:`Adversary` of every built-in
-framework, with the schedule in the ``FEDTUNE_ADVERSARY`` environment variable (JSON
-``{"round": "attack"}``).
+``PYTHONPATH``), it makes that node's client 0 an :class:`Adversary`, with the schedules in the
+``FEDTUNE_ADVERSARY`` environment variable (JSON ``{"schedules": {framework: {round:
+attack}}, "stall": seconds}``).
 """
 
 from __future__ import annotations
@@ -162,12 +162,12 @@ def tamper(reply: Message | None, attack: str | None) -> Message | None:
     return UPLOADS[attack](reply) if attack in UPLOADS else reply
 
 
-def install(schedule: dict[int, str], stall_seconds: float = 0.0) -> None:
-    """Make client 0 of every built-in framework an :class:`Adversary` in this process."""
-    for name in ("fedllm", "kd", "split"):
+def install(schedules: dict[str, dict[int, str]], stall_seconds: float = 0.0) -> None:
+    """Make client 0 of each framework in ``schedules`` an :class:`Adversary` in this process."""
+    for name, schedule in schedules.items():
         fw = frameworks.get(name)
 
-        def client(ctx, fw=fw):
+        def client(ctx, fw=fw, schedule=schedule):
             honest = fw.client(ctx)
             return Adversary(honest, schedule, stall_seconds) if ctx.cid == 0 else honest
 
@@ -183,4 +183,5 @@ def install(schedule: dict[int, str], stall_seconds: float = 0.0) -> None:
 
 if os.environ.get("FEDTUNE_ADVERSARY"):  # imported by a SuperNode as a plug-in
     spec = json.loads(os.environ["FEDTUNE_ADVERSARY"])
-    install({int(r): a for r, a in spec["schedule"].items()}, float(spec.get("stall", 0)))
+    schedules = {fw: {int(r): a for r, a in s.items()} for fw, s in spec["schedules"].items()}
+    install(schedules, float(spec.get("stall", 0)))

@@ -244,7 +244,7 @@ class FlowerTransport:
                 expect = (client_name(cid), SERVER, rs.rnd)
                 got[cid] = receive_counted(self.wire, bytes(rec["blob"]), expect)
             except (KeyError, TypeError, MessageError) as e:
-                rs.lost[cid] = f"unreadable reply: {e}"
+                rs.lost[cid] = f"bad reply: {e}"
                 continue
             if (mine := self._mine(rs.rnd, cid)) != self.counted[cid]:
                 rs.lost[cid] = f"it counted {self.counted[cid]} bytes, the server {mine}"

@@ -114,7 +114,7 @@ class InProcess:
                 check_routing(reply, client_name(cid), SERVER, rs.rnd)
                 replies[cid] = self.wire.transfer(reply)
             except MessageError as e:
-                rs.lost[cid] = f"unreadable reply: {e}"
+                rs.lost[cid] = f"bad reply: {e}"
         return replies
 
     def end_round(self, rs: RoundState) -> None:
