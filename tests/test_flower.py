@@ -261,7 +261,7 @@ def test_split_service_serves_whole_streams_in_sampling_order():
         tokens = service.begin_round(1, [0], ComputeMeter())
         with pytest.raises(MessageError, match="INVALID_ARGUMENT: refused$"):  # no reason echoed
             client(0, sender="client-5")
-        assert "got a message from client-5" in service.refused["client-0"]
+        assert "marked 'client-5'" in service.refused["client-0"]
     finally:
         service.close()
         grpc_server.stop(grace=None).wait()
