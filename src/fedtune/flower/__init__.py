@@ -1,4 +1,4 @@
-"""Real deployment on Flower (``flwr`` 1.41): the same frameworks, messages and byte counting
+"""Real deployment on Flower (``flwr`` 1.42): the same frameworks, messages and byte counting
 as the simulation, across machines.
 
 * :mod:`.server_app` - the ServerApp: the round loop of :mod:`fedtune.runtime.loop` (the one

@@ -1,6 +1,6 @@
 """The SuperNode side: a long-lived fedtune worker that holds the model and the client's state.
 
-Flower 1.41 starts a fresh ``flwr-clientapp`` process for every message, in both isolation
+Flower 1.42 starts a fresh ``flwr-clientapp`` process for every message, in both isolation
 modes (``supernode/runtime/run_clientapp.py`` handles one message, then exits), so nothing a
 ClientApp loads survives to the next message. ``fedtune flower supernode`` therefore runs this
 worker inside the SuperNode's own process, on a loopback port guarded by a random token that

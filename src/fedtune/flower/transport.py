@@ -39,7 +39,7 @@ from .split_link import receive_counted, start_split_service
 
 
 def exchange(grid: Grid, messages: list[Message], timeout: float, poll: float = 0.1) -> list:
-    """``grid.send_and_receive`` with a short poll: Flower 1.41's polls every 3 s, which adds
+    """``grid.send_and_receive`` with a short poll: Flower 1.42's polls every 3 s, which adds
     up to 3 s to every exchange of every round; this pulls replies every ``poll`` seconds."""
     pending = set(grid.push_messages(messages))
     deadline, out = time.monotonic() + timeout, []
