@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from fedtune import compute
@@ -38,3 +39,26 @@ def test_off_mode_counts_nothing():
     with meter.measure(), compute.step(("x",)):
         torch.randn(8, 8) @ torch.randn(8, 8)
     assert meter.stats.flops == 0
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_attention_flops_on_cpu_are_the_formula(name, mode):
+    """One attention layer's forward: QK^T and AV are 2 * (2 B T^2 H) = 4 B T^2 H FLOPs,
+    whichever CPU kernel runs it (the fused one, which torch's counter has no formula for,
+    without attention dropout: eval, Llama; the matmul path with dropout: GPT-2 in training)."""
+    from fedtune.config import ModelConfig
+    from fedtune.models import load_model
+
+    model, _ = load_model(ModelConfig(name=name, lora_r=4), 4)
+    getattr(model, mode)()
+    b, t, h = 2, 12, model.config.hidden_size
+    ids = torch.randint(0, 200, (b, t))
+    with compute.flop_counter() as counter:
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    counts = counter.get_flop_counts()
+    (layer,) = [k for k in counts if k.endswith((".h.0.attn", ".layers.0.self_attn"))]
+    attention = sum(
+        n for op, n in counts[layer].items() if "attention" in str(op) or "bmm" in str(op)
+    )
+    assert attention == 4 * b * t * t * h

@@ -27,7 +27,31 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+
+def _sdpa(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """``q [B, h, T, d]`` against ``k, v [B, h_kv, S, d]``: QK^T and AV, ``4 B h T S d``."""
+    return sdpa_flop_count(query, key, value)
+
+
+def _sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# torch's flop counter has formulas for the CUDA attention kernels but not for the fused CPU
+# one, which CPU SDPA takes whenever attention dropout is off (eval, Llama-style models):
+# without these every such attention counted 0 FLOPs on CPU and 4·B·T²·H on GPU.
+ATTENTION_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward,
+}
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's ``FlopCounterMode`` with the CPU attention formulas; every count in fedtune
+    goes through it."""
+    return FlopCounterMode(display=False, custom_mapping=ATTENTION_FORMULAS)
 
 
 @dataclass
@@ -111,7 +135,7 @@ class ComputeMeter:
 
     def _start_segment(self) -> None:
         if self.mode == "all":
-            self._flop_mode = FlopCounterMode(display=False)
+            self._flop_mode = flop_counter()
             self._flop_mode.__enter__()
         self._t0 = time.perf_counter()
 
@@ -165,7 +189,7 @@ class ComputeMeter:
 
     @contextlib.contextmanager
     def _counted(self):
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             yield
         self.stats.flops += int(counter.get_total_flops())
 
@@ -175,7 +199,7 @@ class ComputeMeter:
             self.stats.flops += self.cache[key]
             yield
             return
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             yield
         self.cache[key] = int(counter.get_total_flops())
         self.stats.flops += self.cache[key]

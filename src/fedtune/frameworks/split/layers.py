@@ -6,9 +6,8 @@ import math
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from ... import seeds
+from ... import compute, seeds
 from ...config import RunConfig
 from ...context import Context, ServerContext
 from ...errors import ConfigError
@@ -44,10 +43,10 @@ def round_samples(cfg: RunConfig, samples: np.ndarray, cid: int, rnd: int) -> np
 
 def client_step_flops(ctx: Context, k: int) -> int:
     """FLOPs of one client forward + backward (c1 + c5) at split layer ``k`` on a full-length
-    batch ``[batch_size, model.max_length]``, counted with torch's FlopCounterMode."""
+    batch ``[batch_size, model.max_length]``, counted with torch's flop counter (:func:`fedtune.compute.flop_counter`)."""
     b, length = ctx.cfg.train.batch_size, ctx.cfg.model.max_length
     ids = torch.ones(b, length, dtype=torch.long, device=ctx.device)
-    with FlopCounterMode(display=False) as counter:
+    with compute.flop_counter() as counter:
         h = client_forward(ctx.model, ids, torch.ones_like(ids), k, ctx.cfg.train.autocast)
         h.float().sum().backward()
     ctx.model.zero_grad(set_to_none=True)
