@@ -298,3 +298,30 @@ def test_batched_engine_honours_client_faults(synth_dir):
     assert seq["clients_dropped"] > 0 and seq["updates_rejected"] > 0
     for key in ("clients_dropped", "updates_rejected", "total_bytes", "rounds_skipped"):
         assert bat[key] == seq[key], key
+
+
+def test_fused_compute_is_shared_by_rows_processed(synth_dir, tmp_path):
+    """One local step of batch 8 each: the three clients ran 8 rows each through the fused
+    step, so each is charged a third of it, whatever its dataset size (20, 37, 9)."""
+    import json
+
+    cfg = tiny_cfg(
+        synth_dir,
+        fed={"rounds": 1, "engine": "batched"},
+        data={"partition": "sizes", "client_sizes": [20, 37, 9]},
+        train={"local_steps": 1},
+    )
+    simulate(cfg, tmp_path / "run", log=None)
+    (r,) = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    flops = [c["flops"] for c in r["per_client"].values()]
+    assert len(set(flops)) == 1 and flops[0] > 0
+
+
+def test_each_chunk_of_fused_clients_has_its_own_dropout_stream():
+    """fed.concurrent_clients=1 of 3: the chunks start with clients 0, 1, 2, and draw from three
+    streams (they all drew the same masks when the stream named no client)."""
+    from fedtune import seeds
+
+    streams = {seeds.batched(seeds.client(0, 1, c)) for c in range(3)}
+    assert len(streams) == 3
+    assert seeds.batched(seeds.client(0, 1, 0, job=1)) not in streams  # KD's b8 is another job

@@ -93,6 +93,9 @@ def test_a_straggler_past_the_deadline_is_left_out(synth_dir, tmp_path):
     simulate(cfg, tmp_path / "run", log=None)
     for r in metrics(tmp_path / "run"):
         assert r["late"] == [2] and r["dropped"] == [] and not r["skipped"]
+        # its upload went on the wire (the server discards it on arrival): counted, as sent
+        up = {c: v["bytes_up"] for c, v in r["per_client"].items()}
+        assert up["2"] == up["0"] > 0
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ tuple                  what it seeds
 (seed, rnd, SAMPLING)  which clients are sampled in round ``rnd`` (+ attempt on a retry)
 (seed, rnd, attempt, cid, DROPOUT)  whether client ``cid`` drops out (fault simulation)
 (seed, rnd, KD_SERVER) the KD server's distillation (b5): batch order and dropout
-(seed, rnd, BATCHED)   the batched executor's dropout (one stream per fused job)
+(seed, rnd, BATCHED, cid)  the batched executor's dropout (a fused job's first client)
 (seed, PUBLIC_SUBSET)  KD's seeded subset of the public set (``kd.public_samples``)
 seed / seed + 1        data split / evaluation subset (:mod:`fedtune.data`)
 seed (torch)           the initial LoRA and head (:func:`fedtune.models.init_trainable_state`)
@@ -41,8 +41,9 @@ def client(seed: int, rnd: int, cid: int, job: int = 0) -> tuple[int, ...]:
 
 def batched(stream: tuple[int, ...]) -> tuple[int, ...]:
     """The batched executor's dropout stream for a fused job whose first client has ``stream``:
-    the client id is replaced by :data:`BATCHED` (one stream for all fused clients)."""
-    return (*stream[:2], BATCHED, *stream[3:])
+    :data:`BATCHED` before that client's id (one stream for all the clients fused with it;
+    with ``fed.concurrent_clients`` every chunk has its own first client, so its own stream)."""
+    return (*stream[:2], BATCHED, *stream[2:])
 
 
 def rng(stream: tuple[int, ...]) -> np.random.Generator:

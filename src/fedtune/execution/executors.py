@@ -134,11 +134,8 @@ class Batched:
                 meter = ComputeMeter(self.ctx.device, self.ctx.cfg.flops, meters[chunk[0]].cache)
                 with meter.measure():
                     done = run(self.ctx, [jobs[i] for i in chunk])
-                apportion(
-                    meter.stats,
-                    {i: meters[i] for i in chunk},
-                    [job_samples(jobs[i]) for i in chunk],
-                )
+                rows = [rows_processed(jobs[i], r) for i, r in zip(chunk, done, strict=True)]
+                apportion(meter.stats, {i: meters[i] for i in chunk}, rows)
                 results.update(zip(chunk, done, strict=True))
         return results
 
@@ -148,9 +145,11 @@ def predict_key(job: Predict) -> tuple:
     return ("predict", id(job.data), np.asarray(job.idx).tobytes(), id(job.reduce))
 
 
-def job_samples(job: Job) -> float:
+def rows_processed(job: Job, result) -> float:
+    """The rows a job ran through the model: a fused step's cost is shared by them (a client
+    doing 3 local steps on a large dataset costs what its 3 batches cost, not its size)."""
     if isinstance(job, Train):
-        return float(len(job.idx) * (job.epochs if not job.steps else 1))
+        return float(result.samples)
     return float(len(job.idx))
 
 

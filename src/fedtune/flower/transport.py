@@ -237,9 +237,6 @@ class FlowerTransport:
                 self.counted[cid][d] += counted[d]
             if not has_reply:
                 continue
-            if faults.misses_deadline(rs.meters[cid].stats.seconds, cid, self.fed):
-                rs.lost[cid] = "deadline"  # its reply is discarded, never received
-                continue
             try:
                 expect = (client_name(cid), SERVER, rs.rnd)
                 got[cid] = receive_counted(self.wire, bytes(rec["blob"]), expect)
@@ -248,6 +245,8 @@ class FlowerTransport:
                 continue
             if (mine := self._mine(rs.rnd, cid)) != self.counted[cid]:
                 rs.lost[cid] = f"it counted {self.counted[cid]} bytes, the server {mine}"
+            elif faults.misses_deadline(rs.meters[cid].stats.seconds, cid, self.fed):
+                rs.lost[cid] = "deadline"  # it was sent (and counted); the server discards it
         for cid in outgoing:
             if cid not in answered or cid in rs.dropping:
                 rs.lost.setdefault(cid, "dropout")  # got its download and never answered

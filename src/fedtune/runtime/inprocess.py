@@ -107,14 +107,16 @@ class InProcess:
         for cid, reply in answers.items():
             if reply is None:
                 continue
-            if faults.misses_deadline(rs.meters[cid].stats.seconds, cid, self.ctx.cfg.fed):
-                rs.lost[cid] = "deadline"  # its reply is discarded, never received
-                continue
             try:
                 check_routing(reply, client_name(cid), SERVER, rs.rnd)
-                replies[cid] = self.wire.transfer(reply)
+                received = self.wire.transfer(reply)
             except MessageError as e:
                 rs.lost[cid] = f"bad reply: {e}"
+                continue
+            if faults.misses_deadline(rs.meters[cid].stats.seconds, cid, self.ctx.cfg.fed):
+                rs.lost[cid] = "deadline"  # it was sent (and counted); the server discards it
+                continue
+            replies[cid] = received
         return replies
 
     def end_round(self, rs: RoundState) -> None:
