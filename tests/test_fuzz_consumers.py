@@ -19,6 +19,7 @@ import json
 import os
 import resource
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -330,6 +331,104 @@ def test_flower_reply_body(route, junk):
     consume("worker frame", rpc.unpack, junk)
 
 
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@pytest.fixture(scope="module")
+def checkpointed(synth_dir, tmp_path_factory):
+    """A finished 1-round run's checkpoint (its tree and its file's bytes) and the context
+    to resume it in."""
+    from fedtune.context import build_context
+    from fedtune.runtime import checkpoint, simulate
+
+    cfg = tiny_cfg(synth_dir, fed={"rounds": 1})
+    out = tmp_path_factory.mktemp("ck") / "run"
+    simulate(cfg, out, log=None)
+    raw = (out / checkpoint.FILE).read_bytes()
+    ctx, tree, folder = build_context(cfg), checkpoint.load(out), tmp_path_factory.mktemp("ckf")
+    return Quiet(cfg=cfg, ctx=ctx, tree=tree, raw=raw, folder=folder)
+
+
+class Quiet(SimpleNamespace):
+    def __repr__(self) -> str:  # hypothesis prints its arguments: not a whole checkpoint
+        return "checkpointed"
+
+
+def _leaves(tree, path=()):
+    """Every (path, value) in a checkpoint tree, containers included."""
+    yield path, tree
+    if isinstance(tree, (dict, list, tuple)):
+        for k, v in tree.items() if isinstance(tree, dict) else enumerate(tree):
+            yield from _leaves(v, (*path, k))
+
+
+def _mutated(tree, path, value):
+    import copy
+
+    tree = copy.copy(tree)
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    child = _mutated(tree[head], rest, value)
+    if isinstance(tree, tuple):
+        return (*tree[:head], child, *tree[head + 1 :])
+    tree[head] = child
+    return tree
+
+
+DROP = object()
+
+
+@FUZZ
+@given(st.data())
+def test_checkpoint_restore(checkpointed, data):
+    from fedtune import frameworks
+    from fedtune.errors import ConfigError
+    from fedtune.runtime import checkpoint
+    from fedtune.runtime.inprocess import InProcess
+
+    c = checkpointed
+    cfg, ctx, tree, raw, folder = c.cfg, c.ctx, c.tree, c.raw, c.folder
+    if data.draw(st.integers(0, 3)) == 0:  # damaged bytes: truncated or flipped
+        b = bytearray(raw)
+        for _ in range(data.draw(st.integers(1, 4))):
+            b[data.draw(st.integers(0, len(b) - 1))] = data.draw(st.integers(0, 255))
+        b = b[: data.draw(st.integers(0, len(b)))] if data.draw(st.booleans()) else b
+        (folder / "checkpoint").mkdir(exist_ok=True)
+        (folder / checkpoint.FILE).write_bytes(bytes(b))
+        try:
+            tree = consume("checkpoint load", checkpoint.load, folder)
+        except ConfigError as e:
+            assert "\n" not in str(e)
+            return
+    else:  # a damaged tree: one value replaced or dropped
+        paths = list(_leaves(tree))
+        path, old = data.draw(st.sampled_from(paths))
+        if isinstance(old, torch.Tensor) and old.is_floating_point() and data.draw(st.booleans()):
+            value = old.clone().fill_(data.draw(SPECIAL))
+        else:
+            value = data.draw(st.one_of(JSON, tensor(), st.just(DROP)))
+        if value is DROP and path:
+            container = dict(_leaves(tree))[path[:-1]]
+            if isinstance(container, dict):
+                container = {k: v for k, v in container.items() if k != path[-1]}
+            else:
+                container = [v for i, v in enumerate(container) if i != path[-1]]
+            tree = _mutated(tree, path[:-1], container)
+        elif value is not DROP:
+            tree = _mutated(tree, path, value)
+    fw = frameworks.get(cfg.fed.framework)
+    server, transport = fw.server(ctx.server()), InProcess()
+    transport.prepare(cfg, ctx)
+    transport.start(ctx.server(), fw, server)
+    try:
+        consume("checkpoint restore", checkpoint.restore, tree, cfg, server, transport)
+    except ConfigError as e:
+        assert "\n" not in str(e)
+        return
+    assert finite(server.state_dict())  # what was adopted is usable
+
+
 def test_consumer_fuzz_budget():
     """Runs last: the inputs the tests above tried and the worst peak-memory growth."""
     total = sum(TRIED.values())
@@ -337,5 +436,5 @@ def test_consumer_fuzz_budget():
     print("largest growth of the peak memory (ru_maxrss) caused by one input:")
     print(f"  {WORST['bytes'] / 2**20:.1f} MiB ({WORST['consumer'] or 'none'}); ", end="")
     print(f"the process's peak RSS: {_maxrss() / 2**20:.0f} MiB")
-    if len(TRIED) >= 7:  # the whole file ran
-        assert total >= 7 * EXAMPLES
+    if len(TRIED) >= 8:  # the whole file ran
+        assert total >= 8 * EXAMPLES

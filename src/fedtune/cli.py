@@ -19,11 +19,16 @@ from .errors import FedtuneError
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.resume:
+    from .runtime.rundir import check_writable
+
+    if args.out is not None:
+        check_writable(args.out, "--out")
+    if args.resume is not None:
         from pathlib import Path
 
         from .errors import ConfigError
 
+        check_writable(args.resume, "--resume")
         if args.config or args.overrides or (args.out and args.out != args.resume):
             raise ConfigError(
                 "--resume RUN_DIR reads RUN_DIR/config.toml: give no preset, "
@@ -39,7 +44,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     from .runtime import simulate
 
-    summary = simulate(cfg, args.out, resume=bool(args.resume))
+    summary = simulate(cfg, args.out, resume=args.resume is not None)
     keys = (
         "framework",
         "task",
@@ -73,11 +78,13 @@ def _split_preset(args: argparse.Namespace) -> None:
 
 def _compare(args: argparse.Namespace) -> int:
     from . import experiments
+    from .runtime.rundir import check_writable
 
     base = config.load(args.config, [*args.overrides, *_no_progress(args)])
-    seeds = experiments.parse_seeds(args.seeds) if args.seeds else (base.seed,)
-    frameworks = tuple(f.strip() for f in args.frameworks.split(",") if f.strip())
+    seeds = experiments.parse_seeds(args.seeds) if args.seeds is not None else (base.seed,)
+    frameworks = experiments.parse_frameworks(args.frameworks)
     specs = experiments.compare_specs(base, seeds, frameworks)
+    check_writable(args.out, "--out")
     paths = experiments.run_all(specs, args.out)
     experiments.write_outputs(paths, args.out, notes=[])
     return 0
@@ -86,13 +93,16 @@ def _compare(args: argparse.Namespace) -> int:
 def _reproduce(args: argparse.Namespace) -> int:
     from . import experiments, paper
 
-    seeds = experiments.parse_seeds(args.seeds) if args.seeds else None
+    seeds = experiments.parse_seeds(args.seeds) if args.seeds is not None else None
     overrides = [*args.overrides, *_no_progress(args)]
     specs, notes = paper.paper_specs(args.quick, seeds, args.model, overrides)
     if args.dry_run:
         for spec in specs:
             print(spec.name)
         return 0
+    from .runtime.rundir import check_writable
+
+    check_writable(args.out, "--out")
     paths = experiments.run_all(specs, args.out)
     title = "fedtune: the paper's case study" + (" (--quick)" if args.quick else "")
     experiments.write_outputs(paths, args.out, notes=notes, title=title)
@@ -106,9 +116,12 @@ def _plot(args: argparse.Namespace) -> int:
 
     if args.out is None and len(args.run_dirs) > 1:
         raise ConfigError("--out is required with several run directories")
-    out = args.out or args.run_dirs[0]
+    out = args.out if args.out is not None else args.run_dirs[0]
     if not find_runs(args.run_dirs):
         raise ConfigError(f"no finished run (summary.json) in {', '.join(args.run_dirs)}")
+    from .runtime.rundir import check_writable
+
+    check_writable(out, "--out")
     experiments.write_outputs(args.run_dirs, out, notes=None, title=args.title)
     return 0
 
@@ -131,8 +144,33 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line too, like every other error (``fedtune: error: ...``, exit
+    2); the usage is one ``--help`` away. Subcommand parsers inherit this class."""
+
+    def error(self, message: str):  # type: ignore[override]
+        hint = f" (see {self.prog} --help)"
+        self.exit(2, f"fedtune: error: {one_line(message)}{hint}\n")
+
+
+def one_line(text: str) -> str:
+    """A message on one line (a library's multi-line text folded)."""
+    return " ".join(str(text).split())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of LLMs.")
+    p = Parser(prog="fedtune", description="Federated fine-tuning of LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser(
         "run",
@@ -223,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompts; each fills the run's data.prompt_template when it has one field",
     )
     ge.add_argument("--raw", action="store_true", help="do not apply data.prompt_template")
-    ge.add_argument("--max-new-tokens", type=int, help="default: the run's eval.max_new_tokens")
+    ge.add_argument(
+        "--max-new-tokens", type=_positive, help="default: the run's eval.max_new_tokens"
+    )
     ge.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ge.set_defaults(func=_generate)
 
@@ -240,7 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except FedtuneError as e:
-        print(f"fedtune: error: {e}", file=sys.stderr)
+        print(f"fedtune: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the file system refused (full disk, permissions): not a bug
+        where = f": {e.filename}" if e.filename else ""
+        print(f"fedtune: error: {one_line(e.strerror or e)}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fedtune: interrupted", file=sys.stderr)

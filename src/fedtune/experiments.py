@@ -37,13 +37,34 @@ class RunSpec:
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
+    """``--seeds 0,1,42``: distinct integers >= 0 (a repeated seed would name one run
+    directory twice and silently run once)."""
     try:
         seeds = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
         raise ConfigError(f"--seeds: expected comma-separated integers, got {text!r}") from None
     if not seeds:
         raise ConfigError("--seeds: no seed given")
+    if min(seeds) < 0:
+        raise ConfigError(f"--seeds: seeds must be >= 0, got {min(seeds)}")
+    _distinct(seeds, "--seeds")
     return seeds
+
+
+def parse_frameworks(text: str) -> tuple[str, ...]:
+    """``--frameworks fedllm,kd``: distinct registered names (checked when the configs are
+    built), at least one."""
+    names = tuple(f.strip() for f in text.split(",") if f.strip())
+    if not names:
+        raise ConfigError("--frameworks: no framework given")
+    _distinct(names, "--frameworks")
+    return names
+
+
+def _distinct(values: tuple, flag: str) -> None:
+    twice = [v for i, v in enumerate(values) if v in values[:i]]
+    if twice:
+        raise ConfigError(f"{flag}: {twice[0]} is given twice")
 
 
 def configs_dir() -> Path:

@@ -10,7 +10,6 @@ with its columns: E2E NLG is ``'{mr}'`` -> ``'{ref}'``, Alpaca/Dolly
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 import string
@@ -21,6 +20,7 @@ import numpy as np
 
 from .config import DataConfig
 from .errors import DataError
+from .textdata import csv_rows, data_folder, read_text
 
 
 @dataclass
@@ -52,24 +52,22 @@ class GenSet:
 
 def read_rows(path: Path) -> list[dict[str, str]]:
     """Rows of a CSV (header line) or JSONL file as ``{column: text}``; one-line DataError for
-    a missing, empty or malformed file."""
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
+    a missing, empty, non-UTF-8 or malformed file (:func:`fedtune.textdata.csv_rows`)."""
     rows: list[dict[str, str]] = []
-    with path.open(newline="", encoding="utf-8") as f:
-        if path.suffix == ".jsonl":
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: not JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{n}: a JSON object per line expected")
-                rows.append({str(k): "" if v is None else str(v) for k, v in row.items()})
-        else:
-            rows = [{k: v or "" for k, v in r.items()} for r in csv.DictReader(f)]
+    if path.suffix != ".jsonl":
+        _header, numbered = csv_rows(path)
+        rows = [row for _line, row in numbered]
+    else:
+        for n, line in enumerate(read_text(path).split("\n"), 1):  # not splitlines: U+2028 is text
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n}: a JSON object per line expected")
+            rows.append({str(k): "" if v is None else str(v) for k, v in row.items()})
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
@@ -103,8 +101,6 @@ def _hub_rows(name: str) -> tuple[list[dict], list[dict] | None]:
 def load_rows(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
     """Train and test rows from ``data.path`` (train/test .csv or .jsonl) or the hub; without
     a test split a seeded ``data.test_fraction`` of train is held out."""
-    from .textdata import data_folder
-
     path = data_folder(cfg)
     if path is not None:
         if not path.is_dir():
@@ -133,7 +129,10 @@ _SLOT = re.compile(r"^(\w+)\[(\w+)\]$")
 
 
 def fields_of(template: str) -> list[str]:
-    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+    try:
+        return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+    except ValueError as e:  # a config from elsewhere (the schema checks its own)
+        raise DataError(f"template {template!r} is malformed: {e}") from None
 
 
 def column_value(row: dict[str, str], column: str) -> str:
@@ -157,12 +156,23 @@ def render(cfg: DataConfig, rows: list[dict[str, str]], where: str) -> Pairs:
         if c not in cols:
             raise DataError(f"{where}: no column {c!r} (columns: {', '.join(sorted(cols))})")
     prompts, responses, groups = [], [], []
-    for row in rows:
+    for i, row in enumerate(rows, 1):
         try:
             prompts.append(cfg.prompt_template.format(**row).strip())
             responses.append(cfg.response_template.format(**row).strip())
-        except (KeyError, IndexError, ValueError) as e:
-            raise DataError(f"{where}: cannot format the templates: {e}") from None
+        except KeyError as e:  # JSONL rows need not share the first row's keys
+            raise DataError(f"{where} row {i}: no column {e}") from None
+        except (IndexError, ValueError, AttributeError) as e:
+            raise DataError(f"{where} row {i}: cannot format the templates: {e}") from None
+        # An empty pair teaches nothing and scores as a miss: a row without its text.
+        for what, text, template in (
+            ("prompt", prompts[-1], cfg.prompt_template),
+            ("response", responses[-1], cfg.response_template),
+        ):
+            if not text:
+                raise DataError(
+                    f"{where} row {i}: empty {what} (data.{what}_template {template!r})"
+                )
         part = cfg.partition == "column"
         groups.append(column_value(row, cfg.partition_column) if part else responses[-1])
     return Pairs(prompts, responses, groups)

@@ -64,6 +64,8 @@ class TrainedRun:
         ``mr``), unless ``raw``; then the chat template (or the plain one) wraps it."""
         if self.task.model_kind != "causal":
             raise ConfigError("this run fine-tuned a classifier: use predict, not generate")
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         template = self.cfg.data.prompt_template
         names = set(gendata.fields_of(template))
         if not raw and len(names) == 1:
@@ -77,10 +79,12 @@ class TrainedRun:
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> TrainedRun:
     """The base model with ``run_dir``'s adapter loaded; one-line errors for a folder that is
-    not a finished run."""
+    not a finished run, and for an adapter or label file that does not fit the run's model
+    (names, shapes, finite values) before anything of it is used."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    config.check_device_name(device, "--device")
     path = Path(run_dir)
     adapter = path / "adapter" / "adapter_model.safetensors"
     if not (path / "config.toml").is_file():
@@ -89,23 +93,36 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> TrainedRun:
         raise ConfigError(f"{path} has no trained adapter (the run did not finish)")
     cfg = config.load(path / "config.toml", ["progress=false"])
     task = tasks.get(cfg.data.task)
-    labels: list[str] = []
-    if task.model_kind == "classify":
-        try:
-            id2label = json.loads((path / "adapter" / "config.json").read_text())["id2label"]
-            labels = [id2label[str(i)] for i in range(len(id2label))]
-        except (OSError, ValueError, KeyError):
-            raise ConfigError(f"{path}/adapter/config.json holds no label names") from None
-    model, tok = load_model(cfg.model, max(len(labels), 2), resolve_device(device), task)
     try:
         weights = load_file(adapter)
     except Exception as e:  # a truncated or foreign file
         raise ModelError(f"cannot read {adapter}: {str(e).splitlines()[0]}") from None
+    bad = next((k for k, w in weights.items() if not torch.isfinite(w).all()), None)
+    if bad is not None:
+        raise ModelError(f"{adapter}: tensor {bad!r} holds NaN or Inf")
+    labels = read_labels(path) if task.model_kind == "classify" else []
+    model, tok = load_model(cfg.model, max(len(labels), 2), resolve_device(device), task)
     trainable = sum(p.requires_grad for p in model.parameters())
     try:
         result = set_peft_model_state_dict(model, weights)
-    except RuntimeError as e:  # shapes that do not fit
-        raise ModelError(f"{adapter} does not fit {cfg.model.name!r}: {str(e)[:200]}") from None
+    except RuntimeError as e:  # shapes that do not fit: name the first tensor, on one line
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        why = (lines or [str(e).splitlines()[0]])[0][:200]
+        raise ModelError(f"{adapter} does not fit {cfg.model.name!r}: {why}") from None
     if result.unexpected_keys or len(weights) != trainable:
         raise ModelError(f"{adapter} does not hold the {trainable} trained tensors of this model")
     return TrainedRun(cfg, model, tok, task, labels)
+
+
+def read_labels(path: Path) -> list[str]:
+    """The class names of a classification run, by index, from ``adapter/config.json``'s
+    ``id2label`` (``{"0": name, "1": name, ...}``: every index from 0, each a name)."""
+    where = path / "adapter" / "config.json"
+    try:
+        id2label = json.loads(where.read_text())["id2label"]
+        labels = [id2label[str(i)] for i in range(len(id2label))]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"{where} holds no label names (id2label)") from None
+    if len(labels) < 2 or not all(isinstance(x, str) and x for x in labels):
+        raise ConfigError(f"{where}: id2label must name 2 or more classes")
+    return labels

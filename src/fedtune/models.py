@@ -211,6 +211,17 @@ def default_targets(model_type: str) -> tuple[str, ...]:
     return DEFAULT_TARGETS[model_type]
 
 
+def check_device(device: torch.device) -> None:
+    """A CUDA device this machine has, before anything moves to it (torch's own error is an
+    assertion deep in the first ``.to()``)."""
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ModelError(f"device {device}: no CUDA device is available here; use cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ModelError(f"device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+
+
 def load_model(cfg: ModelConfig, num_labels: int, device: str | torch.device = "cpu", task=None):
     """The shared LoRA-wrapped model of ``task`` (default: classification) for this process,
     loaded once per (config, labels, device, task).
@@ -225,6 +236,7 @@ def load_model(cfg: ModelConfig, num_labels: int, device: str | torch.device = "
     from . import tasks
 
     task = task or tasks.get("classification")
+    check_device(torch.device(device))
     key = (*astuple(cfg), num_labels, str(device), task.name)
     if key in _MODELS:
         return _MODELS[key]

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ConfigError
+
 # Keys that never define a setting: the seed is what a group averages over; the rest is cosmetic.
 IGNORED_KEYS = {"seed", "name", "progress"}
 
@@ -96,14 +98,42 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# What the report reads of every summary and every metrics line (fedtune writes them all).
+SUMMARY_KEYS = ("framework", "rounds")
+METRICS_KEYS = ("round", "bytes_up_per_client", "bytes_down_per_client")
+
+
 def load_run(path: str | Path) -> Run:
+    """A finished run directory; a one-line ConfigError for a file that is not what fedtune
+    writes (the report would otherwise be built from garbage, or fail deep inside)."""
     path = Path(path)
-    cfg_file = path / "config.toml"
-    cfg = flatten(tomllib.loads(cfg_file.read_text())) if cfg_file.exists() else {}
-    summary = json.loads((path / "summary.json").read_text())
-    metrics_file = path / "metrics.jsonl"
-    lines = metrics_file.read_text().splitlines() if metrics_file.exists() else []
-    return Run(path, cfg, summary, [json.loads(line) for line in lines if line.strip()])
+    cfg_file, metrics_file = path / "config.toml", path / "metrics.jsonl"
+    cfg = flatten(_parse(cfg_file, tomllib.loads)) if cfg_file.exists() else {}
+    summary = _parse(path / "summary.json", json.loads)
+    if not isinstance(summary, dict) or any(k not in summary for k in SUMMARY_KEYS):
+        needs = ", ".join(SUMMARY_KEYS)
+        raise ConfigError(f"{path / 'summary.json'} is not a run summary (needs {needs})")
+    metrics = []
+    lines = _parse(metrics_file, str).split("\n") if metrics_file.exists() else []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            m = _parse(f"{metrics_file}:{n}", json.loads, line)
+            if not isinstance(m, dict) or not all(
+                isinstance(m.get(k), int | float) for k in METRICS_KEYS
+            ):
+                needs = ", ".join(METRICS_KEYS)
+                raise ConfigError(f"{metrics_file}:{n}: not a round record (needs {needs})")
+            metrics.append(m)
+    return Run(path, cfg, summary, metrics)
+
+
+def _parse(where, loads, text: str | None = None):
+    """``loads`` of the text (read from the file ``where`` when not given), as UTF-8."""
+    kind = "TOML" if loads is tomllib.loads else "JSON" if loads is json.loads else "UTF-8 text"
+    try:
+        return loads(Path(where).read_text(encoding="utf-8") if text is None else text)
+    except ValueError as e:  # JSON's, TOML's and UTF-8's errors are all ValueErrors
+        raise ConfigError(f"{where} is not valid {kind} ({str(e).splitlines()[0]})") from None
 
 
 def find_runs(paths: list[str | Path]) -> list[Run]:

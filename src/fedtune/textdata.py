@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,20 +49,70 @@ def default_data_dir() -> Path | None:
     return None
 
 
-def read_csv(path: Path, text_col: str, label_col: str) -> tuple[list[str], list[str]]:
-    """Read two columns of a CSV; one-line DataError for a missing file, column or empty file."""
+def read_text(path: Path) -> str:
+    """A data file's text; one-line DataError for a missing file, a file that is not UTF-8
+    (with the line of the first bad byte) or holds a NUL byte (a binary file). A UTF-8 byte
+    order mark (spreadsheet exports) is dropped, so it does not become part of a column name."""
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        cols = reader.fieldnames or []
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save it as UTF-8"
+        ) from None
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise DataError(f"{path}:{line}: holds a NUL byte (a binary file?)")
+    return text
+
+
+def csv_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """The header and the rows of a CSV file, each row with its line number. One-line
+    DataError for an empty file, a repeated column name, a row whose number of fields is not
+    the header's (a missing label would otherwise become a class of its own) and for what the
+    csv module rejects (mostly an unclosed quote that swallows the rest of the file)."""
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    rows: list[tuple[int, dict[str, str]]] = []
+    try:
+        header = next(reader, None)
+        if not header:
+            raise DataError(f"{path}: empty file (no header line)")
+        twice = sorted({c for c in header if header.count(c) > 1})
+        if twice:
+            raise DataError(f"{path}: column {twice[0]!r} appears twice in the header")
+        for fields in reader:
+            if not fields:  # a blank line
+                continue
+            if len(fields) != len(header):
+                raise DataError(
+                    f"{path}:{reader.line_num}: {len(fields)} fields, but the header has "
+                    f"{len(header)} ({', '.join(header)})"
+                )
+            rows.append((reader.line_num, dict(zip(header, fields, strict=True))))
+    except csv.Error as e:
+        raise DataError(
+            f"{path}:{reader.line_num}: not valid CSV ({e}; an unclosed quote?)"
+        ) from None
+    return header, rows
+
+
+def read_csv(path: Path, text_col: str, label_col: str) -> tuple[list[str], list[str]]:
+    """Read two columns of a CSV; one-line DataError for a missing file, column or empty file,
+    a malformed row (:func:`csv_rows`) and a row without a text or a label."""
+    header, rows = csv_rows(path)
+    for c in (text_col, label_col):
+        if c not in header:
+            raise DataError(f"{path}: no column {c!r} (columns: {', '.join(header) or 'none'})")
+    texts, labels = [], []
+    for line, row in rows:
         for c in (text_col, label_col):
-            if c not in cols:
-                raise DataError(f"{path}: no column {c!r} (columns: {', '.join(cols) or 'none'})")
-        texts, labels = [], []
-        for row in reader:
-            texts.append(row[text_col] or "")
-            labels.append(str(row[label_col]))
+            if not row[c].strip():
+                raise DataError(f"{path}:{line}: empty {c!r}")
+        texts.append(row[text_col])
+        labels.append(row[label_col])
     if not texts:
         raise DataError(f"{path}: no rows")
     return texts, labels

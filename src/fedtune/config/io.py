@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -48,6 +49,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"config key {key}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):  # nan slips through range checks, inf through most
+                raise ConfigError(f"config key {key}: expected a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"config key {key}: expected a number, got {value!r}")
     if tp is str:
@@ -142,7 +145,9 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            data = tomllib.loads(p.read_text())
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {p} is not UTF-8 text (TOML is UTF-8)") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
     return from_dict(merge_overrides(data, overrides or []))

@@ -8,6 +8,8 @@ Every field carries a ``help`` string, so ``fedtune run --help`` documents every
 
 from __future__ import annotations
 
+import re
+import string
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -333,6 +335,25 @@ def validate(cfg: RunConfig) -> None:
     check(f.poison_scale != 0, "fed.poison_scale", "must be != 0")
     check(f.concurrent_clients >= 0, "fed.concurrent_clients", "must be >= 0")
     check(cfg.threads >= 0, "threads", "must be >= 0")
+    check(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
+    check_device_name(cfg.device, "config key device")
+    check(
+        f.min_clients <= d.num_clients,
+        "fed.min_clients",
+        f"{f.min_clients} is more than data.num_clients={d.num_clients}: no round could finish",
+    )
+    check(
+        not d.client_sizes or d.partition == "sizes",
+        "data.client_sizes",
+        "only with data.partition=sizes",
+    )
+    check(
+        not d.partition_column or d.partition == "column",
+        "data.partition_column",
+        "only with data.partition=column",
+    )
+    for key in ("prompt_template", "response_template"):
+        check_template(getattr(d, key), f"data.{key}")
     from .. import aggregate, frameworks
 
     check(
@@ -345,6 +366,27 @@ def validate(cfg: RunConfig) -> None:
         "fed.aggregator",
         f"{f.aggregator!r} is not one of {', '.join(aggregate.names())}",
     )
+
+
+def check_device_name(name: str, what: str) -> None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (whether this machine has it is checked when
+    the model loads: a config may be written on one machine and run on another)."""
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", name) is None:
+        raise ConfigError(f"{what}: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+
+
+def check_template(template: str, key: str) -> None:
+    """A data template is Python format syntax whose fields name columns: ``'{mr}'``."""
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:
+        raise ConfigError(f"config key {key}: {template!r} is not a valid template ({e})") from None
+    for name in names:
+        check(
+            bool(name) and not name.isdigit(),
+            key,
+            f"{template!r}: fields name columns, e.g. {{text}}; got {{{name}}}",
+        )
 
 
 def _fields(cls: type) -> dict[str, Any]:

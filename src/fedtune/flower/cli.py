@@ -26,6 +26,9 @@ def _app(args) -> int:
 
 
 def _certs(args) -> int:
+    for host in args.host:  # the first is the certificate's common name: 1 to 64 characters
+        if not 1 <= len(host) <= 64 or any(c.isspace() for c in host):
+            raise ConfigError(f"--host: expected a host name or IP address, got {host!r}")
     from . import deploy
 
     for name, path in deploy.make_certs(args.dir, args.host).items():
@@ -47,12 +50,43 @@ def _need_tls(args, have_tls: bool, how: str) -> None:
         raise ConfigError(f"no TLS: give {how}, or --insecure (plaintext, a closed test network)")
 
 
+def _exclusive(args, tls: bool, flag: str) -> None:
+    """``--insecure`` with a TLS option is a contradiction, not a choice to guess."""
+    if tls and args.insecure:
+        raise ConfigError(f"--insecure contradicts {flag}: give one of them")
+
+
+def _address(text: str, flag: str, port_zero: bool = False) -> None:
+    """``host:port`` with a port in [1, 65535] (``port_zero``: 0, any free port, too)."""
+    host, _, port = text.rpartition(":")
+    low = 0 if port_zero else 1
+    if not host or not port.isdigit() or not low <= int(port) <= 65535:
+        raise ConfigError(f"{flag}: expected host:port with a port in [{low}, 65535], got {text!r}")
+
+
+def _port(port: int, flag: str) -> None:
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{flag}: expected a port in [1, 65535], got {port}")
+
+
+def _files(**paths: str | None) -> None:
+    """Each given ``--flag FILE`` names an existing file (keyword: the flag, ``_`` for ``-``)."""
+    for flag, path in paths.items():
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"--{flag.replace('_', '-')}: no file {path}")
+
+
 def _home(args, role: str) -> str:
     """FLWR_HOME: ``--home``, else the environment's, else ``./flwr-home/ROLE``."""
     return args.home or os.environ.get("FLWR_HOME") or f"flwr-home/{role}"
 
 
 def _superlink(args) -> int:
+    _exclusive(args, bool(args.certs), "--certs")
+    _port(args.port, "--port")
+    for name in ("ca.pem", "server.pem", "server.key") if args.certs else ():
+        if not (Path(args.certs) / name).is_file():
+            raise ConfigError(f"--certs {args.certs}: no {name} (`fedtune flower certs DIR`)")
     _need_tls(args, bool(args.certs), "--certs DIR (from `fedtune flower certs`)")
     _need_flwr()
     from . import deploy
@@ -68,6 +102,20 @@ def _superlink(args) -> int:
 
 
 def _supernode(args) -> int:
+    _exclusive(args, bool(args.root_certificates), "--root-certificates")
+    _address(args.superlink, "--superlink")
+    _port(args.port, "--port")
+    if args.partition_id < 0:
+        raise ConfigError(f"--partition-id: must be >= 0, got {args.partition_id}")
+    if args.max_retries is not None and args.max_retries < 0:
+        raise ConfigError(f"--max-retries: must be >= 0, got {args.max_retries}")
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise ConfigError(f"--data-dir: no folder {args.data_dir}")
+    _files(
+        root_certificates=args.root_certificates,
+        split_root_certificates=args.split_root_certificates,
+        auth_supernode_private_key=args.auth_supernode_private_key,
+    )
     _need_tls(args, bool(args.root_certificates), "--root-certificates CA.pem")
     _need_flwr()
     from . import deploy
@@ -77,20 +125,36 @@ def _supernode(args) -> int:
 
 
 def _run(args) -> int:
-    _need_tls(args, bool(args.root_certificates), "--root-certificates CA.pem")
-    split_tls = bool(args.split_certfile and args.split_keyfile)
-    _need_tls(args, split_tls, "--split-certfile and --split-keyfile (the split stream)")
-    _need_flwr()
-    from . import deploy
+    from ..runtime.rundir import RunDir, check_writable
 
+    split_tls = bool(args.split_certfile and args.split_keyfile)
+    if bool(args.split_certfile) != bool(args.split_keyfile):
+        raise ConfigError("--split-certfile and --split-keyfile go together: give both")
+    _exclusive(args, bool(args.root_certificates) or split_tls, "--root-certificates/--split-*")
+    _address(args.superlink, "--superlink")
+    _address(args.split_bind, "--split-bind", port_zero=True)
+    if not args.split_host:
+        raise ConfigError("--split-host: empty (the host clients dial for the split stream)")
+    _files(
+        root_certificates=args.root_certificates,
+        split_certfile=args.split_certfile,
+        split_keyfile=args.split_keyfile,
+    )
+    _need_tls(args, bool(args.root_certificates), "--root-certificates CA.pem")
+    _need_tls(args, split_tls, "--split-certfile and --split-keyfile (the split stream)")
+    check_writable(args.out, "--out")
     out = Path(args.out).resolve()
     if args.resume:  # the run directory's own config, like `fedtune run --resume`
         if args.config or args.overrides:
             raise ConfigError("--resume reads OUT/config.toml: give no preset or overrides")
-        if not (out / "config.toml").is_file():
-            raise ConfigError(f"cannot resume {out}: no config.toml (not a run directory)")
+        RunDir.check_resumable(out)
         args.config = str(out / "config.toml")
     cfg = config.load(args.config, args.overrides)
+    if not args.resume:  # refused here, before OUT/flower is written, not by the ServerApp
+        RunDir.check(out)
+    _need_flwr()
+    from . import deploy
+
     home = out / "flower"  # FLWR_HOME, the app folder and the run config, inside the run dir
     app = deploy.write_app(home / "app")
     deploy.write_connection(home, "fedtune", args.superlink, args.root_certificates)
@@ -107,13 +171,30 @@ def _run(args) -> int:
 
 
 def _local(args) -> int:
+    from ..runtime.rundir import RunDir, check_writable
+
+    _exclusive(args, args.tls, "--tls")
     _need_tls(args, args.tls, "--tls (self-signed certificates for every link)")
+    if not args.timeout > 0:
+        raise ConfigError(f"--timeout: must be > 0 seconds, got {args.timeout:g}")
+    cfg = config.load(args.config, args.overrides)
+    if args.nodes != cfg.data.num_clients:  # node i is client i: others would wait or fail
+        raise ConfigError(
+            f"--nodes {args.nodes}: must equal data.num_clients={cfg.data.num_clients}"
+        )
+    data_dirs = args.data_dirs.split(",") if args.data_dirs else None
+    if data_dirs is not None:
+        if len(data_dirs) != args.nodes:
+            raise ConfigError(f"--data-dirs: {len(data_dirs)} folders for {args.nodes} nodes")
+        missing = [d for d in data_dirs if not Path(d).is_dir()]
+        if missing:
+            raise ConfigError(f"--data-dirs: no folder {missing[0]}")
+    check_writable(args.out, "--out")
+    out = Path(args.out).resolve()
+    RunDir.check(out)
     _need_flwr()
     from .local import LocalFederation
 
-    cfg = config.load(args.config, args.overrides)
-    out = Path(args.out).resolve()
-    data_dirs = args.data_dirs.split(",") if args.data_dirs else None
     with LocalFederation(
         out.parent / f"{out.name}.flower",
         args.nodes,
@@ -164,7 +245,7 @@ def add_parser(sub) -> None:
     sl.add_argument(
         "--host",
         default="127.0.0.1",
-        help="address to listen on (default: this host only; Flower 1.41 serves the Fleet, "
+        help="address to listen on (default: this host only; Flower 1.42 serves the Fleet, "
         "Control and Runtime APIs on it: give the federation's interface, e.g. 0.0.0.0)",
     )
     sl.add_argument("--port", type=int, default=9093)

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from ..config import RunConfig, resume_key
 from ..errors import ConfigError
-from ..messages import Ledger
+from ..messages import DOWN, UP, Ledger
 from .rundir import durable_replace
 
 VERSION = 2  # 2: transport state, aggregator state, KD selections in the public set
@@ -142,16 +142,161 @@ def capture(rnd: int, cfg: RunConfig, server, transport, history: list) -> dict:
 
 def restore(state: dict, cfg: RunConfig, server, transport) -> tuple[int, list]:
     """Load a :func:`capture` tree into a fresh server, the transport's clients and its
-    ledger. Returns ``(round it was taken after, metrics history)``."""
-    if state.get("version") != VERSION:
-        raise ConfigError(f"checkpoint version {state.get('version')} is not {VERSION}")
-    if json.dumps(state["config"], sort_keys=True) != json.dumps(resume_key(cfg), sort_keys=True):
-        raise ConfigError("the checkpoint was written under another config than config.toml")
+    ledger. Returns ``(round it was taken after, metrics history)``. Everything is checked
+    first (:func:`validate`): a damaged or foreign checkpoint is a one-line ConfigError and
+    nothing of it is used."""
+    rnd, history = validate(state, cfg, server, transport)
     server.load_state_dict(state["server"])
-    transport.load_state_dict(state["clients"], int(state["round"]))
+    transport.load_state_dict(state["clients"], rnd)
     restore_ledger(transport.wire.ledger, state["ledger"])
     restore_rng(state["rng"])
-    return int(state["round"]), list(state["history"])
+    return rnd, history
+
+
+def validate(state: Any, cfg: RunConfig, server, transport) -> tuple[int, list]:
+    """Check a loaded checkpoint against the run about to continue from it: its version, the
+    config it was written under, the round, the history, the ledger and the RNG states, and
+    the server's and clients' states against the fresh ones (:func:`check_like`: tensor names,
+    shapes and dtypes), every float tensor finite. Returns ``(round, history)``."""
+    if not isinstance(state, dict):
+        raise ConfigError("the checkpoint holds no state (not a fedtune checkpoint)")
+    if state.get("version") != VERSION:
+        raise ConfigError(f"checkpoint version {state.get('version')} is not {VERSION}")
+    missing = sorted(
+        {"round", "config", "server", "clients", "ledger", "history", "rng"} - set(state)
+    )
+    if missing:
+        raise ConfigError(f"the checkpoint has no {', '.join(missing)}")
+    try:  # a config that is not even JSON (a tensor in its place) is another config too
+        same = json.dumps(state["config"], sort_keys=True) == json.dumps(
+            resume_key(cfg), sort_keys=True
+        )
+    except (TypeError, ValueError):
+        same = False
+    if not same:
+        raise ConfigError("the checkpoint was written under another config than config.toml")
+    rnd = state["round"]
+    if not isinstance(rnd, int) or isinstance(rnd, bool) or not 0 <= rnd <= cfg.fed.rounds:
+        raise ConfigError(f"the checkpoint's round {rnd!r} is not in [0, {cfg.fed.rounds}]")
+    history = state["history"]
+    if not isinstance(history, list) or not all(_is_record(r, rnd) for r in history):
+        raise ConfigError(f"the checkpoint's history is not a list of rounds up to {rnd}")
+    clients, fresh = state["clients"], transport.state_dict()
+    if isinstance(clients, dict) and ("run_key" in clients) != ("run_key" in fresh):
+        how = "`fedtune flower run --resume`" if "run_key" in clients else "`fedtune run --resume`"
+        raise ConfigError(f"the checkpoint was written by another runtime; resume it with {how}")
+    check_like(state["server"], server.state_dict(), "server")
+    check_like(clients, fresh, "clients")
+    _check_ledger(state["ledger"], rnd)
+    _check_rng(state["rng"])
+    return rnd, list(history)
+
+
+def _is_record(r: Any, rnd: int) -> bool:
+    x = r.get("round") if isinstance(r, dict) else None
+    return isinstance(x, int) and 0 <= x <= rnd
+
+
+def check_like(value: Any, like: Any, where: str) -> None:
+    """``value`` (loaded) has the structure of ``like`` (a fresh party's ``state_dict()``):
+    a tensor of the same shape and dtype, an array of the same dtype kind and rank, a dict
+    with the same keys (any keys where ``like`` is empty: state that grows while training,
+    e.g. optimizer states), a list of the same length; where ``like`` is None (not yet
+    trained) anything goes. Every float tensor or array must be finite."""
+    if not _finite(value):
+        raise ConfigError(f"checkpoint {where}: a tensor holds NaN or Inf")
+    if like is None:
+        for k, v in _children(value):
+            check_like(v, None, f"{where}.{k}")
+        return
+    if isinstance(like, torch.Tensor):
+        if not isinstance(value, torch.Tensor):
+            raise ConfigError(f"checkpoint {where}: expected a tensor, got {type(value).__name__}")
+        if value.shape != like.shape or value.dtype != like.dtype:
+            got, want = _desc(value), _desc(like)
+            raise ConfigError(f"checkpoint {where}: {got}, expected {want}")
+        return
+    if isinstance(like, np.ndarray):
+        ok = isinstance(value, np.ndarray) and value.dtype.kind == like.dtype.kind
+        if not ok or value.ndim != like.ndim:
+            raise ConfigError(f"checkpoint {where}: expected a {like.ndim}-D {like.dtype} array")
+        return
+    if isinstance(like, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"checkpoint {where}: expected a table, got {type(value).__name__}")
+        if like and set(value) != set(like):
+            extra, gone = (
+                sorted(map(str, set(value) - set(like))),
+                sorted(map(str, set(like) - set(value))),
+            )
+            what = f"missing {gone[0]!r}" if gone else f"unexpected {extra[0]!r}"
+            raise ConfigError(f"checkpoint {where}: {what}")
+        for k, v in value.items():
+            check_like(v, like.get(k), f"{where}.{k}")
+        return
+    if isinstance(like, list | tuple):
+        if not isinstance(value, list | tuple) or (like and len(value) != len(like)):
+            raise ConfigError(f"checkpoint {where}: expected a list of {len(like)}")
+        for i, v in enumerate(value):
+            check_like(v, like[i] if like else None, f"{where}[{i}]")
+        return
+    kinds = (
+        (bool,)
+        if isinstance(like, bool)
+        else (int, float)
+        if isinstance(like, int | float)
+        else (type(like),)
+    )
+    if not isinstance(value, kinds):
+        raise ConfigError(
+            f"checkpoint {where}: expected a {type(like).__name__}, got {value!r:.40}"
+        )
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return bool(torch.isfinite(value).all())
+    if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+        return bool(np.isfinite(value).all())
+    return True
+
+
+def _children(value: Any):
+    if isinstance(value, dict):
+        return value.items()
+    if isinstance(value, list | tuple):
+        return enumerate(value)
+    return ()
+
+
+def _desc(t: torch.Tensor) -> str:
+    return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
+
+
+def _check_ledger(rows: Any, rnd: int) -> None:
+    def ok(row: Any) -> bool:
+        if not isinstance(row, list) or len(row) != 6:
+            return False
+        r, client, direction, kind, n, count = row
+        ints = all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (r, n, count))
+        names = all(isinstance(x, str) for x in (client, direction, kind))
+        return ints and names and r <= rnd and direction in (UP, DOWN)
+
+    if not isinstance(rows, list) or not all(ok(row) for row in rows):
+        raise ConfigError("the checkpoint's byte ledger is malformed")
+
+
+def _check_rng(states: Any) -> None:
+    """The RNG states load into scratch generators (the process's own are untouched)."""
+    try:
+        t = states["torch"]
+        ok = isinstance(t, torch.Tensor) and t.dtype == torch.uint8
+        if not ok or t.shape != torch.get_rng_state().shape:
+            raise ValueError
+        np.random.RandomState().set_state(states["numpy"])
+        random.Random().setstate(states["python"])
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError):
+        raise ConfigError("the checkpoint's RNG states are malformed") from None
 
 
 def save(run_dir: str | Path, state: dict) -> Path:
@@ -171,6 +316,8 @@ def save(run_dir: str | Path, state: dict) -> Path:
 def load(run_dir: str | Path) -> dict | None:
     """The last complete checkpoint of ``run_dir`` as a tree, or None when there is none."""
     path = Path(run_dir) / FILE
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"checkpoint {path} is not a file")
     if not path.is_file():
         return None
     try:

@@ -113,11 +113,11 @@ def run(
     done = 0  # rounds already run (by the run being resumed)
     try:
         ctx = transport.prepare(cfg, ctx)
-        rundir = None  # created only once the inputs are valid
+        server = fw.server(ctx)  # the framework's own checks of the config
+        transport.start(ctx, fw, server)
+        rundir = None  # created only now: a run that fails on bad input leaves nothing
         if out is not None:
             rundir = RunDir(Path(out)) if resume else RunDir.create(out, cfg)
-        server = fw.server(ctx)
-        transport.start(ctx, fw, server)
         if resume and rundir is not None:
             state = checkpoint.load(rundir.path)
             if state is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -51,12 +52,40 @@ def durable_replace(tmp: Path, path: Path) -> None:
         os.close(dir_fd)
 
 
+def check_writable(out: str | Path, what: str = "run directory") -> None:
+    """Refuse ``out`` unless it is (or can be made) a folder this process can write to, before
+    anything slow runs: a file in its place, a file above it or a read-only place is found
+    now, not after the last round. Probes the nearest existing folder by creating and removing
+    a temporary folder in it (permission bits alone say nothing for root or read-only mounts)."""
+    if not str(out).strip():  # Path("") is the working directory: never meant
+        raise ConfigError(f"{what}: empty path")
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path} is a file, not a folder")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{what} {path}: {probe} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".fedtune-probe-", dir=probe))
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: cannot write in {probe} ({e.strerror})") from None
+
+
 class RunDir:
+    """A run directory. The round loop creates it once everything that can be checked before
+    round 1 has been (config, data, model, the framework's own checks), so a run that fails
+    on bad input leaves nothing behind that a rerun would refuse as an unfinished run."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
 
     @staticmethod
     def check(out: str | Path) -> None:
+        check_writable(out)
         path = Path(out)
         if (path / "summary.json").exists():
             raise ConfigError(f"run directory {path} already holds a run; choose another --out")
@@ -68,6 +97,7 @@ class RunDir:
 
     @staticmethod
     def check_resumable(out: str | Path) -> None:
+        check_writable(out)
         path = Path(out)
         if not (path / "config.toml").is_file():
             raise ConfigError(f"cannot resume {path}: no config.toml (not a run directory)")
