@@ -289,6 +289,8 @@ def _check_ledger(rows: Any, rnd: int) -> None:
 def _check_rng(states: Any) -> None:
     """The RNG states load into scratch generators (the process's own are untouched)."""
     try:
+        if not isinstance(states, dict):
+            raise TypeError
         t = states["torch"]
         ok = isinstance(t, torch.Tensor) and t.dtype == torch.uint8
         if not ok or t.shape != torch.get_rng_state().shape:
