@@ -1,14 +1,18 @@
 """Client compute accounting: FLOPs, wall seconds and peak memory of a client's own work.
 
-FLOPs are measured with ``torch.utils.flop_counter`` (forward and backward), never estimated
-from parameter counts. Two exact modes (``flops`` config key):
+FLOPs are measured with torch's FLOP formulas (forward and backward; :class:`FlopCounter`),
+never estimated from parameter counts. Two exact modes (``flops`` config key):
 
-* ``all``: every op of the client's work runs under ``FlopCounterMode`` (costs ~10-30% speed
+* ``all``: every op of the client's work runs under :class:`FlopCounter` (costs ~10-30% speed
   on CPU through Python dispatch);
 * ``shape`` (default): training/inference code wraps each step in :func:`step` with a key
   holding the step's kind and input shape. The first step of each key is counted under
-  ``FlopCounterMode``; later steps with the same key reuse that count. A step's FLOPs depend
-  only on its shapes, so the total equals ``all`` (a test checks this) at almost no cost. Seconds are wall-clock time of the client's work. Peak memory is
+  :class:`FlopCounter`; later steps with the same key reuse that count. A step's FLOPs depend
+  only on its shapes, so the total equals ``all`` (a test checks this) at almost no cost.
+  Counting runs every op as it runs uncounted, so ``shape``, ``all`` and ``off`` compute the
+  same numbers (a test checks the gradients).
+
+Seconds are wall-clock time of the client's work. Peak memory is
 ``torch.cuda.max_memory_allocated`` on GPU; on CPU it is the process's peak resident set size
 sampled every 5 ms while the client works (it includes the shared backbone, as a real client
 machine would hold it).
@@ -27,7 +31,13 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import (
+    flop_registry,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+    shape_wrapper,
+)
 
 
 def _sdpa(query, key, value, *args, out_shape=None, **kwargs) -> int:
@@ -46,12 +56,37 @@ ATTENTION_FORMULAS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward,
 }
+FORMULAS = {**flop_registry, **{op: shape_wrapper(f) for op, f in ATTENTION_FORMULAS.items()}}
 
 
-def flop_counter() -> FlopCounterMode:
-    """torch's ``FlopCounterMode`` with the CPU attention formulas; every count in fedtune
-    goes through it."""
-    return FlopCounterMode(display=False, custom_mapping=ATTENTION_FORMULAS)
+class FlopCounter(TorchDispatchMode):
+    """Counts the FLOPs of every op with a formula (torch's, for matmuls, convolutions and
+    attention, plus :data:`ATTENTION_FORMULAS`) and runs every op exactly as it runs
+    uncounted. torch's ``FlopCounterMode`` instead decomposes ops it has no formula for, so
+    ``silu_backward`` (Llama, SmolLM2) ran as other elementwise ops and the counted step's
+    gradients differed in the last bits from the uncounted one's: counting changed training.
+    ``counts``: FLOPs per op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = FORMULAS.get(func._overloadpacket)
+        if formula is not None:
+            n = int(formula(*args, **kwargs, out_val=out))
+            self.counts[func._overloadpacket] = self.counts.get(func._overloadpacket, 0) + n
+        return out
+
+    def get_total_flops(self) -> int:
+        return sum(self.counts.values())
+
+
+def flop_counter() -> FlopCounter:
+    """A fresh :class:`FlopCounter`; every count in fedtune goes through it."""
+    return FlopCounter()
 
 
 @dataclass
@@ -129,7 +164,7 @@ class ComputeMeter:
         self.mode = mode
         self.cache = cache if cache is not None else {}
         self.stats = ComputeStats()
-        self._flop_mode: FlopCounterMode | None = None
+        self._flop_mode: FlopCounter | None = None
         self._t0 = 0.0
         self._active = False
 
