@@ -64,3 +64,26 @@ def test_unknown_model_is_a_one_line_error(tmp_path):
     with pytest.raises(ModelError) as e:
         load_model(ModelConfig(name=str(tmp_path / "no-such-model")), 3)
     assert "\n" not in str(e.value)
+
+
+def test_gaussian_lora_init_is_normal_with_std_one_over_r():
+    """model.lora_init=gaussian (the paper's 'Gaussian initialization'): every LoRA A is
+    N(0, 1/r^2), every B zero; the default (Kaiming-uniform A) is bounded by 1/sqrt(fan_in)."""
+    import torch
+
+    from fedtune.config import ModelConfig
+    from fedtune.models import init_trainable_state, load_model
+
+    r = 4
+    model, _ = load_model(ModelConfig(name="tiny-llama", lora_r=r, lora_init="gaussian"), 4)
+    state = init_trainable_state(model, 0, "gaussian")
+    a = torch.cat([v.flatten() for k, v in state.items() if "lora_A" in k])
+    assert all(v.abs().sum() == 0 for k, v in state.items() if "lora_B" in k)
+    n, sigma = a.numel(), 1 / r  # 5 standard errors of the sample mean and std of n draws
+    assert abs(a.mean().item()) < 5 * sigma / n**0.5
+    assert abs(a.std().item() - sigma) < 5 * sigma / (2 * n) ** 0.5
+    default = init_trainable_state(model, 0, "default")
+    fan_in = next(v for k, v in default.items() if "lora_A" in k).shape[1]
+    bound = 1 / fan_in**0.5  # kaiming_uniform(a=sqrt(5)) on [r, fan_in]
+    a0 = torch.cat([v.flatten() for k, v in default.items() if "lora_A" in k])
+    assert a0.abs().max().item() <= bound and a0.std().item() < 0.6 * (1 / r)

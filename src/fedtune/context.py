@@ -90,5 +90,5 @@ def build_context(cfg: RunConfig, data: FedData | ServerData | ClientData | None
         data = prepare(cfg.data, load_tokenizer(cfg.model.name), cfg.model.max_length, cfg.seed)
     task = tasks.get(cfg.data.task)
     model, tok = load_model(cfg.model, data.num_labels, device, task)
-    init = init_trainable_state(model, cfg.seed)
+    init = init_trainable_state(model, cfg.seed, cfg.model.lora_init)
     return Context(cfg, model, tok, data, device, init, task, progress=cfg.progress)

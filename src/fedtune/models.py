@@ -304,8 +304,11 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
 
 @torch.no_grad()
-def init_trainable_state(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
-    """Seeded initial trainable state: PEFT's LoRA init (A random, B zero) and a normal head.
+def init_trainable_state(
+    model: nn.Module, seed: int, lora_init: str = "default"
+) -> dict[str, torch.Tensor]:
+    """Seeded initial trainable state: PEFT's LoRA init (A random, B zero; ``lora_init``:
+    ``default`` Kaiming-uniform A, ``gaussian`` A ~ N(0, 1/r^2)) and a normal head.
 
     Independent of what earlier runs in this process did to the shared model."""
     from peft.tuners.lora import LoraLayer
@@ -317,7 +320,9 @@ def init_trainable_state(model: nn.Module, seed: int) -> dict[str, torch.Tensor]
         std = getattr(model.config, "initializer_range", 0.02)
         for module in model.modules():
             if isinstance(module, LoraLayer):
-                module.reset_lora_parameters("default", True)
+                module.reset_lora_parameters(
+                    "default", True if lora_init == "default" else lora_init
+                )
             elif isinstance(module, ModulesToSaveWrapper):
                 for p in module.modules_to_save["default"].parameters():
                     nn.init.normal_(p, std=std) if p.dim() > 1 else nn.init.zeros_(p)

@@ -37,6 +37,12 @@ class ModelConfig:
     train_head: bool = opt(True, "train and exchange the classification head")
     max_length: int = opt(80, "truncate/pad token sequences to at most this length")
     dtype: str = opt("float32", "backbone weight dtype", ("float32", "bfloat16", "float16"))
+    lora_init: str = opt(
+        "default",
+        "LoRA A's initialisation (B starts at 0 either way): 'default' (PEFT's Kaiming-uniform) "
+        "or 'gaussian' (N(0, 1/r^2), the paper's 'Gaussian initialization')",
+        ("default", "gaussian"),
+    )
 
 
 @dataclass(frozen=True)
