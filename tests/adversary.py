@@ -105,6 +105,8 @@ REQUESTS = {
     "budget": (ACTIVATIONS, "twice"),  # every batch sent twice: over its samples per round
     "req_forge": (ACTIVATIONS, lambda m: _with(m, sender=client_name(1))),
     "req_replay": (ACTIVATIONS, lambda m: _with(m, round=m.round - 1)),
+    # the first batch honest (the server trains on it), the second replayed: all undone
+    "late_replay": (ACTIVATIONS, "late"),
 }
 STALL = "stall"  # Flower: opens its split stream and sends nothing for `stall_seconds`
 
@@ -114,6 +116,7 @@ class EvilLink:
 
     def __init__(self, link, attack: str) -> None:
         self.link, (self.kind, self.how) = link, REQUESTS[attack]
+        self.calls = 0
 
     def call(self, msg: Message) -> Message:
         if msg.kind != self.kind:
@@ -123,6 +126,9 @@ class EvilLink:
         if self.how == "twice":
             self.link.call(msg)
             return self.link.call(msg)
+        if self.how == "late":
+            self.calls += 1
+            return self.link.call(msg if self.calls == 1 else _with(msg, round=msg.round - 1))
         return self.link.call(self.how(msg))
 
 

@@ -104,6 +104,9 @@ class Echo:
         self.seen.append(msg.sender)
         return Message(METADATA, msg.round, SERVER, msg.sender, meta={"n": len(self.seen)})
 
+    def refuse(self, sender, why):
+        self.refused = (sender, why)
+
 
 @pytest.fixture
 def service():
@@ -214,7 +217,7 @@ def test_tokens_are_compared_in_constant_time():
 
 FLOWER_SCHEDULES = {
     "kd": {1: "nan", 2: "forge", 3: "samples"},
-    "split": {1: "act_long", 2: "req_forge", 3: "stall", 4: "labels_range"},
+    "split": {1: "act_long", 2: "req_forge", 3: "stall", 4: "labels_range", 5: "late_replay"},
 }
 
 

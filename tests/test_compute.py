@@ -85,3 +85,27 @@ def test_counting_flops_does_not_change_the_numbers(name):
 
     plain, counted = grads(False), grads(True)
     assert plain.keys() == counted.keys() and all(torch.equal(plain[k], counted[k]) for k in plain)
+
+
+def test_inference_mode_is_counted_and_unchanged():
+    """Under inference mode composite ops reach the counter whole: their matmuls still count
+    (the same FLOPs as under no_grad), and the logits are the uncounted ones."""
+    from fedtune.config import ModelConfig
+    from fedtune.models import load_model
+
+    model, _ = load_model(ModelConfig(name="tiny-llama", lora_r=4), 4)
+    model.eval()
+    ids = torch.randint(0, 200, (2, 10), generator=torch.Generator().manual_seed(1))
+
+    def logits(grad_mode, counter=None):
+        ctx = torch.inference_mode() if grad_mode == "inference" else torch.no_grad()
+        with ctx, counter if counter is not None else contextlib.nullcontext():
+            return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.clone()
+
+    import contextlib
+
+    a, b = compute.flop_counter(), compute.flop_counter()
+    counted = logits("inference", a)
+    logits("no_grad", b)
+    assert a.get_total_flops() == b.get_total_flops() > 0
+    assert torch.equal(counted, logits("inference"))

@@ -240,6 +240,9 @@ def test_split_service_serves_whole_streams_in_sampling_order():
             self.seen.append(msg.sender)
             return Message(METADATA, msg.round, SERVER, msg.sender, meta={"n": len(self.seen)})
 
+        def refuse(self, sender, why):
+            self.refused = (sender, why)
+
     server, wire = Echo(), Wire()
     service, grpc_server, port = start_split_service(server, wire, "127.0.0.1:0")
     tokens = service.begin_round(1, [0, 1], ComputeMeter())

@@ -62,7 +62,7 @@ FORMULAS = {**flop_registry, **{op: shape_wrapper(f) for op, f in ATTENTION_FORM
 class FlopCounter(TorchDispatchMode):
     """Counts the FLOPs of every op with a formula (torch's, for matmuls, convolutions and
     attention, plus :data:`ATTENTION_FORMULAS`) and runs every op exactly as it runs
-    uncounted. torch's ``FlopCounterMode`` instead decomposes ops it has no formula for, so
+    uncounted. torch's ``FlopCounterMode`` instead decomposes every op it has no formula for, so
     ``silu_backward`` (Llama, SmolLM2) ran as other elementwise ops and the counted step's
     gradients differed in the last bits from the uncounted one's: counting changed training.
     ``counts``: FLOPs per op."""
@@ -73,8 +73,15 @@ class FlopCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         formula = FORMULAS.get(func._overloadpacket)
+        if formula is None and torch.is_inference_mode_enabled():
+            # Under inference mode composite ops (linear, matmul, attention) arrive whole:
+            # run their own decomposition, which is what eager runs, so their matmuls count.
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
         if formula is not None:
             n = int(formula(*args, **kwargs, out_val=out))
             self.counts[func._overloadpacket] = self.counts.get(func._overloadpacket, 0) + n

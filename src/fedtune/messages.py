@@ -188,7 +188,7 @@ class Ledger:
     def round_totals(self, rnd: int) -> dict[str, dict[str, dict[str, int]]]:
         """``{client: {direction: {kind: bytes}}}`` for one round."""
         out: dict[str, dict[str, dict[str, int]]] = {}
-        for (r, client, direction, kind), n in self.bytes.items():
+        for (r, client, direction, kind), n in list(self.bytes.items()):  # threads add keys
             if r == rnd:
                 out.setdefault(client, {}).setdefault(direction, {})
                 out[client][direction][kind] = out[client][direction].get(kind, 0) + n
@@ -197,7 +197,7 @@ class Ledger:
     def total(self, direction: str | None = None, kind: str | None = None) -> int:
         return sum(
             n
-            for (_, _, d, k), n in self.bytes.items()
+            for (_, _, d, k), n in list(self.bytes.items())
             if (direction is None or d == direction) and (kind is None or k == kind)
         )
 

@@ -66,9 +66,11 @@ class SplitService:
         self.order: list[str] = []
         self.done: set[str] = set()
         self.active: dict[str, grpc.ServicerContext] = {}  # streams being served
+        self.streams: dict[str, grpc.ServicerContext] = {}  # every stream admitted this round
         self.refused: dict[str, str] = {}  # client name -> why, this round
         self.seen = time.monotonic()  # the last progress of the client whose turn it is
         self.computing = False  # the server is computing a request of that client
+        self.open_round = False  # requests are served (and refusals undone) only while True
         self.round = 0
         self.closed = False
         self.meter: ComputeMeter | None = None
@@ -80,20 +82,27 @@ class SplitService:
         """Open round ``rnd`` for ``clients`` (served in this order); returns their tokens."""
         with self.cond:
             self.round, self.meter, self.done, self.refused = rnd, meter, set(), {}
+            self.open_round = True
             self.order = [client_name(c) for c in clients]
             tokens = {c: secrets.token_urlsafe(24) for c in clients}
             self.tokens = {t: client_name(c) for c, t in tokens.items()}
             self.seen = time.monotonic()
+            self._cut_all()
             self.cond.notify_all()
             return tokens
+
+    def _cut_all(self) -> None:
+        """Cancel every stream of the round (holding ``cond``); none may outlive it."""
+        for context in self.streams.values():
+            context.cancel()
+        self.streams, self.active = {}, {}
 
     def end_round(self) -> None:
         """The round's exchange is over: cut the streams still open and refuse new ones, so
         that nothing trains the server half while it is aggregated and evaluated."""
         with self.lock, self.cond:  # the lock: a request being served finishes first
-            self.tokens, self.order = {}, []
-            for context in self.active.values():
-                context.cancel()
+            self.tokens, self.order, self.open_round = {}, [], False
+            self._cut_all()  # a handler past its checks finds itself cut at the next one
             self.cond.notify_all()
 
     def _head(self) -> str | None:
@@ -112,32 +121,38 @@ class SplitService:
                 if streaming and self.computing:
                     continue
                 limit = self.stall_timeout if streaming else self.turn_timeout
-                if now - self.seen > limit:
+                if now - self.seen > limit and head not in self.refused:
                     what = "stalled on" if streaming else "did not open"
                     self.refused[head] = f"{what} its split stream for {limit:g} s"
-                    if streaming:
-                        self.active.pop(head).cancel()
-                    self.done.add(head)
-                    self.seen = now
-                    self.cond.notify_all()
+                    if streaming:  # its handler undoes its batches, then lets the next go
+                        self.active[head].cancel()
+                    else:
+                        self.done.add(head)
+                        self.seen = now
+                        self.cond.notify_all()
 
     def _wait_turn(self, me: str, context) -> None:
-        with self.cond:
-            if me not in self.order or me in self.done or me in self.active:
+        with self.cond:  # one stream per token and round: a second one is refused at once
+            if me not in self.order or me in self.done or me in self.streams:
                 raise MessageError(f"{me} is not expected on the split link in round {self.round}")
+            self.streams[me] = context
             ahead = self.order[: self.order.index(me)]
             self.cond.wait_for(
-                lambda: self.closed or me not in self.order or self.done.issuperset(ahead)
+                lambda: (
+                    self.closed
+                    or self.streams.get(me) is not context
+                    or self.done.issuperset(ahead)
+                )
             )
-            if self.closed or me not in self.order or me in self.done:
+            if self.closed or self.streams.get(me) is not context or me in self.done:
                 raise MessageError(f"the split round {self.round} ended before {me}'s turn")
             self.active[me] = context
             self.seen = time.monotonic()
 
-    def _progress(self, me: str, computing: bool = False) -> None:
+    def _progress(self, me: str, context, computing: bool = False) -> None:
         """``me`` made progress; while the server computes its request it cannot stall."""
         with self.cond:
-            if me not in self.active:  # cut by the watchdog or the end of the round
+            if self.active.get(me) is not context:  # cut by the watchdog or the round's end
                 raise MessageError(f"{me}'s split stream was cut")
             self.seen, self.computing = time.monotonic(), computing
 
@@ -147,11 +162,12 @@ class SplitService:
             self.closed = True
             self.cond.notify_all()
 
-    def _finish(self, me: str) -> None:
-        with self.cond:
-            self.active.pop(me, None)
-            self.done.add(me)
-            self.seen, self.computing = time.monotonic(), False
+    def _finish(self, me: str, context) -> None:
+        with self.cond:  # only the stream being served moves the line on
+            if self.active.get(me) is context:
+                del self.active[me]
+                self.done.add(me)
+                self.seen, self.computing = time.monotonic(), False
             self.cond.notify_all()
 
     def handle(self, requests: Iterator[bytes], context, me: str) -> Iterator[bytes]:
@@ -160,26 +176,35 @@ class SplitService:
             self._wait_turn(me, context)
         except MessageError:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "not expected")
+        why, completed = "", False
         try:
             for data in requests:
-                self._progress(me)
+                self._progress(me, context)
                 msg = receive_counted(self.wire, data, (me, SERVER, self.round))
                 with self.lock:
-                    self._progress(me, computing=True)  # not cut while it waited for the lock
+                    self._progress(me, context, computing=True)  # not cut while it waited
                     try:
                         with self.meter.measure():
                             reply = self.server.serve(msg)
                     finally:
-                        self._progress(me)
+                        self.computing = False
                 yield self.wire.send(reply)
+            completed = True
         except MessageError as e:
-            with self.cond:
-                self.refused.setdefault(me, str(e)[:200])
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "refused")  # the reason stays here
+            why = str(e)[:200]
         except grpc.RpcError:
-            pass  # the stream was cut (stall, end of round) or the client went away
+            why = "its split stream was cut or closed"  # stall, end of round, client gone
         finally:
-            self._finish(me)
+            if not completed:  # undo what its accepted requests did, before the next client
+                why = why or "its split stream ended abnormally"
+                with self.lock:
+                    if self.open_round:  # after the round's end the server owns its state
+                        self.server.refuse(me, why)
+                        with self.cond:
+                            self.refused.setdefault(me, why)
+            self._finish(me, context)
+        if not completed and why and not why.startswith("its split stream"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "refused")  # the reason stays here
 
 
 def start_split_service(

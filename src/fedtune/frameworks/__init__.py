@@ -63,6 +63,11 @@ class Serving(Protocol):
 
     def serve(self, msg: Any) -> Any: ...
 
+    def refuse(self, sender: str, why: str) -> None:
+        """``sender``'s request was refused before ``serve`` saw it, or its stream was cut:
+        undo what it did this round."""
+        ...
+
 
 class Client(Protocol):
     def handle(self, msg: Any, link: Any) -> Any: ...

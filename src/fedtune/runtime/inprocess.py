@@ -40,9 +40,13 @@ class Link:
         self.route = route  # (client, round): what every request must say, as on Flower
 
     def call(self, msg: Message) -> Message:
-        if self.route is not None:
-            check_routing(msg, self.route[0], SERVER, self.route[1])
-        msg = self.wire.transfer(msg)
+        try:
+            if self.route is not None:
+                check_routing(msg, self.route[0], SERVER, self.route[1])
+            msg = self.wire.transfer(msg)
+        except MessageError as e:  # refused before the server saw it: undo its earlier batches
+            self.server.refuse(self.route[0] if self.route else msg.sender, str(e)[:200])
+            raise
         with paused(self.meter):
             if self.server_meter is None:
                 reply = self.server.serve(msg)

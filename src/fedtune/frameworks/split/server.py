@@ -220,7 +220,8 @@ class Server:
         # The server's FLOPs for one request depend only on its kind, cut and tensor shapes.
         shapes = tuple(tuple(t.shape) for t in msg.tensors.values())
         if msg.kind == ACTIVATIONS and not self.u:  # the head runs on the labels' R positions
-            shapes += (self._label_width(cid, len(msg.tensors.get("values", ()))),)
+            v = msg.tensors.get("values")
+            shapes += (self._label_width(cid, len(v) if v is not None and v.dim() else 0),)
         key = (
             "split-server",
             msg.kind,
@@ -238,6 +239,15 @@ class Server:
             raise
         self.serve_seconds += time.perf_counter() - t0
         return reply
+
+    def refuse(self, sender: str, why: str) -> None:
+        """The runtime refused ``sender``'s request before it reached :meth:`serve` (routing,
+        decoding), or cut its stream: undo what its accepted requests did this round."""
+        cid = self.cid.get(sender, -1)
+        if cid in self.budget and cid not in self.refused:
+            if cid in self.before:
+                self._restore(cid)
+            self.refused[cid] = why
 
     def _snapshot(self, cid: int) -> tuple:
         """The server-side state client ``cid`` can change: its slot's tensors and optimizer."""
