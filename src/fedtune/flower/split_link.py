@@ -187,7 +187,8 @@ class SplitService:
                         with self.meter.measure():
                             reply = self.server.serve(msg)
                     finally:
-                        self.computing = False
+                        with self.cond:
+                            self.computing = False
                 yield self.wire.send(reply)
             completed = True
         except MessageError as e:
