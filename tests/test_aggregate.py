@@ -136,3 +136,31 @@ def test_ratio_screen_and_sample_bound_by_hand():
     # a client claiming more samples than the server knows it holds
     ok, rejected = screen_updates(ups, refs, 0.0, metas, max_samples={2: 9.0, 0: math.inf})
     assert ok == [0, 1, 3] and "num_samples=10 exceeds the 9" in rejected["2"]
+
+
+def test_lora_factors_averaged_apart_miss_the_factors_covariance():
+    """FedAvg averages LoRA's A and B separately (FedIT), so the aggregate's update B̄Ā differs
+    from the clients' mean update sum_i w_i B_i A_i by sum_i w_i (B_i - B̄)(A_i - Ā).
+    All numbers below are multiples of 1/32: exact in float32, so the checks are exact."""
+    # Two clients, rank 1: B [2, 1], A [1, 2]; weights 1 and 3, i.e. 1/4 and 3/4.
+    c1 = {"lora_B": torch.tensor([[2.0], [0.0]]), "lora_A": torch.tensor([[1.0, 1.0]])}
+    c2 = {"lora_B": torch.tensor([[0.0], [4.0]]), "lora_A": torch.tensor([[2.0, -1.0]])}
+    avg = weighted_average([c1, c2], [1, 3])
+    b_bar, a_bar = avg["lora_B"], avg["lora_A"]
+    assert torch.equal(b_bar, torch.tensor([[0.5], [3.0]]))  # 1/4 [2, 0] + 3/4 [0, 4]
+    assert torch.equal(a_bar, torch.tensor([[1.75, -0.5]]))  # 1/4 [1, 1] + 3/4 [2, -1]
+    # B1 A1 = [[2, 2], [0, 0]], B2 A2 = [[0, 0], [8, -4]]: their mean and the aggregate's.
+    mean_update = 0.25 * c1["lora_B"] @ c1["lora_A"] + 0.75 * c2["lora_B"] @ c2["lora_A"]
+    assert torch.equal(mean_update, torch.tensor([[0.5, 0.5], [6.0, -3.0]]))
+    assert torch.equal(b_bar @ a_bar, torch.tensor([[0.875, -0.25], [5.25, -1.5]]))
+    # (B1 - B̄)(A1 - Ā) = [1.5, -3]^T [-0.75, 1.5]; (B2 - B̄)(A2 - Ā) = [-0.5, 1]^T [0.25, -0.5].
+    cov = 0.25 * (c1["lora_B"] - b_bar) @ (c1["lora_A"] - a_bar) + 0.75 * (c2["lora_B"] - b_bar) @ (
+        c2["lora_A"] - a_bar
+    )
+    gap = torch.tensor([[-0.375, 0.75], [0.75, -1.5]])
+    assert torch.equal(mean_update - b_bar @ a_bar, gap) and torch.equal(cov, gap)
+    # Clients sharing A: no gap.
+    c2_same_a = {"lora_B": c2["lora_B"], "lora_A": c1["lora_A"]}
+    avg = weighted_average([c1, c2_same_a], [1, 3])
+    shared = 0.25 * c1["lora_B"] @ c1["lora_A"] + 0.75 * c2["lora_B"] @ c1["lora_A"]
+    assert torch.equal(avg["lora_B"] @ avg["lora_A"], shared)

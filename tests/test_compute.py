@@ -14,7 +14,45 @@ def test_linear_flops_are_hand_computed():
         with meter.pause():
             lin(x)  # excluded
     assert meter.stats.flops == 2 * 10 * 64 * 32
-    assert meter.stats.seconds > 0 and meter.stats.peak_memory_bytes > 0
+    assert meter.stats.seconds > 0
+
+
+@pytest.mark.parametrize("mode", ["shape", "all", "off"])
+def test_step_memory_is_hand_computed(mode):
+    """A step's memory: the parameters it reads, its inputs, and the tensors it creates and
+    keeps alive at once, in bytes (float32: 4 per element), in every FLOP mode."""
+    lin = torch.nn.Linear(64, 32, bias=False)
+    x = torch.randn(10, 64)
+    meter = ComputeMeter("cpu", mode)
+    with meter.measure():
+        y = compute.step(("lin",), lambda: lin(x))
+    weight, inputs, output = 64 * 32 * 4, 10 * 64 * 4, 10 * 32 * 4
+    assert meter.stats.peak_memory_bytes == weight + inputs + output
+    assert meter.stats.flops == (2 * 10 * 64 * 32 if mode != "off" else 0)
+    assert torch.equal(y, x @ lin.weight.T)  # the real step ran, on real tensors
+
+
+def test_replay_leaves_no_trace():
+    """Measuring a training step replays it on fake tensors: gradients, the random state and
+    the step's result are those of the run without measuring."""
+    torch.manual_seed(0)
+    lin, drop = torch.nn.Linear(8, 4), torch.nn.Dropout(0.5)
+    x = torch.randn(6, 8)
+
+    def train_step():
+        lin.zero_grad(set_to_none=True)
+        loss = lin(drop(x)).square().mean()
+        loss.backward()
+        return loss
+
+    results = {}
+    for mode in ("off", "shape"):
+        torch.manual_seed(1)
+        meter = ComputeMeter("cpu", mode)
+        with meter.measure():
+            loss = compute.step(("t",), train_step, grads=list(lin.parameters()))
+        results[mode] = (loss, lin.weight.grad.clone(), torch.rand(1))
+    assert all(torch.equal(a, b) for a, b in zip(*results.values(), strict=True))
 
 
 def test_shape_mode_equals_all_mode():
@@ -26,8 +64,8 @@ def test_shape_mode_equals_all_mode():
         with meter.measure():
             for s in shapes:
                 x = torch.randn(*s, requires_grad=True)
-                with compute.step(("t", *s)):
-                    lin(x).sum().backward()
+                grads = [x, *lin.parameters()]
+                compute.step(("t", *s), lambda x=x: lin(x).sum().backward(), grads=grads)
         totals[mode] = meter.stats.flops
     assert totals["all"] == totals["shape"] > 0
     # forward 2*B*16*8, backward input grad + weight grad: 2x that again
@@ -36,8 +74,8 @@ def test_shape_mode_equals_all_mode():
 
 def test_off_mode_counts_nothing():
     meter = ComputeMeter("cpu", "off")
-    with meter.measure(), compute.step(("x",)):
-        torch.randn(8, 8) @ torch.randn(8, 8)
+    with meter.measure():
+        compute.step(("x",), lambda: torch.randn(8, 8) @ torch.randn(8, 8))
     assert meter.stats.flops == 0
 
 

@@ -126,3 +126,17 @@ def test_fault_and_validation_keys_are_checked():
     ):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             config.load(None, [bad])
+
+
+def test_pad_to_max_length_and_the_paper_presets():
+    """data.pad_to_max_length is off by default (dynamic padding) and on in the paper presets,
+    which also reset FedLLM's and Split-FedLLM's optimizer every round (an assumption)."""
+    assert config.RunConfig().data.pad_to_max_length is False
+    assert config.load(None, ["data.pad_to_max_length=true"]).data.pad_to_max_length is True
+    with pytest.raises(ConfigError, match="data.pad_to_max_length: expected true/false"):
+        config.load(None, ["data.pad_to_max_length=maybe"])
+    for framework, optimizer_state in (("fedllm", "reset"), ("kd", "keep"), ("split", "reset")):
+        cfg = config.load(f"configs/paper-{framework}.toml")
+        assert cfg.fed.framework == framework
+        assert (cfg.data.pad_to_max_length, cfg.model.max_length) == (True, 80)
+        assert (cfg.train.optimizer_state, cfg.model.lora_init) == (optimizer_state, "gaussian")

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from fedtune.config import DataConfig
 from fedtune.data import (
@@ -8,6 +9,7 @@ from fedtune.data import (
     collate,
     default_data_dir,
     dirichlet,
+    join_batches,
     load_text_classification,
     split_federated,
 )
@@ -58,6 +60,73 @@ def test_collate_pads_dynamically():
     assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert b["labels"].tolist() == [1, 0]
+
+
+def test_collate_pads_to_a_fixed_length():
+    """``pad_to`` (data.pad_to_max_length): every batch is that wide; the mask still counts the
+    real tokens, and a row longer than ``pad_to`` (never, after truncation) keeps its tokens."""
+    b = collate([[5, 6, 7], [8]], np.array([1, 0]), pad_id=9, pad_to=5)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 9, 9], [8, 9, 9, 9, 9]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0]]
+    assert b["attention_mask"].sum(1).tolist() == [3, 1]
+    assert collate([[5, 6, 7], [8]], np.array([1, 0]), 9, pad_to=2)["input_ids"].shape == (2, 3)
+    # Generation: the targets are the response tokens only, never padding (prompt 2 tokens).
+    g = collate([[1, 2, 3, 4]], np.array([0]), 9, np.array([2]), pad_to=6)
+    assert g["input_ids"].tolist() == [[1, 2, 3, 4, 9, 9]]
+    assert g["target_pos"].tolist() == [[1, 2]] and g["target_ids"].tolist() == [[3, 4]]
+
+
+def test_pad_to_max_length_reaches_every_batch_path(synth_dir):
+    """With data.pad_to_max_length every dataset a run builds batches from (a client's train
+    and public sets, the server's test and public sets, deployed parties' data) yields
+    ``[B, model.max_length]`` batches, also joined (batched engine, split client); without it,
+    ``[B, longest row]``. The synthetic texts are 2 keywords + 2 fillers and 3 spaces: 12
+    ("atm fee a my") to 29 bytes ("mastercard plastic please the"), one token each for the
+    byte-level tiny tokenizer, so 80 is always padding."""
+    from conftest import tiny_cfg
+    from fedtune.data import prepare, prepare_client, prepare_server
+    from fedtune.models import load_tokenizer
+
+    tok = load_tokenizer("tiny-gpt2")
+    fixed = tiny_cfg(synth_dir, data={"pad_to_max_length": True})  # prepare gets max_length 80
+    full = prepare(fixed.data, tok, 80, fixed.seed)
+    server, client = full.server_view(), full.client_view(0)
+    views = [client.train, client.public, server.test, server.public]
+    views += [prepare_server(fixed.data, tok, 80, 0).test]
+    views += [prepare_client(fixed.data, tok, 80, 0, 1).public]
+    for data in views:
+        assert data.pad_to == 80
+        for b in batches(data, np.arange(len(data)), 8, tok.pad_token_id):
+            assert b["input_ids"].shape == (len(b["labels"]), 80)
+    parts = [next(batches(d, np.arange(8), 8, tok.pad_token_id)) for d in views[:2]]
+    assert join_batches(parts, tok.pad_token_id)["input_ids"].shape == (16, 80)
+    rows = [client.train.ids[i] for i in range(8)]
+    assert all(12 <= len(r) <= 29 for r in rows)
+    b = next(batches(client.train, np.arange(8), 8, tok.pad_token_id))
+    assert b["attention_mask"].sum(1).tolist() == [len(r) for r in rows]
+    assert (b["input_ids"][b["attention_mask"] == 0] == tok.pad_token_id).all()
+    dynamic = prepare(tiny_cfg(synth_dir).data, tok, 80, 0).client_view(0).train
+    assert dynamic.pad_to is None and dynamic.ids == client.train.ids
+    b = next(batches(dynamic, np.arange(8), 8, tok.pad_token_id))
+    assert b["input_ids"].shape == (8, max(len(r) for r in rows))
+
+
+def test_pad_to_max_length_for_generation(synth_dir):
+    """Generation pairs pad to model.max_length too; the loss targets stay on the response."""
+    from conftest import gen_cfg
+    from fedtune.data import prepare
+    from fedtune.models import load_tokenizer
+
+    tok = load_tokenizer("tiny-gpt2")
+    cfg = gen_cfg(synth_dir, data={"pad_to_max_length": True})
+    full = prepare(cfg.data, tok, cfg.model.max_length, cfg.seed)
+    train = full.client_view(0).train
+    b = next(batches(train, np.arange(4), 4, tok.pad_token_id))
+    assert b["input_ids"].shape == (4, cfg.model.max_length) == (4, 48)
+    lengths = [len(train.ids[i]) for i in range(4)]
+    assert b["attention_mask"].sum(1).tolist() == lengths
+    real = b["target_ids"] != -100
+    assert (b["target_pos"][real] + 1 < torch.tensor(lengths)[:, None].expand_as(real)[real]).all()
 
 
 def test_group_by_length_keeps_every_sample_once():

@@ -122,8 +122,11 @@ def test_report_markdown(compare_dir):
     assert "| FedLLM | 0,1 | 0.8200 ± 0.0283 | 0.8100 | 1 kB | 1 kB | 3 GFLOP | 2 | 1 GB |" in md
     assert "| KD-FedLLM | 0,1 | 0.6100 ± 0.0141 |" in md
     assert "| communication | KD-FedLLM | low (logits) | 1 | 18 kB | 3 | **no** |" in md
-    assert "| accuracy | Split-FedLLM | high (close to FedLLM) | 1-2 | 0.8000 | 2 | yes |" in md
+    assert "| accuracy | Split-FedLLM | high (close to FedLLM) | 2 | 0.8000 | 2 | yes |" in md
+    assert "Base point per framework: FedLLM: its only run; KD-FedLLM: its only run;" in md
+    assert "disagrees with the paper on 3 of 9 claims (communication).**" in md
     assert "**Disagreement on communication: KD-FedLLM ranks 3 measured" in md
+    assert "### Sweeps" not in md  # one setting per framework: no sweep to show
     assert "![a](a.png)" in md and "runs/fedllm-s0, runs/fedllm-s1" in md
 
 

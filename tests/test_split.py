@@ -260,3 +260,33 @@ def test_presets_load(preset):
 
     cfg = load(Path(__file__).parents[1] / preset)
     assert cfg.fed.framework == "split" and cfg.split.split_layer >= 1
+
+
+def test_split_client_memory_is_its_own_half(synth_dir, monkeypatch):
+    """A split client's peak memory counts its embeddings and blocks, never the server half:
+    below the FedLLM client's on the same model and batches, and unchanged when the server
+    half is twice as deep (tiny GPT-2 cut after block 2 of 4, then of 6)."""
+    from fedtune import models
+
+    def run(framework, blocks):
+        def deeper(name, num_labels=2):
+            c = tiny(name, num_labels)
+            c.n_layer = blocks
+            return c
+
+        monkeypatch.setattr(models, "tiny_config", deeper)
+        cfg = tiny_cfg(
+            synth_dir,
+            fed={"framework": framework, "rounds": 1},
+            split={"split_layer": 2, "samples_per_round": 16},
+            train={"local_steps": 2},
+        )
+        return simulate(cfg, log=None)["client_peak_memory_bytes"]
+
+    tiny = models.tiny_config
+    fedllm, split4, split6 = run("fedllm", 4), run("split", 4), run("split", 6)
+    assert 0 < split4 == split6 < fedllm
+    # the difference is at least the server half's frozen weights: 2 GPT-2 blocks of width 32
+    # (attention 4·32² + 4·32, MLP 8·32² + 5·32, two layer norms 4·32), float32
+    block = (12 * 32 * 32 + 13 * 32) * 4
+    assert fedllm - split4 >= 2 * block

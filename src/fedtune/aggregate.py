@@ -40,7 +40,19 @@ def weighted_average(
     """FedAvg: ``sum_k w_k * state_k / sum_k w_k`` for every tensor name.
 
     All states must have the same names and shapes; weights are typically sample counts.
-    Accumulates in float64 so that averaging identical states returns them exactly."""
+    Accumulates in float64 so that averaging identical states returns them exactly.
+
+    LoRA: every tensor is averaged on its own, so the factors ``A [r, in]`` and ``B [out, r]``
+    are averaged separately, as FedIT does. The aggregate's update (times alpha / r) is then
+    ``B̄ Ā = (sum_i w_i B_i)(sum_j w_j A_j)``, not the mean of the clients' updates
+    ``sum_i w_i B_i A_i`` (weights normalised to sum to 1). The gap is a weighted covariance
+    of the factors::
+
+        sum_i w_i B_i A_i - B̄ Ā = sum_i w_i (B_i - B̄)(A_i - Ā)
+
+    (expand the right side; ``sum_i w_i (B_i - B̄) = 0``). It is zero when all clients share
+    A or B, and second order in the round's local changes: clients start from the same A, B,
+    so ``B_i - B̄`` and ``A_i - Ā`` are differences of their local steps."""
     if not states:
         raise ValueError("weighted_average needs at least one state")
     if len(states) != len(weights):

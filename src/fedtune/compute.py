@@ -1,23 +1,23 @@
-"""Client compute accounting: FLOPs, wall seconds and peak memory of a client's own work.
+"""Client compute accounting: FLOPs, wall seconds and peak memory of a party's own work.
 
-FLOPs are measured with torch's FLOP formulas (forward and backward; :class:`FlopCounter`),
-never estimated from parameter counts. Two exact modes (``flops`` config key):
+Training and inference code runs each step through :func:`step` with a key holding the step's
+kind and shapes. The first time a run meets a key, the step's cost is measured on a replay of
+it on fake tensors (:func:`fedtune.probe.replay`: shapes only, no arithmetic) while the meter's
+clock is stopped; later steps with that key reuse the cost. The real step always runs
+untouched, so counting changes no number and costs no client second.
 
-* ``all``: every op of the client's work runs under :class:`FlopCounter` (costs ~10-30% speed
-  on CPU through Python dispatch);
-* ``shape`` (default): training/inference code wraps each step in :func:`step` with a key
-  holding the step's kind and input shape. The first step of each key is counted under
-  :class:`FlopCounter`; later steps with the same key reuse that count. A step's FLOPs depend
-  only on its shapes, so the total equals ``all`` (a test checks this) at almost no cost.
-  Counting runs every op as it runs uncounted, so ``shape``, ``all`` and ``off`` compute the
-  same numbers (a test checks the gradients).
+* FLOPs (``flops`` config key): ``shape`` (default) adds each step's replayed count, with
+  torch's formulas plus the CPU attention kernels (:mod:`fedtune.probe`); ``all`` counts every
+  op of the real work instead (slower, through Python dispatch; a test checks both agree);
+  ``off`` counts none.
+* Seconds: wall-clock time of the party's work.
+* Peak memory: what a device doing only this party's work needs: the parameters its steps
+  read (the split client: embeddings and its blocks, never the server half), the state it
+  keeps (:func:`hold`: optimizer moments), and the largest step's inputs plus the tensors it
+  creates and keeps alive at once (activations, gradients). Measured on the same replays in
+  every ``flops`` mode; never the simulation process, which holds every party.
 
-Seconds are wall-clock time of the client's work. Peak memory is
-``torch.cuda.max_memory_allocated`` on GPU; on CPU it is the process's peak resident set size
-sampled every 5 ms while the client works (it includes the shared backbone, as a real client
-machine would hold it).
-
-Work done on the client's behalf by someone else (the split server's half of a step, which in
+Work done on the party's behalf by someone else (the split server's half of a step, which in
 the simulation runs inside the client's call) is excluded with :meth:`ComputeMeter.pause`.
 """
 
@@ -25,74 +25,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
-import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import (
-    flop_registry,
-    sdpa_backward_flop_count,
-    sdpa_flop_count,
-    shape_wrapper,
-)
 
-
-def _sdpa(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    """``q [B, h, T, d]`` against ``k, v [B, h_kv, S, d]``: QK^T and AV, ``4 B h T S d``."""
-    return sdpa_flop_count(query, key, value)
-
-
-def _sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out, query, key, value)
-
-
-# torch's flop counter has formulas for the CUDA attention kernels but not for the fused CPU
-# one, which CPU SDPA takes whenever attention dropout is off (eval, Llama-style models):
-# without these every such attention counted 0 FLOPs on CPU and 4·B·T²·H on GPU.
-ATTENTION_FORMULAS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward,
-}
-FORMULAS = {**flop_registry, **{op: shape_wrapper(f) for op, f in ATTENTION_FORMULAS.items()}}
-
-
-class FlopCounter(TorchDispatchMode):
-    """Counts the FLOPs of every op with a formula (torch's, for matmuls, convolutions and
-    attention, plus :data:`ATTENTION_FORMULAS`) and runs every op exactly as it runs
-    uncounted. torch's ``FlopCounterMode`` instead decomposes every op it has no formula for, so
-    ``silu_backward`` (Llama, SmolLM2) ran as other elementwise ops and the counted step's
-    gradients differed in the last bits from the uncounted one's: counting changed training.
-    ``counts``: FLOPs per op."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: dict = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        formula = FORMULAS.get(func._overloadpacket)
-        if formula is None and torch.is_inference_mode_enabled():
-            # Under inference mode composite ops (linear, matmul, attention) arrive whole:
-            # run their own decomposition, which is what eager runs, so their matmuls count.
-            with self:
-                out = func.decompose(*args, **kwargs)
-            if out is not NotImplemented:
-                return out
-        out = func(*args, **kwargs)
-        if formula is not None:
-            n = int(formula(*args, **kwargs, out_val=out))
-            self.counts[func._overloadpacket] = self.counts.get(func._overloadpacket, 0) + n
-        return out
-
-    def get_total_flops(self) -> int:
-        return sum(self.counts.values())
+from .probe import FlopCounter, Probe, StepCost, replay
 
 
 def flop_counter() -> FlopCounter:
-    """A fresh :class:`FlopCounter`; every count in fedtune goes through it."""
+    """A fresh :class:`~fedtune.probe.FlopCounter`; every count in fedtune goes through it."""
     return FlopCounter()
 
 
@@ -115,38 +57,22 @@ class ComputeStats:
         }
 
 
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):  # non-Linux: fall back to ru_maxrss (process lifetime peak)
-        import resource
+@dataclass
+class Memory:
+    """A party's memory, built from its steps' costs: the parameters they read (storage ->
+    bytes), the state it keeps between steps (:func:`hold`) and the largest step's transient
+    bytes. :meth:`total` is what a device doing only this work needs at its peak."""
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    params: dict = field(default_factory=dict)
+    held: dict = field(default_factory=dict)
+    transient: int = 0
 
+    def add(self, cost: StepCost) -> None:
+        self.params.update(cost.params)
+        self.transient = max(self.transient, cost.transient)
 
-class _RssSampler:
-    def __init__(self, interval: float = 0.005) -> None:
-        self.interval, self.peak = interval, 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> _RssSampler:
-        self.peak = _rss_bytes()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, _rss_bytes())
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
+    def total(self) -> int:
+        return sum(self.params.values()) + sum(self.held.values()) + self.transient
 
 
 _CURRENT: contextvars.ContextVar[ComputeMeter | None] = contextvars.ContextVar(
@@ -159,7 +85,7 @@ class ComputeMeter:
     """Measure one party's work: ``with meter.measure(): ...``; exclude parts with ``pause()``.
 
     ``mode`` is one of :data:`FLOP_MODES`; ``cache`` (shared by the meters of one run) maps a
-    step key to its FLOPs in ``shape`` mode.
+    step key to its :class:`~fedtune.probe.StepCost`.
     """
 
     def __init__(
@@ -171,6 +97,8 @@ class ComputeMeter:
         self.mode = mode
         self.cache = cache if cache is not None else {}
         self.stats = ComputeStats()
+        self.memory = Memory()
+        self.parties: dict[int, Memory] = {}  # fused work (batched engine): each party's own
         self._flop_mode: FlopCounter | None = None
         self._t0 = 0.0
         self._active = False
@@ -192,28 +120,17 @@ class ComputeMeter:
 
     @contextlib.contextmanager
     def measure(self):
-        """Count everything inside the block as this client's work."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            sampler = contextlib.nullcontext()
-        else:
-            sampler = _RssSampler()
+        """Count everything inside the block as this party's work."""
         self._active = True
         token = _CURRENT.set(self)
-        with sampler:
-            self._start_segment()
-            try:
-                yield self
-            finally:
-                self._end_segment()
-                self._active = False
-                _CURRENT.reset(token)
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            peak = sampler.peak
-        self.stats.peak_memory_bytes = max(self.stats.peak_memory_bytes, peak)
+        self._start_segment()
+        try:
+            yield self
+        finally:
+            self._end_segment()
+            self._active = False
+            _CURRENT.reset(token)
+            self.stats.peak_memory_bytes = max(self.stats.peak_memory_bytes, self.memory.total())
 
     @contextlib.contextmanager
     def pause(self):
@@ -229,41 +146,82 @@ class ComputeMeter:
             _CURRENT.reset(token)
             self._start_segment()
 
-    @contextlib.contextmanager
-    def _counted(self):
-        with flop_counter() as counter:
-            yield
-        self.stats.flops += int(counter.get_total_flops())
+    def add_cost(self, cost: StepCost) -> None:
+        if self.mode == "shape":
+            self.stats.flops += cost.flops
+        self.memory.add(cost)
+
+    def _cost(self, key: tuple, fn, grads) -> StepCost:
+        cost = self.cache.get(key)
+        if cost is None:
+            with self.pause():  # measuring is not the party's work
+                cost = self.cache[key] = replay(fn, grads)
+        return cost
 
     @contextlib.contextmanager
-    def _step(self, key: tuple):
-        if key in self.cache:
-            self.stats.flops += self.cache[key]
+    def _counted(self):
+        with Probe() as probe:
             yield
-            return
-        with flop_counter() as counter:
-            yield
-        self.cache[key] = int(counter.get_total_flops())
-        self.stats.flops += self.cache[key]
+        self.add_cost(probe.cost())
 
 
 def counted():
-    """Wrap work whose FLOPs depend on more than shapes (greedy decoding stops when the model
-    says so): in ``shape`` mode it is counted every time, op by op. A no-op otherwise."""
+    """Wrap work whose cost depends on more than shapes (greedy decoding stops when the model
+    says so): it runs op by op under a :class:`~fedtune.probe.Probe` every time (its counting
+    overhead stays in the seconds). A no-op with ``flops=off``."""
     meter = _CURRENT.get()
-    if meter is None or meter.mode != "shape":
+    if meter is None or meter.mode == "off":
         return contextlib.nullcontext()
     return meter._counted()
 
 
-def step(key: tuple):
-    """Wrap one forward(+backward) whose FLOPs depend only on ``key`` (kind + shapes).
-
-    A no-op unless the active meter counts in ``shape`` mode."""
+def step(key: tuple, fn, replay_fn=None, grads=()):
+    """Run ``fn()``, one forward and/or backward whose cost depends only on ``key`` (its kind
+    and input shapes), and return its result. The first time the run meets ``key`` the cost is
+    measured on a replay of ``replay_fn or fn`` (which must do the same work and leave no
+    trace: ``grads`` lists the tensors whose ``.grad`` it may write; they are restored)."""
     meter = _CURRENT.get()
-    if meter is None or meter.mode != "shape":
-        return contextlib.nullcontext()
-    return meter._step(key)
+    if meter is not None:
+        meter.add_cost(meter._cost(key, replay_fn or fn, grads))
+    return fn()
+
+
+@contextlib.contextmanager
+def inline(key: tuple):
+    """:func:`step` for work that cannot be replayed (it changes state beyond gradients: the
+    split server's half with its optimizer step): the first step of ``key`` is measured op by
+    op as it runs (same numbers, but its counting overhead lands in this party's seconds)."""
+    meter = _CURRENT.get()
+    if meter is None or key in meter.cache:
+        if meter is not None:
+            meter.add_cost(meter.cache[key])
+        yield
+        return
+    with Probe() as probe:
+        yield
+    meter.add_cost(meter.cache.setdefault(key, probe.cost()))
+
+
+def party_step(slot: int, key: tuple, fn, grads=()) -> None:
+    """Measure (never run) the step ``fn`` that party ``slot`` of fused work would run on its
+    own: the batched engine runs many parties' steps as one, but each party's memory is what
+    its own step needs."""
+    meter = _CURRENT.get()
+    if meter is not None:
+        meter.parties.setdefault(slot, Memory()).add(meter._cost(key, fn, grads))
+
+
+def hold(tensors, slot: int | None = None) -> None:
+    """Count ``tensors`` (state the party keeps between steps: optimizer moments) in its
+    memory (``slot``: that party's of fused work), once per storage."""
+    meter = _CURRENT.get()
+    if meter is None:
+        return
+    memory = meter.memory if slot is None else meter.parties.setdefault(slot, Memory())
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.numel():
+            st = t.untyped_storage()
+            memory.held[(st.device.type, st.data_ptr())] = st.nbytes()
 
 
 @contextlib.contextmanager

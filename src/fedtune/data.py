@@ -1,6 +1,6 @@
 """Data layer: text classification and generation datasets, the paper's public/client split,
-partitioners, tokenisation and dynamically padded batches (generation pairs:
-:mod:`fedtune.gendata`).
+partitioners, tokenisation and padded batches: to the batch's longest row, or to
+``model.max_length`` with ``data.pad_to_max_length`` (generation pairs: :mod:`fedtune.gendata`).
 
 The split follows the paper's case study: from the training set, ``public_size`` samples
 (5002 for Banking77) form the public set used by KD-FedLLM; clients draw their private data
@@ -10,7 +10,7 @@ from the remaining samples (3 x 1667). All frameworks see the same split for the
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -35,11 +35,17 @@ class Tokenized:
     """Token ids (unpadded, truncated) and labels; batches are padded on the fly.
 
     Generation: ``ids`` are prompt + response tokens and ``prompt_len [N]`` the number of
-    leading prompt tokens, which get no loss; ``labels`` are the rows' groups."""
+    leading prompt tokens, which get no loss; ``labels`` are the rows' groups.
+
+    ``pad_to``: every batch is at least this wide (``model.max_length`` under
+    ``data.pad_to_max_length``, the paper's fixed padding; None: the batch's longest row). It
+    lives on the dataset, so every path that batches it (:func:`batches`) pads alike; a view
+    built from a dataset must carry it over (:func:`subset` does)."""
 
     ids: list[list[int]]
     labels: np.ndarray  # [N] int64
     prompt_len: np.ndarray | None = None  # [N] int64, generation only
+    pad_to: int | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -75,7 +81,7 @@ class FedData:
             public = subset(self.train, self.public_idx)
             if hide_labels:
                 hidden = np.full(len(public), -1, dtype=np.int64)
-                public = Tokenized(public.ids, hidden, public.prompt_len)
+                public = replace(public, labels=hidden)
             self.views[key] = public
         return self.views[key]
 
@@ -134,10 +140,11 @@ class ClientData:
 
 
 def subset(data: Tokenized, idx: np.ndarray) -> Tokenized:
-    """``data[idx]`` as a dataset of its own (token lists shared, labels copied)."""
+    """``data[idx]`` as a dataset of its own (token lists shared, labels copied, ``pad_to``
+    kept)."""
     idx = np.asarray(idx, dtype=np.int64)
     plen = None if data.prompt_len is None else data.prompt_len[idx]
-    return Tokenized([data.ids[i] for i in idx], data.labels[idx], plen)
+    return replace(data, ids=[data.ids[i] for i in idx], labels=data.labels[idx], prompt_len=plen)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -159,13 +166,22 @@ PAD_VALUES = {"attention_mask": 0, "target_pos": 0, "target_ids": -100}
 
 
 def collate(
-    ids: list[list[int]], labels: np.ndarray, pad_id: int, prompt_len: np.ndarray | None = None
+    ids: list[list[int]],
+    labels: np.ndarray,
+    pad_id: int,
+    prompt_len: np.ndarray | None = None,
+    pad_to: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence in the batch (dynamic padding).
+    """Right-pad to the longest sequence in the batch (dynamic padding), or to ``pad_to`` when
+    that is longer (the paper's fixed padding: ``model.max_length``).
 
-    Returns ``input_ids [B, L]`` int64, ``attention_mask [B, L]`` int64, ``labels [B]`` int64;
-    with ``prompt_len [B]`` (generation) also :func:`response_targets`."""
-    length = max(len(x) for x in ids)
+    Returns ``input_ids [B, L]`` int64, ``attention_mask [B, L]`` int64 (1 on the real tokens,
+    0 on padding), ``labels [B]`` int64, ``L = max(longest row, pad_to)``; with ``prompt_len
+    [B]`` (generation) also :func:`response_targets`, which stop before the padding.
+    Right padding changes no real token's output, only the cost: a real token attends to
+    earlier positions only (causal), all real, and a row's class is read at its last real
+    token (HF's last non-pad id; :func:`fedtune.tasks.classification.last_positions`)."""
+    length = max(max(len(x) for x in ids), pad_to or 0)
     input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), length), dtype=torch.long)
     for i, x in enumerate(ids):
@@ -247,7 +263,7 @@ def batches(
         groups = [groups[i] for i in rng.permutation(len(groups))]
     for b in groups:
         plen = None if data.prompt_len is None else data.prompt_len[b]
-        yield collate([data.ids[i] for i in b], data.labels[b], pad_id, plen)
+        yield collate([data.ids[i] for i in b], data.labels[b], pad_id, plen, data.pad_to)
 
 
 @dataclass
@@ -313,16 +329,22 @@ def select(data: TextDataset, idx: np.ndarray) -> TextDataset:
 def encode(
     tokenizer, data: TextDataset, idx, cfg: DataConfig, max_length: int, hide_labels=False
 ) -> Tokenized:
-    """Tokenize ``data[idx]`` (all rows when ``idx`` is None); ``hide_labels``: labels -1."""
+    """Tokenize ``data[idx]`` (all rows when ``idx`` is None); ``hide_labels``: labels -1.
+
+    Rows are cut to ``max_length`` tokens; with ``cfg.pad_to_max_length`` their batches are
+    padded to it too (:attr:`Tokenized.pad_to`). Generation as well: right padding after a
+    prompt + response changes none of its outputs (causal); the prompts that are generated
+    for (:func:`eval_prompts`, left-padded, then extended) keep their own padding."""
     if idx is not None:
         data = select(data, np.asarray(idx))
     labels = np.full(len(data.texts), -1, dtype=np.int64) if hide_labels else data.labels
+    pad_to = max_length if cfg.pad_to_max_length else None
     if data.responses is None:
-        return Tokenized(tokenize(tokenizer, data.texts, max_length), labels)
+        return Tokenized(tokenize(tokenizer, data.texts, max_length), labels, pad_to=pad_to)
     pairs = gendata.Pairs(data.texts, data.responses, [])
     chat = gendata.uses_chat(tokenizer, cfg.chat_template)
     ids, plen = gendata.encode_pairs(tokenizer, pairs, max_length, chat)
-    return Tokenized(ids, labels, plen)
+    return Tokenized(ids, labels, plen, pad_to)
 
 
 def eval_prompts(tokenizer, cfg: DataConfig, loaded: Loaded) -> GenSet | None:

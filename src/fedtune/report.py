@@ -204,6 +204,7 @@ def aggregate(group: Group) -> dict:
         "framework": group.framework,
         "label": group.label,
         "setting": group.setting,
+        "config": group.runs[0].config,  # the group's runs differ only in their seed
         "seeds": [r.seed for r in group.runs],
         "rounds": _mean(x.get("rounds") for x in s),
         "accuracy_mean": _mean(acc),

@@ -98,6 +98,9 @@ class DataConfig:
     dirichlet_alpha: float = opt(0.5, "label-skew concentration for partition=dirichlet")
     client_sizes: tuple[int, ...] = opt((), "explicit client sizes for partition=sizes")
     test_size: int = opt(0, "evaluate on a seeded subset of this many test samples; 0 = all")
+    pad_to_max_length: bool = opt(
+        False, "pad every batch to model.max_length as the paper does; off = to its longest row"
+    )
 
 
 @dataclass(frozen=True)

@@ -147,24 +147,34 @@ def train_many(ctx: Context, jobs: list[Train]) -> list[LocalResult]:
             tuple(shape_of(sub) for sub in subs),
         )
         opt.zero_grad()
-        with compute.step(key):
+
+        def fused_step(acc, subs=subs, parts=parts, sizes=sizes, uniform=uniform, fused=fused):
             if all(losses[s].rows is not None for s, _ in parts):
                 counts = torch.bincount(fused["rows"], minlength=mnet.n).float()
-                rowwise_step(ctx, mnet, subs, parts, uniform, losses, counts, loss_sum)
-            else:
-                logits = fused_logits(ctx, mnet, subs, parts, uniform)
-                whole = {k: to_device(v, device) for k, v in fused.items()}
-                total, start = 0, 0
-                for (slot, _), size in zip(parts, sizes, strict=True):
-                    rows = slice(start, start + size)
-                    loss = losses[slot](logits[rows], rows_of(whole, rows))
-                    loss_sum[slot] += loss.detach()
-                    total, start = total + loss, start + size
-                total.backward()
+                rowwise_step(ctx, mnet, subs, parts, uniform, losses, counts, acc)
+                return
+            logits = fused_logits(ctx, mnet, subs, parts, uniform)
+            whole = {k: to_device(v, device) for k, v in fused.items()}
+            total, start = 0, 0
+            for (slot, _), size in zip(parts, sizes, strict=True):
+                rows = slice(start, start + size)
+                loss = losses[slot](logits[rows], rows_of(whole, rows))
+                acc[slot] += loss.detach()
+                total, start = total + loss, start + size
+            total.backward()
+
+        compute.step(
+            key, lambda: fused_step(loss_sum), lambda: fused_step(loss_sum.clone()), mnet.params()
+        )
+        for slot, b in parts:  # each party's memory: its own step on the plain model
+            party_memory(ctx, slot, losses[slot], b)
         active = torch.zeros(mnet.n, dtype=torch.bool)
         active[[s for s, _ in parts]] = True
         opt.step(to_device(active, device))
     mnet.set_rows(None)
+    for slot in range(n):  # each party keeps its own optimizer state
+        state = opt.state_dict(slot)["state"]
+        compute.hold((t for s in state.values() for t in s.values()), slot)
     mean = loss_sum.cpu().tolist()
     return [
         LocalResult(
@@ -176,6 +186,18 @@ def train_many(ctx: Context, jobs: list[Train]) -> list[LocalResult]:
         )
         for slot in range(n)
     ]
+
+
+def party_memory(ctx: Context, slot: int, loss_fn, batch: dict) -> None:
+    """Measure what party ``slot`` of a fused step would need for its own step on ``batch``:
+    the sequential executor's step (same key) on the plain model, replayed, never run."""
+    model, amp = ctx.model, ctx.cfg.train.autocast
+    b = {k: to_device(v, ctx.device) for k, v in batch.items()}
+    grads = [p for p in model.parameters() if p.requires_grad]
+    key = (loss_fn.name, amp, *shape_of(b))
+    compute.party_step(
+        slot, key, lambda: loss_fn(ctx.task.logits(model, b, amp), b).backward(), grads
+    )
 
 
 def rowwise_step(ctx, mnet, subs, parts, uniform, losses, counts, loss_sum) -> None:
@@ -246,8 +268,15 @@ def predict_many(ctx: Context, jobs: list[Predict]) -> list:
         slots = torch.arange(n, device=device)
         mnet.set_rows(slots.repeat_interleave(b), slots)
         amp = cfg.autocast
-        with compute.step(("infer_many", amp, n, *shape_of(fused))):
-            out = reduce(ctx.task.logits(mnet.net, fused, amp), fused)
+        key = ("infer_many", amp, n, *shape_of(fused))
+        out = compute.step(key, lambda f=fused, a=amp: reduce(ctx.task.logits(mnet.net, f, a), f))
+        single = {k: to_device(v, device) for k, v in batch.items()}
+        for slot in range(n):  # each party alone: the plain model on the batch
+            compute.party_step(
+                slot,
+                ("infer", amp, *shape_of(single)),
+                lambda b=single, a=amp: reduce(ctx.task.logits(model, b, a), b),
+            )
         outs.append(out.view(n, b, *out.shape[1:]))
     mnet.set_rows(None)
     mnet.net.train()

@@ -10,7 +10,8 @@ compute with its own :class:`~fedtune.compute.ComputeMeter`.
 * :class:`Batched` (``fed.engine=batched``) - advances every client to its next job, runs all
   pending Train jobs as one fused loop and all Predict jobs on the same samples as one fused
   pass (:mod:`.engine`), in chunks of ``fed.concurrent_clients``; a chunk's measured compute is
-  apportioned to its clients by their jobs' sample counts (peak memory is the chunk's).
+  apportioned to its clients by the rows each processed; each client's peak memory is that of
+  its own steps, measured on the plain model (:func:`fedtune.compute.party_step`).
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ class Batched:
                 with meter.measure():
                     done = run(self.ctx, [jobs[i] for i in chunk])
                 rows = [rows_processed(jobs[i], r) for i, r in zip(chunk, done, strict=True)]
-                apportion(meter.stats, {i: meters[i] for i in chunk}, rows)
+                apportion(meter, {i: meters[i] for i in chunk}, rows)
                 results.update(zip(chunk, done, strict=True))
         return results
 
@@ -153,15 +154,17 @@ def rows_processed(job: Job, result) -> float:
     return float(len(job.idx))
 
 
-def apportion(stats: ComputeStats, meters: dict[int, ComputeMeter], weights: list[float]):
-    """Split a chunk's FLOPs and seconds over its clients in proportion to ``weights``."""
-    total = sum(weights) or 1.0
-    for (_, meter), w in zip(meters.items(), weights, strict=True):
-        meter.stats.add(
+def apportion(meter: ComputeMeter, meters: dict[int, ComputeMeter], weights: list[float]):
+    """Split a chunk's FLOPs and seconds over its clients in proportion to ``weights``; each
+    client's memory is its own (``meter.parties``, slot = position in the chunk)."""
+    stats, total = meter.stats, sum(weights) or 1.0
+    for slot, ((_, m), w) in enumerate(zip(meters.items(), weights, strict=True)):
+        own = meter.parties.get(slot)
+        m.stats.add(
             ComputeStats(
                 int(round(stats.flops * w / total)),
                 stats.seconds * w / total,
-                stats.peak_memory_bytes,
+                own.total() if own is not None else stats.peak_memory_bytes,
             )
         )
 

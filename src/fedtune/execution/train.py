@@ -75,6 +75,7 @@ def optimizer_step(opt: torch.optim.Optimizer, params: list, cfg: TrainConfig) -
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     opt.step()
+    compute.hold(t for state in opt.state.values() for t in state.values())
 
 
 def finish_training(model, opt, cfg: TrainConfig, loss_sum, steps: int, samples: int):
@@ -127,10 +128,15 @@ def train(ctx: Context, job: Train) -> LocalResult:
     bar = tqdm(total=job.steps or None, leave=False, disable=not ctx.progress, unit="step")
     for batch in job_batches(job, cfg, ctx.data.pad_id):
         batch = to_device(batch, device)
-        with compute.step((job.loss.name, cfg.autocast, *shape_of(batch))):
+
+        def forward_backward(batch=batch):
             loss = loss_fn(ctx.task.logits(model, batch, cfg.autocast), batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            return loss
+
+        key = (job.loss.name, cfg.autocast, *shape_of(batch))
+        loss = compute.step(key, forward_backward, grads=params)
         optimizer_step(opt, params, cfg)
         loss_sum += loss.detach()
         steps += 1
@@ -162,8 +168,8 @@ def outputs(
     out: list[torch.Tensor] = []
     for batch in batches(data, idx[order], ctx.cfg.train.eval_batch_size, ctx.data.pad_id):
         batch = to_device(batch, ctx.device)
-        with compute.step(("infer", amp, *shape_of(batch))):
-            out.append(reduce(ctx.task.logits(model, batch, amp), batch))
+        key = ("infer", amp, *shape_of(batch))
+        out.append(compute.step(key, lambda b=batch: reduce(ctx.task.logits(model, b, amp), b)))
     logits = torch.cat(out).cpu()
     result = torch.empty_like(logits)
     result[torch.as_tensor(order)] = logits  # back to idx order

@@ -70,10 +70,11 @@ def own_data(cfg: config.RunConfig, data_dir: Path, labels: list[str], tok) -> C
     y = np.array([index[n] for n in names], dtype=np.int64)
     ids = tokenize(tok, texts, cfg.model.max_length)
     hidden = np.full(len(texts) - n_private, -1, dtype=np.int64)
+    pad_to = cfg.model.max_length if cfg.data.pad_to_max_length else None
     return ClientData(
         list(labels),
-        Tokenized(ids[:n_private], y[:n_private]),
-        Tokenized(ids[n_private:], hidden),
+        Tokenized(ids[:n_private], y[:n_private], pad_to=pad_to),
+        Tokenized(ids[n_private:], hidden, pad_to=pad_to),
         tok.pad_token_id,
     )
 

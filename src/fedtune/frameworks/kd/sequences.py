@@ -95,7 +95,8 @@ class SequenceKnowledge:
                 prompt = public.ids[i][: int(public.prompt_len[i])]
                 ids.append((prompt + resp)[:limit])
                 plen.append(len(prompt))
-        return Tokenized(ids, np.zeros(len(ids), dtype=np.int64), np.asarray(plen, dtype=np.int64))
+        labels = np.zeros(len(ids), dtype=np.int64)
+        return Tokenized(ids, labels, np.asarray(plen, dtype=np.int64), public.pad_to)
 
     def loss(self, teacher, rows, weights=None, labels=None) -> Loss:
         return self.ctx.task.loss()

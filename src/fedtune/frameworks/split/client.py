@@ -1,5 +1,5 @@
 """Split-FedLLM's client: its first blocks' forward (c1), the exchange with the server (c2, c4)
-and the backward through its blocks (c5); uploads its LoRA each round (cc3)."""
+and the backward through its blocks (c5); uploads its LoRA each round (cc1)."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ class Client:
         losses = []
         for batch in round_batches:
             losses.append(self.step(to_device(batch, ctx.device), k, link, rnd))
-        # cc3: upload the client-side LoRA with the number of samples it was trained on.
+        # cc1: upload the client-side LoRA with the number of samples it was trained on.
         return Message(
             PARAMETERS,
             rnd,
@@ -86,9 +86,12 @@ class Client:
         # positions, where the LM head runs)
         me, key = client_name(self.cid), ("split-client", amp, *shape_of(batch), k)
         self.opt.zero_grad(set_to_none=True)
+        mine = [p for g in self.opt.param_groups for p in g["params"]]
         # c1: embeddings + blocks [0, k) with the client's LoRA.
-        with compute.step((*key, "forward")):
-            h = client_forward(ctx.model, batch["input_ids"], batch["attention_mask"], k, amp)
+        h = compute.step(
+            (*key, "forward"),
+            lambda: client_forward(ctx.model, batch["input_ids"], batch["attention_mask"], k, amp),
+        )
         # c2: cut-layer activations + mask to the server (c3 runs there; the link pauses our meter).
         x = compress(h, s.compression, s.topk_ratio)
         mask = batch["attention_mask"].bool()
@@ -97,10 +100,13 @@ class Client:
         if is_u_shaped(ctx.cfg):  # the head and the loss stay here; send back d loss / d pooled
             pooled = decompress(reply.tensors, s.compression, hidden)
             pooled = pooled.to(ctx.device).requires_grad_()
-            with compute.step((*key, "head")):
-                logits = ctx.task.head(ctx.model, pooled, batch, amp)
-                loss = ctx.task.loss()(logits, batch)
+
+            def head(pooled=pooled):
+                loss = ctx.task.loss()(ctx.task.head(ctx.model, pooled, batch, amp), batch)
                 loss.backward()
+                return loss
+
+            loss = compute.step((*key, "head"), head, grads=[*mine, pooled])
             g = compress(pooled.grad, s.compression, s.topk_ratio)
             reply = link.call(Message(GRADIENTS, rnd, me, SERVER, g))
             loss_value = loss.detach().item()
@@ -108,9 +114,12 @@ class Client:
             loss_value = float(reply.meta["loss"])
         # c4 -> c5: back-propagate the received d loss / d h and update the client LoRA.
         grad = decompress(reply.tensors, s.compression, hidden).to(ctx.device, h.dtype)
-        with compute.step((*key, "backward")):
-            h.backward(grad)
-        optimizer_step(
-            self.opt, [p for g in self.opt.param_groups for p in g["params"]], ctx.cfg.train
+        # counted first, on the graph kept for it; then the real backward frees the graph
+        compute.step(
+            (*key, "backward"),
+            lambda: h.backward(grad),
+            lambda: h.backward(grad, retain_graph=True),
+            grads=mine,
         )
+        optimizer_step(self.opt, mine, ctx.cfg.train)
         return loss_value

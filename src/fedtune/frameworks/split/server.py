@@ -231,7 +231,7 @@ class Server:
             shapes,
         )
         try:
-            with compute.step(key):
+            with compute.inline(key):
                 reply = self._serve(cid, msg)
         except MessageError as e:  # the client is out for the round, its updates undone
             self._restore(cid)
