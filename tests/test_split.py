@@ -290,3 +290,48 @@ def test_split_client_memory_is_its_own_half(synth_dir, monkeypatch):
     # (attention 4·32² + 4·32, MLP 8·32² + 5·32, two layer norms 4·32), float32
     block = (12 * 32 * 32 + 13 * 32) * 4
     assert fedllm - split4 >= 2 * block
+
+
+def test_a_deployed_split_client_holds_only_its_blocks(synth_dir):
+    """A node's split client (the model is its alone) frees blocks [k, n) at its first round:
+    its parameters shrink by exactly those blocks, its forward is unchanged, and a deeper cut
+    later is refused in one line."""
+    from dataclasses import replace
+
+    from fedtune import models
+    from fedtune.frameworks.split.client import Client
+    from fedtune.frameworks.split.model import keep_client_half
+
+    cfg = split_cfg(synth_dir, split_layer=2, samples_per_round=8)
+    server = split.Server(build_context(cfg).server())
+    models.release(server.ctx.model)  # the server's process: its own model
+    ctx = replace(build_context(cfg).client(0), owns_model=True)
+    assert ctx.model is not server.ctx.model
+    ids = torch.randint(0, 250, (2, 7))
+    ctx.model.eval()
+    before = client_forward(ctx.model, ids, torch.ones_like(ids), 2)
+    snapshot = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
+    blocks = list(layers_of(ctx.model))
+    freed = sum(p.numel() * p.element_size() for b in blocks[2:] for p in b.parameters())
+    total = sum(p.numel() * p.element_size() for p in ctx.model.parameters())
+    gen = server.round(1, [0])
+    wire = Wire()
+    reply = Client(ctx).handle(wire.transfer(next(gen)[0]), Link(wire, server, None))
+    assert reply.kind == "parameters"
+    after = sum(p.numel() * p.element_size() for p in ctx.model.parameters())
+    assert total - after == freed > 0
+    with torch.no_grad():  # undo the round's training: the forward itself is unchanged
+        for n, p in ctx.model.named_parameters():
+            p.copy_(snapshot[n])
+    ctx.model.eval()
+    assert torch.equal(client_forward(ctx.model, ids, torch.ones_like(ids), 2), before)
+    with pytest.raises(MessageError, match="holds blocks 0-1 only"):
+        keep_client_half(ctx.model, 3)
+    assert build_context(cfg).model is not ctx.model  # the process loads a whole one again
+    assert len(list(layers_of(models.load_model(cfg.model, 4)[0]))) == 4
+
+
+def layers_of(model):
+    from fedtune.models import parts
+
+    return parts(model).blocks

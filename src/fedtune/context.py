@@ -46,8 +46,10 @@ class Context(Generic[D]):
     init_state: dict[str, torch.Tensor]
     task: Task = field(default_factory=lambda: tasks.get("classification"))
     progress: bool = False
-    flop_cache: dict = field(default_factory=dict)  # step key -> FLOPs (compute.step)
+    flop_cache: dict = field(default_factory=dict)  # step key -> StepCost (compute.step)
     cid: int = -1  # the client's id in a ClientContext
+    # the model is this party's alone (a deployed node), so it may free what it never runs
+    owns_model: bool = False
 
     def server(self) -> ServerContext:
         """The server's view of a process context (or the server's own context)."""

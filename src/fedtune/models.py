@@ -272,6 +272,13 @@ def load_model(cfg: ModelConfig, num_labels: int, device: str | torch.device = "
     return model, tok
 
 
+def release(model: nn.Module) -> None:
+    """Forget ``model`` in the process cache: its owner is about to change it (a split client
+    frees the blocks it never runs), so a later :func:`load_model` loads a whole one."""
+    for key in [k for k, (m, _) in _MODELS.items() if m is model]:
+        del _MODELS[key]
+
+
 # ----------------------------------------------------------------------------- trainable state
 
 

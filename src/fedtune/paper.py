@@ -291,8 +291,8 @@ QUICK = {
 QUICK_SEEDS = (0,)  # one seed: 9 runs fit the 20-minute CPU budget (--seeds 0,1 for a spread)
 SCALED_KEYS = ("kd.public_samples", "split.samples_per_round")
 
-# Without a local GPT-2: the offline SmolLM2-135M (30 blocks); the split layer keeps the paper's
-# cut at half the depth (GPT-2: 6 of 12 blocks).
+# Without a local GPT-2: the offline SmolLM2-135M (30 blocks), cut at half the depth like the
+# GPT-2 preset's 6 of 12 (an assumption: the paper's text does not give the cut).
 FALLBACK_MODEL = "smollm2-135m"
 FALLBACK_SPLIT_LAYER = 15
 
@@ -326,7 +326,7 @@ def paper_specs(
             notes.append(
                 f"GPT-2 is not in the local Hugging Face cache (no network): the offline "
                 f"{FALLBACK_MODEL} stands in; Split-FedLLM cuts it at block "
-                f"{FALLBACK_SPLIT_LAYER} of 30 (the paper: 6 of 12)."
+                f"{FALLBACK_SPLIT_LAYER} of 30 (the GPT-2 preset: 6 of 12, an assumption)."
             )
     common = [f"model.name={model}"]
     if model == FALLBACK_MODEL:

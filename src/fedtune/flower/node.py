@@ -27,6 +27,7 @@ import os
 import threading
 import tomllib
 from collections.abc import Iterator
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -135,7 +136,8 @@ class NodeWorker:
                 data = own_data(cfg, Path(self.data_dir), labels, tok)
             else:  # its partition of the run's dataset file, split like the simulation
                 data = prepare_client(cfg.data, tok, cfg.model.max_length, cfg.seed, self.cid)
-            self.contexts[key] = build_context(cfg, data=data).client(self.cid)
+            ctx = build_context(cfg, data=data).client(self.cid)
+            self.contexts[key] = replace(ctx, owns_model=True)  # one client per node process
         return self.contexts[key]
 
     def process(self, header: dict, blob: bytes) -> bytes:

@@ -219,7 +219,6 @@ def summarize(cfg: RunConfig, ctx, history: list[dict], ledger: Ledger, n_exchan
         "device": str(ctx.device),
         "machine": f"{platform.node()} {platform.machine()} torch {torch.__version__}",
         "flops_mode": cfg.flops,
-        "peak_memory_method": "cuda max_memory_allocated"
-        if ctx.device.type == "cuda"
-        else "process peak RSS sampled during client work",
+        "peak_memory_method": "the party's own: parameters its steps read, optimizer state, "
+        "largest step's inputs and live tensors (measured on fake-tensor replays)",
     }

@@ -14,7 +14,7 @@ from ...messages import ACTIVATIONS, GRADIENTS, LABELS, PARAMETERS, SERVER, Mess
 from ...models import load_trainable_state
 from .config import is_u_shaped
 from .layers import round_samples
-from .model import client_forward, compress, decompress
+from .model import client_forward, compress, decompress, keep_client_half
 
 
 def round_labels(round_batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -50,6 +50,8 @@ class Client:
         stream = seeds.client(ctx.cfg.seed, rnd, self.cid)
         seeds.seed_torch(stream)  # dropout is reproducible per (round, client)
         k = int(msg.meta["split_layer"])
+        if ctx.owns_model:  # deployed: hold only what this client runs
+            keep_client_half(ctx.model, k)
         load_trainable_state(ctx.model, msg.tensors)
         params = dict(ctx.model.named_parameters())
         mine = [params[n] for n in msg.tensors]

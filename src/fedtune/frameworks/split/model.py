@@ -95,6 +95,34 @@ def _only_blocks(p: Parts, start: int, stop: int, final_norm: bool, first_input=
         setattr(p.body, p.norm_attr, norm)
 
 
+class Freed(nn.Module):
+    """A block this process freed: the split server runs it."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def forward(self, *args, **kwargs):
+        raise ModelError(f"block {self.index} is not held here: the split server runs it")
+
+
+def keep_client_half(model: nn.Module, k: int) -> None:
+    """Free blocks ``[k, n)`` of a model that is the client's alone (a deployed node): a split
+    client runs the embeddings and its first ``k`` blocks (and, U-shaped, the head), so its
+    process holds only those. A later, deeper cut is refused."""
+    p = parts(model)
+    kept = [i for i, b in enumerate(p.blocks) if not isinstance(b, Freed)]
+    if k > len(kept):
+        raise MessageError(f"split layer {k}: this client holds blocks 0-{len(kept) - 1} only")
+    if len(kept) == k:
+        return
+    from ...models import release
+
+    release(model)
+    for i in range(k, len(p.blocks)):
+        p.blocks[i] = Freed(i)
+
+
 def client_forward(
     model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, k: int, amp: str = "off"
 ) -> torch.Tensor:
