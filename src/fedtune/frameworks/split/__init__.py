@@ -20,16 +20,19 @@ the server knows those positions from the mask); the client runs the head and th
 sends the gradient of the pooled states (GRADIENTS, up); the server back-propagates, updates
 and returns ``dL/dh`` (c4).
 
-Per round:
+Per round, the client-side LoRA is federated as in the paper's cc1-cc4: the server sends each
+client the client-side LoRA of its blocks and its split layer (the previous round's cc3, the
+initial state in round 1); the client runs c1-c5 on ``split.samples_per_round`` of its samples
+(0 = local epochs) and then:
 
-cc1  the server sends each client the averaged client-side LoRA of its blocks and its split layer;
-cc2  the client runs c1-c5 on ``split.samples_per_round`` of its samples (0 = local epochs);
-cc3  it uploads its client-side LoRA and the number of samples it processed;
-cc4  the server averages every tensor by sample count over the parties that trained it: the
-     clients that own its block and, for server-side blocks, the server model(s).
+cc1  uploads its client-side LoRA and the number of samples it processed;
+cc2  the server aggregates every tensor by sample count over the parties that trained it: the
+     clients that own its block and, for server-side blocks, the server model(s);
+cc3  the server redistributes the aggregate to the clients (the next round's first message);
+cc4  each client replaces its client-side LoRA with it.
 
 ``split.server_mode``: 'shared' trains one server-side model on all clients' batches in turn
-(SplitLoRA); 'per_client' trains one server-side copy per client, averaged in cc4.
+(SplitLoRA); 'per_client' trains one server-side copy per client, averaged in cc2.
 """
 
 from __future__ import annotations

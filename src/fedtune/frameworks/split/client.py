@@ -52,7 +52,7 @@ class Client:
         k = int(msg.meta["split_layer"])
         if ctx.owns_model:  # deployed: hold only what this client runs
             keep_client_half(ctx.model, k)
-        load_trainable_state(ctx.model, msg.tensors)
+        load_trainable_state(ctx.model, msg.tensors)  # cc4: the aggregate replaces its LoRA
         params = dict(ctx.model.named_parameters())
         mine = [params[n] for n in msg.tensors]
         if self.opt is None or t.optimizer_state == "reset":

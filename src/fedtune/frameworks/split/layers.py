@@ -83,7 +83,7 @@ def wire_bytes_per_round(ctx: Context, k: int, num_samples: int) -> int:
         once += size(LABELS, labels)
         once += size(METADATA, {}, {"received": num_samples})
     state = {n: ctx.init_state[n] for n in part_names(ctx.model, k, "client", u)}
-    once += size(PARAMETERS, state, {"split_layer": k})  # cc1 down
+    once += size(PARAMETERS, state, {"split_layer": k})  # cc3 down
     once += size(PARAMETERS, state, {"num_samples": num_samples, "loss": 1 / 3, "steps": steps})
     return steps * per_batch + once
 

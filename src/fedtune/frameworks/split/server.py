@@ -1,5 +1,5 @@
 """Split-FedLLM's server: the server half of every step (c3, c4) and the round's aggregation
-of the client-side LoRA (cc1, cc4). See the package docstring."""
+of the client-side LoRA (cc2, cc3). See the package docstring."""
 
 from __future__ import annotations
 
@@ -137,7 +137,8 @@ class Server:
         self.rnd, self.open, self.rows, self.before, self.refused = rnd, True, {}, {}, {}
         self.labels.clear()
         self.pending.clear()
-        # cc1: each client gets the averaged client-side LoRA of its blocks and its split layer.
+        # cc3: each client gets the aggregated client-side LoRA of its blocks (it replaces its
+        # own with it: cc4) and its split layer.
         replies: dict[int, Message] = yield {
             cid: Message(
                 PARAMETERS,
@@ -150,7 +151,7 @@ class Server:
             for cid in clients
         }
         self.open = False  # the round's requests are over: nothing trains the server half now
-        # cc4: validate the uploads (cc3); per tensor, combine (fed.aggregator, FedAvg by
+        # cc2: validate the uploads (cc1); per tensor, combine (fed.aggregator, FedAvg by
         # sample count by default) over every party that trained it. Clients that did not reply
         # (dropout, deadline) or were rejected contribute no adapter.
         fed = self.ctx.cfg.fed
@@ -185,7 +186,7 @@ class Server:
         return {"train_loss": float(np.average(losses, weights=weights)), **metrics}
 
     def aggregate(self, replies: dict[int, Message], ok: list[int]) -> None:
-        """cc4: each tensor over the parties that trained it, weighted by samples: the clients
+        """cc2: each tensor over the parties that trained it, weighted by samples: the clients
         that own its block and, for server-side tensors, the server model(s); one shared
         server model counts once, with the samples of all clients it served. The strategy is
         called once per group of tensors with the same parties and weights."""
@@ -222,6 +223,8 @@ class Server:
         if msg.kind == ACTIVATIONS and not self.u:  # the head runs on the labels' R positions
             v = msg.tensors.get("values")
             shapes += (self._label_width(cid, len(v) if v is not None and v.dim() else 0),)
+        if msg.kind == GRADIENTS and cid in self.pending:  # U-shaped backward: through [B, L, H]
+            shapes += (tuple(self.pending[cid][0].shape),)
         key = (
             "split-server",
             msg.kind,
