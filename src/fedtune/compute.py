@@ -211,17 +211,19 @@ def party_step(slot: int, key: tuple, fn, grads=()) -> None:
         meter.parties.setdefault(slot, Memory()).add(meter._cost(key, fn, grads))
 
 
-def hold(tensors, slot: int | None = None) -> None:
-    """Count ``tensors`` (state the party keeps between steps: optimizer moments) in its
-    memory (``slot``: that party's of fused work), once per storage."""
+def hold(state, slot: int | None = None) -> None:
+    """Count an optimizer's state (``{param: {name: tensor}}``, torch's ``opt.state`` or the
+    ``"state"`` of its ``state_dict()``) in the party's memory (``slot``: that party's of
+    fused work). Keyed by position, so the next optimizer over the same parameters (KD's b8
+    after b1, a reset) replaces it: a party holds one at a time."""
     meter = _CURRENT.get()
     if meter is None:
         return
     memory = meter.memory if slot is None else meter.parties.setdefault(slot, Memory())
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.numel():
-            st = t.untyped_storage()
-            memory.held[(st.device.type, st.data_ptr())] = st.nbytes()
+    for i, tensors in enumerate(state.values()):
+        for name, t in tensors.items():
+            if isinstance(t, torch.Tensor):
+                memory.held[("optimizer", i, name)] = t.numel() * t.element_size()
 
 
 @contextlib.contextmanager

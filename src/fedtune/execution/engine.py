@@ -173,8 +173,7 @@ def train_many(ctx: Context, jobs: list[Train]) -> list[LocalResult]:
         opt.step(to_device(active, device))
     mnet.set_rows(None)
     for slot in range(n):  # each party keeps its own optimizer state
-        state = opt.state_dict(slot)["state"]
-        compute.hold((t for s in state.values() for t in s.values()), slot)
+        compute.hold(opt.state_dict(slot)["state"], slot)
     mean = loss_sum.cpu().tolist()
     return [
         LocalResult(

@@ -75,7 +75,7 @@ def optimizer_step(opt: torch.optim.Optimizer, params: list, cfg: TrainConfig) -
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     opt.step()
-    compute.hold(t for state in opt.state.values() for t in state.values())
+    compute.hold(opt.state)
 
 
 def finish_training(model, opt, cfg: TrainConfig, loss_sum, steps: int, samples: int):
