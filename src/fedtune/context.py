@@ -46,7 +46,7 @@ class Context(Generic[D]):
     init_state: dict[str, torch.Tensor]
     task: Task = field(default_factory=lambda: tasks.get("classification"))
     progress: bool = False
-    flop_cache: dict = field(default_factory=dict)  # step key -> StepCost (compute.step)
+    flop_cache: dict = field(default_factory=dict)  # step key -> StepCost, per model
     cid: int = -1  # the client's id in a ClientContext
     # the model is this party's alone (a deployed node), so it may free what it never runs
     owns_model: bool = False
@@ -93,4 +93,7 @@ def build_context(cfg: RunConfig, data: FedData | ServerData | ClientData | None
     task = tasks.get(cfg.data.task)
     model, tok = load_model(cfg.model, data.num_labels, device, task)
     init = init_trainable_state(model, cfg.seed, cfg.model.lora_init)
-    return Context(cfg, model, tok, data, device, init, task, progress=cfg.progress)
+    # A step's measured cost depends only on the model and the step's key, so every run on
+    # this process's model (compare's frameworks and seeds, a sweep) shares one cache.
+    costs = model.__dict__.setdefault("_fedtune_step_costs", {})
+    return Context(cfg, model, tok, data, device, init, task, cfg.progress, costs)

@@ -19,7 +19,6 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import (
     flop_registry,
@@ -94,6 +93,15 @@ class StepCost:
     transient: int = 0
 
 
+def _tensors(values):
+    """The tensors among an op's arguments or results (aten ops nest them one list deep)."""
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, tuple | list):
+            yield from (x for x in v if isinstance(x, torch.Tensor))
+
+
 def _storage(t: torch.Tensor):
     try:
         return t.untyped_storage()
@@ -147,15 +155,15 @@ class Probe(FlopCounter):
                 self._remember(fake)
 
     def _run(self, func, args, kwargs):
-        for t in pytree.tree_leaves((args, kwargs)):
-            if isinstance(t, torch.Tensor):
-                self._read(t)
+        for t in _tensors(args):
+            self._read(t)
+        for t in _tensors(kwargs.values()):
+            self._read(t)
         out = func(*args, **kwargs)
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                st = _storage(t)
-                if st is not None and not self._known_alive(st):
-                    self._remember(st, st.nbytes())
+        for t in _tensors(out if isinstance(out, tuple | list) else (out,)):
+            st = _storage(t)
+            if st is not None and not self._known_alive(st):
+                self._remember(st, st.nbytes())
         self.peak = max(self.peak, self.inputs + self.live)
         return out
 
