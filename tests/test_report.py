@@ -128,6 +128,21 @@ def test_report_markdown(compare_dir):
     assert "**Disagreement on communication: KD-FedLLM ranks 3 measured" in md
     assert "### Sweeps" not in md  # one setting per framework: no sweep to show
     assert "![a](a.png)" in md and "runs/fedllm-s0, runs/fedllm-s1" in md
+    # the choices the paper leaves open, said once when every framework made the same one
+    assert "- padding: each batch to its longest. LoRA A init: default. Client optimizer " in md
+
+
+def test_training_line_names_each_frameworks_choice(tmp_path):
+    write_run(tmp_path / "a", "fedllm", 0, 0.5, 1, 1, 1, train={"optimizer_state": "reset"})
+    write_run(tmp_path / "b", "kd", 0, 0.5, 1, 1, 1, data={"pad_to_max_length": True})
+    line = report.training_line(report.find_runs([tmp_path]))
+    assert line.startswith(
+        "- padding: fedllm: each batch to its longest; kd: every batch to model.max_length"
+    )
+    assert line.endswith(
+        "Client optimizer state: fedllm: fresh every round (FedAvg baselines' choice; the "
+        "paper does not say); kd: kept with each client across rounds"
+    )
 
 
 def test_settings_are_the_keys_that_vary(tmp_path):
@@ -212,7 +227,10 @@ def test_paper_grid(tmp_path):
         "split-spr29-s0",
         "split-spr48-s0",
     ]
-    assert all(s.cfg.fed.rounds == 2 and s.cfg.data.samples_per_client == 48 for s in specs)
+    assert all(s.cfg.fed.rounds == 3 and s.cfg.data.samples_per_client == 48 for s in specs)
+    assert all(not s.cfg.data.pad_to_max_length and s.cfg.train.lr == 3e-3 for s in specs)
+    full, _ = paper.paper_specs(model="gpt2")
+    assert all(s.cfg.data.pad_to_max_length for s in full)  # the paper's pad 80
     assert specs[3].cfg.fed.framework == "kd" and specs[3].cfg.kd.public_samples == 29
     full, _ = paper.paper_specs(model="gpt2")
     assert len(full) == 27 and full[-1].cfg.split.samples_per_round == 1667

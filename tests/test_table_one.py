@@ -146,3 +146,17 @@ def test_claims_are_strict_ranks():
     }
     assert all(len(c[1]) == 1 for m in paper.CLAIMS.values() for c in m.values())
     assert paper.GENERATION_CLAIMS["communication"]["kd"][1] == (2, 3)  # the paper's qualifier
+
+
+def test_an_accuracy_near_chance_gets_a_caveat():
+    """5x chance on 77 classes is 5/77 = 0.0649: KD at 0.0033 (the CPU demo's 3 short rounds)
+    gets a caveat line, FedLLM at 0.17 and Split at 0.32 do not."""
+    rows = [
+        {"framework": fw, "accuracy_mean": acc, "num_labels": 77, "task": "classification"}
+        for fw, acc in (("fedllm", 0.17), ("kd", 0.0033), ("split", 0.32))
+    ]
+    lines = paper.chance_lines({r["framework"]: r for r in rows})
+    assert lines == [
+        "- **Caveat: KD-FedLLM's accuracy 0.0033 is below 5x chance (5/77 = 0.0649): it has "
+        "not trained enough for its accuracy rank to say anything.**"
+    ]

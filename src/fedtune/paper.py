@@ -232,7 +232,29 @@ def table_one_lines(rows: list[dict]) -> list[str]:
         lines += [f"- **{d}**" for d in disagreements]
     else:
         lines.append("Verdict: the measured ranks agree with every claim.")
-    return lines + sweeps
+    return lines + chance_lines(bases) + sweeps
+
+
+CLEARLY_ABOVE_CHANCE = 5  # x chance: below it, an accuracy rank says little about the method
+
+
+def chance_lines(bases: dict[str, dict]) -> list[str]:
+    """A caveat per framework whose base accuracy is below :data:`CLEARLY_ABOVE_CHANCE` times
+    chance (1 / classes): too little training to rank it, whatever its rank says."""
+    out = []
+    for fw in FRAMEWORKS:
+        row = bases[fw]
+        c = row.get("num_labels")
+        if row.get("task", "classification") != "classification" or not c:
+            continue
+        bar = CLEARLY_ABOVE_CHANCE / c
+        if row["accuracy_mean"] < bar:
+            out.append(
+                f"- **Caveat: {title(fw)}'s accuracy {row['accuracy_mean']:.4f} is below "
+                f"{CLEARLY_ABOVE_CHANCE}x chance ({CLEARLY_ABOVE_CHANCE}/{c} = {bar:.4f}): it has "
+                f"not trained enough for its accuracy rank to say anything.**"
+            )
+    return out
 
 
 def sweep_lines(

@@ -218,6 +218,7 @@ def aggregate(group: Group) -> dict:
         "client_seconds": _mean(x.get("client_seconds_per_round") for x in s),
         "client_peak_memory": max((x.get("client_peak_memory_bytes") or 0 for x in s), default=0),
         "task": task,
+        "num_labels": s[0].get("num_labels"),
         **{f"{k}_mean": _mean(f.get(k) for f in finals) for k in GENERATION_METRICS},
     }
 
@@ -272,8 +273,10 @@ def training_line(runs: list[Run]) -> str:
     """The choices the paper leaves open or that differ from PEFT's defaults, as run."""
 
     def per_fw(key: str, words: dict) -> str:
-        got = {f"{r.framework}: {words.get(r.config.get(key), r.config.get(key))}" for r in runs}
-        return "; ".join(sorted(got))
+        got = {r.framework: words.get(r.config.get(key), r.config.get(key)) for r in runs}
+        if len(set(got.values())) == 1:  # the same for every framework: say it once
+            return str(next(iter(got.values())))
+        return "; ".join(f"{fw}: {v}" for fw, v in sorted(got.items()))
 
     pad = {
         True: "every batch to model.max_length (the paper's)",
