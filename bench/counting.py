@@ -16,10 +16,16 @@ import argparse
 import statistics
 import time
 
-from fedtune import config
+from fedtune import config, models
 from fedtune.runtime import simulate
 
 MODES = ("off", "shape", "all")
+
+
+def forget_step_costs() -> None:
+    """Empty the step-cost cache the loaded models carry (:func:`fedtune.context.build_context`)."""
+    for model, _ in models._MODELS.values():
+        model.__dict__.get("_fedtune_step_costs", {}).clear()
 
 
 def main() -> None:
@@ -33,6 +39,7 @@ def main() -> None:
     got: dict[str, list[dict]] = {m: [] for m in MODES}
     for rep in range(args.repeats):
         for mode in MODES if rep % 2 == 0 else MODES[::-1]:
+            forget_step_costs()  # every run measures its shapes afresh, as a new process would
             t0 = time.perf_counter()
             s = simulate(config.with_overrides(base, flops=mode), log=None)
             got[mode].append({**s, "wall": time.perf_counter() - t0})
