@@ -87,3 +87,28 @@ def test_gaussian_lora_init_is_normal_with_std_one_over_r():
     bound = 1 / fan_in**0.5  # kaiming_uniform(a=sqrt(5)) on [r, fan_in]
     a0 = torch.cat([v.flatten() for k, v in default.items() if "lora_A" in k])
     assert a0.abs().max().item() <= bound and a0.std().item() < 0.6 * (1 / r)
+
+
+def test_zero_head_init_predicts_uniformly():
+    """model.head_init=zero: the trained head starts at 0, so the untrained classifier's
+    logits are all 0 (cross-entropy ln C); LoRA's init is unchanged; the default is normal."""
+    import math
+
+    import torch
+
+    from fedtune.config import ModelConfig
+    from fedtune.models import init_trainable_state, load_model, load_trainable_state
+
+    model, _ = load_model(ModelConfig(name="tiny-gpt2", lora_r=4), 5)
+    normal = init_trainable_state(model, 0)
+    zero = init_trainable_state(model, 0, head_init="zero")
+    heads = [k for k in zero if "score" in k and "lora_" not in k]
+    assert heads and all(zero[k].abs().sum() == 0 < normal[k].abs().sum() for k in heads)
+    assert all(torch.equal(zero[k], normal[k]) for k in zero if k not in heads)
+    load_trainable_state(model, zero)
+    model.eval()
+    ids = torch.randint(0, 250, (3, 9))
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert torch.equal(logits, torch.zeros(3, 5))
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2]))
+    assert loss.item() == pytest.approx(math.log(5))

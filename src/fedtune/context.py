@@ -92,7 +92,7 @@ def build_context(cfg: RunConfig, data: FedData | ServerData | ClientData | None
         data = prepare(cfg.data, load_tokenizer(cfg.model.name), cfg.model.max_length, cfg.seed)
     task = tasks.get(cfg.data.task)
     model, tok = load_model(cfg.model, data.num_labels, device, task)
-    init = init_trainable_state(model, cfg.seed, cfg.model.lora_init)
+    init = init_trainable_state(model, cfg.seed, cfg.model.lora_init, cfg.model.head_init)
     # A step's measured cost depends only on the model and the step's key, so every run on
     # this process's model (compare's frameworks and seeds, a sweep) shares one cache.
     costs = model.__dict__.setdefault("_fedtune_step_costs", {})

@@ -312,10 +312,12 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
 @torch.no_grad()
 def init_trainable_state(
-    model: nn.Module, seed: int, lora_init: str = "default"
+    model: nn.Module, seed: int, lora_init: str = "default", head_init: str = "normal"
 ) -> dict[str, torch.Tensor]:
     """Seeded initial trainable state: PEFT's LoRA init (A random, B zero; ``lora_init``:
-    ``default`` Kaiming-uniform A, ``gaussian`` A ~ N(0, 1/r^2)) and a normal head.
+    ``default`` Kaiming-uniform A, ``gaussian`` A ~ N(0, 1/r^2)) and the trained head: normal
+    (HF's init) or ``head_init="zero"``, so the untrained model predicts uniformly instead of
+    with random logits that a short run first has to unlearn.
 
     Independent of what earlier runs in this process did to the shared model."""
     from peft.tuners.lora import LoraLayer
@@ -332,7 +334,10 @@ def init_trainable_state(
                 )
             elif isinstance(module, ModulesToSaveWrapper):
                 for p in module.modules_to_save["default"].parameters():
-                    nn.init.normal_(p, std=std) if p.dim() > 1 else nn.init.zeros_(p)
+                    if p.dim() > 1 and head_init == "normal":
+                        nn.init.normal_(p, std=std)
+                    else:
+                        nn.init.zeros_(p)
     return trainable_state(model)
 
 

@@ -43,6 +43,11 @@ class ModelConfig:
         "or 'gaussian' (N(0, 1/r^2), the paper's 'Gaussian initialization')",
         ("default", "gaussian"),
     )
+    head_init: str = opt(
+        "normal",
+        "the trained head's init: 'normal' (HF's) or 'zero' (uniform predictions at first)",
+        ("normal", "zero"),
+    )
 
 
 @dataclass(frozen=True)
