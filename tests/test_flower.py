@@ -289,7 +289,7 @@ def test_serverapp_killed_after_round_1_resumes_to_the_same_run(tmp_path):
     data = write_synthetic(tmp_path / "data")
     # Simulated faults on Flower too: with every client required (min_clients 3), round 1's
     # first attempt loses client 0 and is retried; round 3 never gets all three and is skipped.
-    # FLOP counting picks other kernels on a fresh process's first steps: off for exactness.
+    # flops=off: this test is about resuming, not measuring (counting changes no number).
     faults = {"rounds": 3, "dropout": 0.3, "min_clients": 3}
     cfg = config.with_overrides(make_cfg(data, "kd"), fed=faults, flops="off")
     fed = LocalFederation(tmp_path / "fed", 3)

@@ -164,7 +164,7 @@ def test_the_stateful_aggregator_is_checkpointed(plugins, synth_dir, tmp_path):
         tiny_cfg(synth_dir, model="tiny-llama", fed={"framework": "fedsgd", "rounds": 3}),
         model={"lora_dropout": 0.0},
         fed={"aggregator": "fedavgm"},
-        flops="off",  # FLOP counting can pick other kernels on a resumed run's first steps
+        flops="off",  # about resuming, not measuring (counting changes no number)
     )
     whole = run(cfg, InProcess(), tmp_path / "whole", log=None)
 
