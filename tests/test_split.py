@@ -335,3 +335,22 @@ def layers_of(model):
     from fedtune.models import parts
 
     return parts(model).blocks
+
+
+@pytest.mark.parametrize("k", [0, -2, 4, "2", None])
+def test_a_split_layer_from_the_server_is_checked_first(synth_dir, k):
+    """The server's split layer must be an int in [1, n): a negative one would otherwise free
+    every block of a deployed client."""
+    from dataclasses import replace
+
+    from fedtune.frameworks.split.client import Client
+    from fedtune.messages import Message
+
+    cfg = split_cfg(synth_dir, split_layer=2, samples_per_round=8)
+    ctx = replace(build_context(cfg).client(0), owns_model=True)
+    msg = Message("parameters", 1, "server", "client_0", {}, {"split_layer": k})
+    with pytest.raises(MessageError, match="split layer"):
+        Client(ctx).handle(msg, None)
+    from fedtune.frameworks.split.model import Freed
+
+    assert not any(isinstance(b, Freed) for b in layers_of(ctx.model))  # nothing was freed

@@ -24,6 +24,7 @@ No host synchronisation happens inside a step (losses accumulate on the device).
 from __future__ import annotations
 
 import weakref
+from functools import partial
 
 import numpy as np
 import torch
@@ -191,12 +192,14 @@ def party_memory(ctx: Context, slot: int, loss_fn, batch: dict) -> None:
     """Measure what party ``slot`` of a fused step would need for its own step on ``batch``:
     the sequential executor's step (same key) on the plain model, replayed, never run."""
     model, amp = ctx.model, ctx.cfg.train.autocast
-    b = {k: to_device(v, ctx.device) for k, v in batch.items()}
-    grads = [p for p in model.parameters() if p.requires_grad]
-    key = (loss_fn.name, amp, *shape_of(b))
-    compute.party_step(
-        slot, key, lambda: loss_fn(ctx.task.logits(model, b, amp), b).backward(), grads
-    )
+    key = (loss_fn.name, amp, *shape_of(batch))  # host shapes: no copy unless it is replayed
+
+    def own_step():
+        b = {k: to_device(v, ctx.device) for k, v in batch.items()}
+        loss_fn(ctx.task.logits(model, b, amp), b).backward()
+
+    grads = (p for p in model.parameters() if p.requires_grad)  # walked only by a replay
+    compute.party_step(slot, key, own_step, grads)
 
 
 def rowwise_step(ctx, mnet, subs, parts, uniform, losses, counts, loss_sum) -> None:
@@ -259,6 +262,11 @@ def predict_many(ctx: Context, jobs: list[Predict]) -> list:
     per = max(1, cfg.eval_batch_size // n)  # samples per fused batch: each repeated n times
     outs: list[torch.Tensor] = []
     reduce = jobs[0].reduce or ctx.task.scores
+
+    def alone(batch):  # one party's own pass over the batch (measured, never run)
+        b = {k: to_device(v, device) for k, v in batch.items()}
+        return reduce(ctx.task.logits(model, b, cfg.autocast), b)
+
     for batch in batches(data, idx[order], per, pad_id):
         b = len(batch["labels"])
         fused = {
@@ -269,13 +277,8 @@ def predict_many(ctx: Context, jobs: list[Predict]) -> list:
         amp = cfg.autocast
         key = ("infer_many", amp, n, *shape_of(fused))
         out = compute.step(key, lambda f=fused, a=amp: reduce(ctx.task.logits(mnet.net, f, a), f))
-        single = {k: to_device(v, device) for k, v in batch.items()}
         for slot in range(n):  # each party alone: the plain model on the batch
-            compute.party_step(
-                slot,
-                ("infer", amp, *shape_of(single)),
-                lambda b=single, a=amp: reduce(ctx.task.logits(model, b, a), b),
-            )
+            compute.party_step(slot, ("infer", amp, *shape_of(batch)), partial(alone, batch))
         outs.append(out.view(n, b, *out.shape[1:]))
     mnet.set_rows(None)
     mnet.net.train()

@@ -75,11 +75,11 @@ def optimizer_step(opt: torch.optim.Optimizer, params: list, cfg: TrainConfig) -
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
     opt.step()
-    compute.hold(opt.state)
 
 
 def finish_training(model, opt, cfg: TrainConfig, loss_sum, steps: int, samples: int):
     """Read the trained state (and, with optimizer_state=keep, the optimizer's) back out."""
+    compute.hold(opt.state)  # the party held this optimizer state while it trained
     return LocalResult(
         state=trainable_state(model),
         opt_state=opt.state_dict() if cfg.optimizer_state == "keep" else None,

@@ -9,9 +9,10 @@ import torch
 from ... import compute, seeds
 from ...context import ClientContext
 from ...data import batches, join_batches
+from ...errors import MessageError
 from ...execution.train import make_optimizer, optimizer_step, shape_of, to_device
 from ...messages import ACTIVATIONS, GRADIENTS, LABELS, PARAMETERS, SERVER, Message, client_name
-from ...models import load_trainable_state
+from ...models import load_trainable_state, num_blocks
 from .config import is_u_shaped
 from .layers import round_samples
 from .model import client_forward, compress, decompress, keep_client_half
@@ -49,7 +50,10 @@ class Client:
         t = ctx.cfg.train
         stream = seeds.client(ctx.cfg.seed, rnd, self.cid)
         seeds.seed_torch(stream)  # dropout is reproducible per (round, client)
-        k = int(msg.meta["split_layer"])
+        k = msg.meta.get("split_layer")
+        n = num_blocks(ctx.model)
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k < n:
+            raise MessageError(f"split layer {k!r} from the server is not in [1, {n})")
         if ctx.owns_model:  # deployed: hold only what this client runs
             keep_client_half(ctx.model, k)
         load_trainable_state(ctx.model, msg.tensors)  # cc4: the aggregate replaces its LoRA
@@ -71,6 +75,7 @@ class Client:
         losses = []
         for batch in round_batches:
             losses.append(self.step(to_device(batch, ctx.device), k, link, rnd))
+        compute.hold(self.opt.state)  # held while it trained
         # cc1: upload the client-side LoRA with the number of samples it was trained on.
         return Message(
             PARAMETERS,
