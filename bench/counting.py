@@ -3,8 +3,8 @@
 Runs one config under ``flops=off``, ``shape`` and ``all`` in one process (the backbone is
 loaded once), in alternating order, and prints per mode the client seconds per round, the
 client FLOPs per round, the peak memory and the wall seconds of the run, with the ratios
-against ``off``. ``shape`` measures each new step shape on a fake-tensor replay with the
-client's clock stopped, so its client seconds should match ``off``'s (its wall time pays for
+against ``off``. ``shape`` measures each new step shape on a replay (random state forked)
+with the client's clock stopped, so its client seconds should match ``off``'s (its wall time pays for
 the replays); ``all`` counts every real op and its client seconds pay for it.
 
   python bench/counting.py configs/demo-fedllm.toml fed.rounds=2 --repeats 2

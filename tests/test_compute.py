@@ -33,8 +33,8 @@ def test_step_memory_is_hand_computed(mode):
 
 
 def test_replay_leaves_no_trace():
-    """Measuring a training step replays it on fake tensors: gradients, the random state and
-    the step's result are those of the run without measuring."""
+    """Measuring a training step replays it first: gradients, the random state and the
+    step's result are those of the run without measuring."""
     torch.manual_seed(0)
     lin, drop = torch.nn.Linear(8, 4), torch.nn.Dropout(0.5)
     x = torch.randn(6, 8)

@@ -128,6 +128,14 @@ def test_fault_and_validation_keys_are_checked():
             config.load(None, [bad])
 
 
+def test_pad_multiple_is_checked():
+    assert config.RunConfig().data.pad_multiple == 1
+    assert config.load(None, ["data.pad_multiple=8"]).data.pad_multiple == 8
+    for bad in ("0", "-8", "4096"):
+        with pytest.raises(ConfigError, match=r"data.pad_multiple: must be in \[1, 1024\]"):
+            config.load(None, [f"data.pad_multiple={bad}"])
+
+
 def test_pad_to_max_length_and_the_paper_presets():
     """data.pad_to_max_length is off by default (dynamic padding) and on in the paper presets,
     which also reset FedLLM's and Split-FedLLM's optimizer every round (an assumption)."""

@@ -76,6 +76,48 @@ def test_collate_pads_to_a_fixed_length():
     assert g["target_pos"].tolist() == [[1, 2]] and g["target_ids"].tolist() == [[3, 4]]
 
 
+def test_collate_rounds_the_width_up_to_a_multiple():
+    """``multiple`` (data.pad_multiple): the width is the smallest multiple of it that holds
+    the longest row (or ``pad_to``); the mask still counts only the real tokens."""
+    b = collate([[5, 6, 7], [8]], np.array([1, 0]), 9, multiple=4)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 9], [8, 9, 9, 9]]
+    assert b["attention_mask"].sum(1).tolist() == [3, 1]
+    for rows, pad_to, multiple, width in [
+        ([[1] * 9], None, 8, 16),
+        ([[1] * 8], None, 8, 8),
+        ([[1] * 9], None, 1, 9),
+        ([[1]], 80, 8, 80),
+        ([[1]], 80, 7, 84),
+    ]:
+        shape = collate(rows, np.array([0]), 9, pad_to=pad_to, multiple=multiple)["input_ids"].shape
+        assert shape == (1, width), (rows, pad_to, multiple)
+
+
+def test_pad_multiple_reaches_every_batch_path(synth_dir):
+    """data.pad_multiple reaches the clients' and the server's datasets, KD's public views
+    and the deployed parties' data; the synthetic rows (12-29 tokens) then batch to 16 or 32."""
+    from conftest import tiny_cfg
+    from fedtune.data import prepare, prepare_client, prepare_server, subset
+    from fedtune.frameworks.kd.common import selection_view
+    from fedtune.models import load_tokenizer
+
+    tok = load_tokenizer("tiny-gpt2")
+    cfg = tiny_cfg(synth_dir, data={"pad_multiple": 16})
+    full = prepare(cfg.data, tok, 80, cfg.seed)
+    server, client = full.server_view(), full.client_view(0)
+    views = [client.train, client.public, server.test, server.public]
+    views += [
+        prepare_server(cfg.data, tok, 80, 0).test,
+        prepare_client(cfg.data, tok, 80, 0, 1).public,
+    ]
+    views += [subset(client.train, np.arange(5)), selection_view(server.public, np.arange(7))]
+    for data in views:
+        assert data.pad_multiple == 16
+        for b in batches(data, np.arange(len(data)), 8, tok.pad_token_id):
+            longest = int(b["attention_mask"].sum(1).max())
+            assert b["input_ids"].shape[1] == -(-longest // 16) * 16 in (16, 32)
+
+
 def test_pad_to_max_length_reaches_every_batch_path(synth_dir):
     """With data.pad_to_max_length every dataset a run builds batches from (a client's train
     and public sets, the server's test and public sets, deployed parties' data) yields

@@ -290,7 +290,7 @@ def test_serverapp_killed_after_round_1_resumes_to_the_same_run(tmp_path):
     # Simulated faults on Flower too: with every client required (min_clients 3), round 1's
     # first attempt loses client 0 and is retried; round 3 never gets all three and is skipped.
     # flops=off: this test is about resuming, not measuring (counting changes no number).
-    faults = {"rounds": 3, "dropout": 0.3, "min_clients": 3}
+    faults = {"rounds": 3, "dropout": 0.3, "min_clients": 3, "max_retries": 1}
     cfg = config.with_overrides(make_cfg(data, "kd"), fed=faults, flops="off")
     fed = LocalFederation(tmp_path / "fed", 3)
     try:
@@ -320,7 +320,7 @@ def test_serverapp_killed_after_round_1_resumes_to_the_same_run(tmp_path):
     assert killed_after == 1 or killed_after == 2  # round 2 may finish before the kill lands
     a, b = metrics(tmp_path / "whole"), metrics(cut)
     assert [r["round"] for r in b] == [1, 2, 3]
-    assert [(r["attempts"], r["skipped"]) for r in a] == [(2, False), (1, False), (4, True)]
+    assert [(r["attempts"], r["skipped"]) for r in a] == [(2, False), (1, False), (2, True)]
     simulate(cfg, tmp_path / "sim", log=None)  # the same faults in-process: the same run
     for ra, rs in zip(a, metrics(tmp_path / "sim"), strict=True):
         for k in (*EXACT, "train_loss", "attempts", "dropped", "skipped"):
@@ -370,3 +370,23 @@ def test_a_malformed_reply_header_is_a_message_error():
     for text in bad:
         with pytest.raises(MessageError, match="reply header is malformed"):
             reply_header(ConfigRecord({"header": text}))
+
+
+def test_the_supernode_poll_shortens_only_flowers_idle_sleep(monkeypatch):
+    """``--poll-seconds``: Flower's SuperNode loop sleeps that long instead of its hard-coded
+    3 s after an empty pull; its other sleeps and the rest of ``time`` are untouched."""
+    from types import SimpleNamespace
+
+    from flwr.supernode import start_client_internal as node
+
+    from fedtune.flower import deploy
+
+    slept: list[float] = []
+    monkeypatch.setattr(node, "time", SimpleNamespace(sleep=slept.append, time=lambda: 7.0))
+    deploy.set_poll_interval(0.25)
+    node.time.sleep(3)
+    node.time.sleep(0.5)
+    assert slept == [0.25, 0.5] and node.time.time() == 7.0
+    before = node.time
+    deploy.set_poll_interval(deploy.FLOWER_POLL_SECONDS)  # Flower's own: nothing to change
+    assert node.time is before

@@ -311,6 +311,10 @@ def test_sequence_level_kd_sends_token_ids_and_checks_them(synth_dir):
             kn.unpack(Message(LOGITS, 1, "c", SERVER, tensors), rows, "c")
     with pytest.raises(ConfigError, match="kd.level"):
         simulate(tiny_cfg(synth_dir, fed={"framework": "kd"}, kd={"level": "sequence"}), log=None)
+    for level in ("logits", "sequence"):  # sharpening is a per-sample class notion
+        sharp = config.with_overrides(cfg, kd={"level": level, "sharpen": 0.5})
+        with pytest.raises(ConfigError, match="kd.sharpen"):
+            simulate(sharp, log=None)
 
 
 @pytest.mark.parametrize("level", ["logits", "sequence"])

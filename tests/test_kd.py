@@ -18,6 +18,7 @@ from fedtune.frameworks.kd.ops import (
     label_distribution,
     pack_logits,
     prune_public,
+    sharpen,
     tv_distance,
     unpack_logits,
 )
@@ -180,6 +181,8 @@ def test_kd_config_is_validated_and_presets_load(tmp_path):
         ("kd.entropy_threshold=1.5", "kd.entropy_threshold"),
         ("kd.server_epochs=0", "kd.server_epochs"),
         ("kd.topk=-1", "kd.topk"),
+        ("kd.sharpen=0", "kd.sharpen"),
+        ("kd.sharpen=1.5", "kd.sharpen"),
     ):
         with pytest.raises(ConfigError, match=f"config key {key}:"):
             config.load(None, [override])
@@ -309,6 +312,29 @@ def test_kd_learns_and_is_deterministic(synth_dir, tmp_path):
     )
     assert [[r[k] for k in keys] for r in a_lines[:2]] == [[r[k] for k in keys] for r in b_lines]
     assert 0 <= a_lines[-1]["client_accuracy"] <= 1
+
+
+def test_sharpening_squares_at_one_half_and_keeps_the_argmax():
+    """kd.sharpen s: p^(1/s) per row, renormalized; s = 1/2 squares the probabilities."""
+    p = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
+    assert torch.equal(sharpen(p, 1.0), p)
+    want = torch.tensor([[25.0, 9.0, 4.0], [1.0, 1.0, 64.0]])
+    assert torch.allclose(sharpen(p, 0.5), want / want.sum(-1, keepdim=True), atol=1e-6)
+    hard = sharpen(p, 0.01)
+    assert torch.equal(hard.argmax(-1), p.argmax(-1)) and (hard.max(-1).values > 0.99).all()
+    assert torch.allclose(hard.sum(-1), torch.ones(2), atol=1e-6)
+
+
+def test_teacher_accuracy_is_the_aggregate_argmax_against_the_public_labels(synth_dir):
+    """``teacher_accuracy`` (a measurement; training does not read public labels): the
+    share of this round's public samples whose aggregated teacher's argmax is the true label;
+    sharpening keeps the argmax, so it keeps the figure."""
+    cfg = kd_cfg(synth_dir, public_samples=16)
+    ctx, server, clients, _, metrics = one_round(cfg)
+    assert metrics["public_samples"] == 16 and (metrics["teacher_accuracy"] * 16).is_integer()
+    sharp = one_round(config.with_overrides(cfg, kd={"sharpen": 0.2}))[4]
+    assert sharp["teacher_accuracy"] == metrics["teacher_accuracy"]
+    assert sharp["server_distill_loss"] != metrics["server_distill_loss"]
 
 
 def test_median_knowledge_hand_computed():

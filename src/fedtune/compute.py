@@ -2,7 +2,7 @@
 
 Training and inference code runs each step through :func:`step` with a key holding the step's
 kind and shapes. The first time a run meets a key, the step's cost is measured on a replay of
-it on fake tensors (:func:`fedtune.probe.replay`: shapes only, no arithmetic) while the meter's
+it (:func:`fedtune.probe.replay`: random state forked, gradients restored) while the meter's
 clock is stopped; later steps with that key reuse the cost. The real step always runs
 untouched, so counting changes no number and costs no client second.
 

@@ -38,14 +38,16 @@ class Tokenized:
     leading prompt tokens, which get no loss; ``labels`` are the rows' groups.
 
     ``pad_to``: every batch is at least this wide (``model.max_length`` under
-    ``data.pad_to_max_length``, the paper's fixed padding; None: the batch's longest row). It
-    lives on the dataset, so every path that batches it (:func:`batches`) pads alike; a view
-    built from a dataset must carry it over (:func:`subset` does)."""
+    ``data.pad_to_max_length``, the paper's fixed padding; None: the batch's longest row);
+    ``pad_multiple``: and its width is a multiple of this (``data.pad_multiple``). Both live on
+    the dataset, so every path that batches it (:func:`batches`) pads alike; a view built from
+    a dataset must carry them over (:func:`subset` and :func:`view` do)."""
 
     ids: list[list[int]]
     labels: np.ndarray  # [N] int64
     prompt_len: np.ndarray | None = None  # [N] int64, generation only
     pad_to: int | None = None
+    pad_multiple: int = 1
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -144,7 +146,21 @@ def subset(data: Tokenized, idx: np.ndarray) -> Tokenized:
     kept)."""
     idx = np.asarray(idx, dtype=np.int64)
     plen = None if data.prompt_len is None else data.prompt_len[idx]
-    return replace(data, ids=[data.ids[i] for i in idx], labels=data.labels[idx], prompt_len=plen)
+    return view(data, [data.ids[i] for i in idx], data.labels[idx], plen)
+
+
+def view(data: Tokenized, ids: list[list[int]], labels: np.ndarray, prompt_len=None) -> Tokenized:
+    """A dataset of ``ids``, ``labels`` and ``prompt_len`` padded as ``data`` is."""
+    return replace(data, ids=ids, labels=labels, prompt_len=prompt_len)
+
+
+def padding(max_length: int, cfg: DataConfig) -> dict:
+    """The :class:`Tokenized` padding fields ``data.pad_to_max_length`` and
+    ``data.pad_multiple`` ask for."""
+    return {
+        "pad_to": max_length if cfg.pad_to_max_length else None,
+        "pad_multiple": cfg.pad_multiple,
+    }
 
 
 # ----------------------------------------------------------------------------- loading
@@ -171,17 +187,20 @@ def collate(
     pad_id: int,
     prompt_len: np.ndarray | None = None,
     pad_to: int | None = None,
+    multiple: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence in the batch (dynamic padding), or to ``pad_to`` when
-    that is longer (the paper's fixed padding: ``model.max_length``).
+    that is longer (the paper's fixed padding: ``model.max_length``), rounded up to a
+    ``multiple`` (HF's ``pad_to_multiple_of``: fewer distinct shapes to measure and compile).
 
     Returns ``input_ids [B, L]`` int64, ``attention_mask [B, L]`` int64 (1 on the real tokens,
-    0 on padding), ``labels [B]`` int64, ``L = max(longest row, pad_to)``; with ``prompt_len
+    0 on padding), ``labels [B]`` int64, ``L = max(longest row, pad_to)`` rounded up; with ``prompt_len
     [B]`` (generation) also :func:`response_targets`, which stop before the padding.
     Right padding changes no real token's output, only the cost: a real token attends to
     earlier positions only (causal), all real, and a row's class is read at its last real
     token (HF's last non-pad id; :func:`fedtune.tasks.classification.last_positions`)."""
     length = max(max(len(x) for x in ids), pad_to or 0)
+    length = -(-length // multiple) * multiple
     input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), length), dtype=torch.long)
     for i, x in enumerate(ids):
@@ -263,7 +282,8 @@ def batches(
         groups = [groups[i] for i in rng.permutation(len(groups))]
     for b in groups:
         plen = None if data.prompt_len is None else data.prompt_len[b]
-        yield collate([data.ids[i] for i in b], data.labels[b], pad_id, plen, data.pad_to)
+        ids = [data.ids[i] for i in b]
+        yield collate(ids, data.labels[b], pad_id, plen, data.pad_to, data.pad_multiple)
 
 
 @dataclass
@@ -338,13 +358,13 @@ def encode(
     if idx is not None:
         data = select(data, np.asarray(idx))
     labels = np.full(len(data.texts), -1, dtype=np.int64) if hide_labels else data.labels
-    pad_to = max_length if cfg.pad_to_max_length else None
+    pad = padding(max_length, cfg)
     if data.responses is None:
-        return Tokenized(tokenize(tokenizer, data.texts, max_length), labels, pad_to=pad_to)
+        return Tokenized(tokenize(tokenizer, data.texts, max_length), labels, **pad)
     pairs = gendata.Pairs(data.texts, data.responses, [])
     chat = gendata.uses_chat(tokenizer, cfg.chat_template)
     ids, plen = gendata.encode_pairs(tokenizer, pairs, max_length, chat)
-    return Tokenized(ids, labels, plen, pad_to)
+    return Tokenized(ids, labels, plen, **pad)
 
 
 def eval_prompts(tokenizer, cfg: DataConfig, loaded: Loaded) -> GenSet | None:

@@ -7,10 +7,9 @@ activations of an earlier step) plus the peak of the storages it creates and kee
 (activations saved for backward, gradients). That is what a device running only this party's
 ops must hold: the split client's probe sees its blocks' weights and never the server half's.
 
-:func:`replay` runs a step's function on fake tensors (shapes only, no arithmetic) under a
-probe, so the real step runs untouched and uncounted: counting costs no client seconds and
-changes no number. Where fake tensors cannot follow the code (a data-dependent branch), it
-replays on real tensors instead, with the random state and gradients restored afterwards.
+:func:`replay` runs a step's function once more under a probe, its random state forked and
+the gradients it writes restored, so the real step runs untouched and uncounted: counting costs
+no client seconds and changes no number.
 """
 
 from __future__ import annotations
@@ -44,6 +43,7 @@ ATTENTION_FORMULAS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward,
 }
+_DEVICE = torch.ops.prim.device.default
 FORMULAS = {**flop_registry, **{op: shape_wrapper(f) for op, f in ATTENTION_FORMULAS.items()}}
 
 
@@ -61,6 +61,8 @@ class FlopCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is _DEVICE:  # a metadata query (autograd asks it of every tensor): no work
+            return func(*args, **kwargs)
         formula = FORMULAS.get(func._overloadpacket)
         if formula is None and torch.is_inference_mode_enabled():
             # Under inference mode composite ops (linear, matmul, attention) arrive whole:
@@ -110,20 +112,15 @@ def _storage(t: torch.Tensor):
 
 
 class Probe(FlopCounter):
-    """:class:`FlopCounter` plus the memory of the work it watches (see the module docstring).
+    """:class:`FlopCounter` plus the memory of the work it watches (see the module docstring)."""
 
-    ``fake_mode``: the ``FakeTensorMode`` the work runs under, if any, so that the fake copy
-    fake-tensor mode makes of a real parameter is known as that parameter, not as new memory."""
-
-    def __init__(self, fake_mode=None) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.fake_mode = fake_mode
         self.params: dict = {}  # storage key -> bytes
         self.inputs = 0  # bytes of non-parameter storages read that the step did not create
         self.live = 0  # bytes of storages the step created that are still alive
         self.peak = 0  # max of inputs + live
-        self._known: dict[int, object] = {}  # id(storage) -> weakref: seen, created or aliased
-        self._fakes: list[torch.Tensor] = []
+        self._known: dict[int, object] = {}  # id(storage) -> weakref: seen or created
 
     def _known_alive(self, st) -> bool:
         ref = self._known.get(id(st))
@@ -147,12 +144,6 @@ class Probe(FlopCounter):
             self.params[_param_key(st)] = st.nbytes()
         else:
             self.inputs += st.nbytes()
-        if self.fake_mode is not None and not isinstance(t, torch._subclasses.FakeTensor):
-            # The fake copy ops will see: held here, so fake-tensor mode's memo (weak) keeps it.
-            self._fakes.append(self.fake_mode.from_tensor(t))
-            fake = _storage(self._fakes[-1])
-            if fake is not None and not self._known_alive(fake):
-                self._remember(fake)
 
     def _run(self, func, args, kwargs):
         for t in _tensors(args):
@@ -181,25 +172,17 @@ def _param_key(st) -> tuple:
 
 
 def replay(fn, grads=()) -> StepCost:
-    """The cost of ``fn()`` measured without doing it: run on fake tensors under a
-    :class:`Probe`. ``grads``: tensors whose ``.grad`` the step may write (restored after).
-
-    Falls back to running ``fn`` on real tensors, random state forked, when fake tensors
-    cannot follow it (an op whose result decides Python control flow)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
+    """The cost of ``fn()`` measured on a run of it that leaves no trace: under a
+    :class:`Probe`, the random state forked (the real step draws the same dropout masks) and
+    ``grads``, the tensors whose ``.grad`` the step may write, restored afterwards. ``fn`` must
+    change nothing else (no optimizer step). A replay on fake tensors (shapes only) measures
+    the same FLOPs and memory but takes longer on CPU, where fake-tensor dispatch costs more
+    than a small model's arithmetic."""
     grads = list(grads)
     saved = [p.grad for p in grads]
     try:
-        with torch.random.fork_rng(devices=_cuda_devices(grads)):
-            try:
-                with FakeTensorMode(allow_non_fake_inputs=True) as fake, Probe(fake) as probe:
-                    fn()
-            except Exception:  # noqa: BLE001 - any op fake tensors cannot run: count for real
-                for p, g in zip(grads, saved, strict=True):
-                    p.grad = g
-                with Probe() as probe:
-                    fn()
+        with torch.random.fork_rng(devices=_cuda_devices(grads)), Probe() as probe:
+            fn()
         return probe.cost()
     finally:
         for p, g in zip(grads, saved, strict=True):

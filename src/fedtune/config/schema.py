@@ -106,6 +106,11 @@ class DataConfig:
     pad_to_max_length: bool = opt(
         False, "pad every batch to model.max_length as the paper does; off = to its longest row"
     )
+    pad_multiple: int = opt(
+        1,
+        "round each batch's padded length up to a multiple of N (HF's pad_to_multiple_of): "
+        "fewer distinct shapes, so fewer first-step cost measurements; 1 = off",
+    )
 
 
 @dataclass(frozen=True)
@@ -294,6 +299,11 @@ def validate(cfg: RunConfig) -> None:
     check(d.samples_per_client >= 0, "data.samples_per_client", "must be >= 0")
     check(d.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
     check(d.test_size >= 0, "data.test_size", "must be >= 0")
+    check(
+        1 <= d.pad_multiple <= 1024,
+        "data.pad_multiple",
+        f"must be in [1, 1024], got {d.pad_multiple}",
+    )
     check(0 < d.test_fraction < 1, "data.test_fraction", "must be in (0, 1)")
     check(
         d.partition != "column" or bool(d.partition_column),

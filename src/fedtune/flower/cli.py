@@ -109,6 +109,8 @@ def _supernode(args) -> int:
         raise ConfigError(f"--partition-id: must be >= 0, got {args.partition_id}")
     if args.max_retries is not None and args.max_retries < 0:
         raise ConfigError(f"--max-retries: must be >= 0, got {args.max_retries}")
+    if not 0.05 <= args.poll_seconds <= 60:
+        raise ConfigError(f"--poll-seconds: must be in [0.05, 60], got {args.poll_seconds}")
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise ConfigError(f"--data-dir: no folder {args.data_dir}")
     _files(
@@ -265,6 +267,12 @@ def add_parser(sub) -> None:
     sn.add_argument("--split-root-certificates", help="CA of the split server's certificate")
     sn.add_argument("--port", type=int, default=9094, help="local Runtime API port")
     sn.add_argument("--max-retries", type=int, help="reconnect attempts before giving up")
+    sn.add_argument(
+        "--poll-seconds",
+        type=float,
+        default=3.0,
+        help="seconds between pulls while no message waits (Flower's: 3)",
+    )
     sn.add_argument(
         "--plugin",
         action="append",

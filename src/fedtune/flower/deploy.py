@@ -251,6 +251,7 @@ def supernode_cmd(
     auth_key: str | None = None,
     data_dir: str | None = None,
     split_root_cert: str | None = None,
+    poll_seconds: float | None = None,
 ) -> list[str]:
     """``fedtune flower supernode`` (the fedtune worker + ``flower-supernode`` in one process)."""
     cmd = [
@@ -271,6 +272,8 @@ def supernode_cmd(
         cmd += ["--data-dir", str(data_dir)]
     if split_root_cert:
         cmd += ["--split-root-certificates", str(split_root_cert)]
+    if poll_seconds is not None:
+        cmd += ["--poll-seconds", str(poll_seconds)]
     return cmd
 
 
@@ -317,8 +320,36 @@ def run_supernode(args) -> int:
     if args.max_retries is not None:
         argv += ["--max-retries", str(args.max_retries)]
     sys.argv = argv
+    set_poll_interval(args.poll_seconds)
     flower_supernode()  # runs until the SuperNode is stopped (SIGTERM / SIGINT)
     return 0
+
+
+FLOWER_POLL_SECONDS = 3  # what Flower 1.42's SuperNode sleeps after a pull that brought nothing
+
+
+def set_poll_interval(seconds: float) -> None:
+    """Make this process's SuperNode sleep ``seconds`` instead of Flower's hard-coded 3 s after
+    a pull that brought no message. Each message waits up to that long before the node sees it,
+    and the reply as long again before it is pushed: on a loopback federation that latency, not
+    training, is most of a round. A shorter poll costs one more pull request per interval."""
+    if seconds == FLOWER_POLL_SECONDS:
+        return
+    from flwr.supernode import start_client_internal as node
+
+    real = node.time
+
+    class _Time:
+        """``time`` for Flower's SuperNode loop, with its idle sleep shortened."""
+
+        def __getattr__(self, name: str):
+            return getattr(real, name)
+
+        @staticmethod
+        def sleep(s: float) -> None:
+            real.sleep(seconds if s == FLOWER_POLL_SECONDS else s)
+
+    node.time = _Time()
 
 
 def run_config_file(path: str | Path, cfg: config.RunConfig, out: str | Path, **settings) -> Path:

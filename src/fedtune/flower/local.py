@@ -65,11 +65,13 @@ class LocalFederation:
         data_dirs: list[str] | None = None,
         host: str = "127.0.0.1",
         node_args: dict[int, dict] | None = None,
+        poll_seconds: float = 0.5,
     ) -> None:
         self.folder = Path(folder).resolve()
         self.n, self.tls, self.auth, self.host = num_nodes, tls, auth, host
         self.data_dirs = data_dirs
         self.node_args = node_args or {}  # partition id -> extra `supernode` options
+        self.poll_seconds = poll_seconds  # SuperNodes' idle poll (Flower's 3 s is all latency)
         self.procs: list[subprocess.Popen] = []
         self.spawned: dict[int, str] = {}  # descendants seen while running -> start time
         self.ports: set[int] = set()
@@ -130,6 +132,7 @@ class LocalFederation:
             auth_key=str(key) if key else None,
             data_dir=data_dir,
             split_root_cert=ca,
+            poll_seconds=self.poll_seconds,
         )
         for k, v in kw.items():
             cmd += [f"--{k.replace('_', '-')}", str(v)]

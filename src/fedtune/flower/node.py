@@ -37,7 +37,7 @@ import torch
 from .. import config, frameworks
 from ..compute import ComputeMeter
 from ..context import ClientContext, build_context
-from ..data import ClientData, Tokenized, prepare_client, read_csv, tokenize
+from ..data import ClientData, Tokenized, padding, prepare_client, read_csv, tokenize
 from ..errors import ConfigError, DataError, FedtuneError, MessageError
 from ..execution.executors import Sequential
 from ..messages import DOWN, UP, Wire, client_name
@@ -71,11 +71,11 @@ def own_data(cfg: config.RunConfig, data_dir: Path, labels: list[str], tok) -> C
     y = np.array([index[n] for n in names], dtype=np.int64)
     ids = tokenize(tok, texts, cfg.model.max_length)
     hidden = np.full(len(texts) - n_private, -1, dtype=np.int64)
-    pad_to = cfg.model.max_length if cfg.data.pad_to_max_length else None
+    pad = padding(cfg.model.max_length, cfg.data)
     return ClientData(
         list(labels),
-        Tokenized(ids[:n_private], y[:n_private], pad_to=pad_to),
-        Tokenized(ids[n_private:], hidden, pad_to=pad_to),
+        Tokenized(ids[:n_private], y[:n_private], **pad),
+        Tokenized(ids[n_private:], hidden, **pad),
         tok.pad_token_id,
     )
 

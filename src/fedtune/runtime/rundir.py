@@ -220,5 +220,5 @@ def summarize(cfg: RunConfig, ctx, history: list[dict], ledger: Ledger, n_exchan
         "machine": f"{platform.node()} {platform.machine()} torch {torch.__version__}",
         "flops_mode": cfg.flops,
         "peak_memory_method": "the party's own: parameters its steps read, optimizer state, "
-        "largest step's inputs and live tensors (measured on fake-tensor replays)",
+        "largest step's inputs and live tensors (measured on replays of each step shape)",
     }

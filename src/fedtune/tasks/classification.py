@@ -61,7 +61,13 @@ class Classification:
     def logits(self, model: nn.Module, batch: dict[str, torch.Tensor], amp: str) -> torch.Tensor:
         """Classifier logits ``[B, C]`` (float32) for ``input_ids [B, L]``."""
         with autocast(batch["input_ids"].device, amp):
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            # use_cache=False: a classifier never decodes, and a KV cache would copy every
+            # layer's keys and values.
+            out = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                use_cache=False,
+            )
         return out.logits.float()
 
     def loss(self) -> CrossEntropy:

@@ -7,7 +7,7 @@ import torch
 
 from ... import codec, seeds
 from ...context import Context
-from ...data import Tokenized
+from ...data import Tokenized, view
 from ...errors import ConfigError, MessageError
 from ...execution.train import outputs
 from ...messages import Message
@@ -73,4 +73,4 @@ def selection_view(data: Tokenized, idx: np.ndarray) -> Tokenized:
     """The public samples ``data[idx]`` as a dataset whose labels are their row positions
     ``0..S-1``: a distillation job's batches then know their rows of the teacher ``[S, C]``."""
     plen = None if data.prompt_len is None else data.prompt_len[idx]
-    return Tokenized([data.ids[i] for i in idx], np.arange(len(idx)), plen, data.pad_to)
+    return view(data, [data.ids[i] for i in idx], np.arange(len(idx)), plen)

@@ -16,6 +16,11 @@ class KDConfig:
     public_samples: int = opt(
         0, "use a seeded random subset of N public samples (nested across N); 0 = all of it"
     )
+    sharpen: float = opt(
+        1.0,
+        "sharpen the aggregated teacher before the server distils it (b5): p^(1/s), rows "
+        "renormalized (DS-FL's entropy reduction); 1 = off, < 1 = sharper, toward the argmax",
+    )
     server_epochs: int = opt(1, "server distillation epochs over the public set per round (b5)")
     client_distill_epochs: int = opt(
         1, "client distillation epochs over the public set per round (b8); 0 = skip b8"
@@ -70,6 +75,7 @@ class KDConfig:
 
     def __post_init__(self) -> None:
         _check(self.temperature > 0, "kd.temperature", f"must be > 0, got {self.temperature}")
+        _check(0 < self.sharpen <= 1, "kd.sharpen", f"must be in (0, 1], got {self.sharpen}")
         _check(self.public_samples >= 0, "kd.public_samples", "must be >= 0")
         _check(
             self.server_epochs >= 1, "kd.server_epochs", f"must be >= 1, got {self.server_epochs}"

@@ -17,7 +17,7 @@ from ...execution.jobs import Loss, Predict
 from ...messages import Message
 from ...models import vocab_size
 from .common import received_logits, selection_view
-from .ops import Distill, aggregate_knowledge, pack_logits
+from .ops import Distill, aggregate_knowledge, pack_logits, sharpen
 from .sequences import SequenceKnowledge
 from .tokens import (
     TokenDistill,
@@ -88,9 +88,10 @@ class ClassKnowledge:
 
     def aggregate(self, received, sizes, rows):
         kd = self.kd
-        return aggregate_knowledge(
+        teacher, kept = aggregate_knowledge(
             received, kd.temperature, kd.aggregate, sizes, kd.entropy_threshold
         )
+        return sharpen(teacher, kd.sharpen), kept
 
     def teacher(self, received):
         return (received / self.kd.temperature).softmax(-1)
@@ -113,6 +114,7 @@ class TokenKnowledge:
             ("kd.prune", kd.prune, "none"),
             ("kd.align", kd.align, "none"),
             ("kd.entropy_threshold", kd.entropy_threshold, 1.0),
+            ("kd.sharpen", kd.sharpen, 1.0),
         ):
             if value != default:
                 raise ConfigError(f"config key {key}: classification only (generation: {default})")

@@ -87,6 +87,15 @@ def aggregate_knowledge(
     return teacher, kept
 
 
+def sharpen(teacher: torch.Tensor, s: float) -> torch.Tensor:
+    """``teacher [S, C]`` (rows sum to 1) sharpened: ``p^(1/s)`` per row, renormalized
+    (DS-FL's entropy reduction aggregation, Itahara et al. 2021). ``s = 1``: unchanged; as
+    ``s -> 0`` each row tends to its argmax."""
+    if s == 1.0:
+        return teacher
+    return (teacher.clamp(min=1e-30).log() / s).softmax(-1)
+
+
 def median_knowledge(probs: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Coordinate-wise median of ``probs [K, S, C]`` over the clients where ``keep [K, S]``,
     renormalized per row. Returns ``teacher [S, C]`` and ``kept [S]`` as

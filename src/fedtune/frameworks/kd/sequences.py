@@ -23,7 +23,7 @@ import torch
 
 from ... import codec
 from ...context import Context
-from ...data import Tokenized
+from ...data import Tokenized, view
 from ...errors import ConfigError, MessageError
 from ...execution.jobs import Generate, Loss
 from ...models import vocab_size
@@ -36,7 +36,11 @@ class SequenceKnowledge:
         kd = ctx.cfg.kd
         if ctx.data.public.prompt_len is None:
             raise ConfigError("config key kd.level: 'sequence' needs a generation task")
-        for key, value, default in (("kd.prune", kd.prune, "none"), ("kd.align", kd.align, "none")):
+        for key, value, default in (
+            ("kd.prune", kd.prune, "none"),
+            ("kd.align", kd.align, "none"),
+            ("kd.sharpen", kd.sharpen, 1.0),
+        ):
             if value != default:
                 raise ConfigError(f"config key {key}: not with kd.level=sequence")
         self.ctx, self.kd = ctx, kd
@@ -96,7 +100,7 @@ class SequenceKnowledge:
                 ids.append((prompt + resp)[:limit])
                 plen.append(len(prompt))
         labels = np.zeros(len(ids), dtype=np.int64)
-        return Tokenized(ids, labels, np.asarray(plen, dtype=np.int64), public.pad_to)
+        return view(public, ids, labels, np.asarray(plen, dtype=np.int64))
 
     def loss(self, teacher, rows, weights=None, labels=None) -> Loss:
         return self.ctx.task.loss()
