@@ -196,13 +196,13 @@ def test_simulation_with_batched_engine(synth_dir, framework, monkeypatch):
     assert bat["total_bytes"] == seq["total_bytes"]  # same messages on the wire
     assert bat["client_flops_per_round"] > 0
     assert bat["final_accuracy"] == pytest.approx(seq["final_accuracy"], abs=0.1)  # dropout RNG
-    # each client's memory is its own steps', not the fused step's: training steps are the
-    # sequential ones; fused inference gives each client 1/3 of an eval batch (KD's b2), so
-    # its largest step can only be smaller
+    # each client's memory is its own steps', not the fused step's (3 clients' worth): training
+    # steps are the sequential ones; fused inference gives each client 1/3 of an eval batch
+    # (KD's b2), so its largest step (here its training step, which needs more) is no larger
     if framework == "fedllm":
         assert bat["client_peak_memory_bytes"] == seq["client_peak_memory_bytes"] > 0
     else:
-        assert 0 < bat["client_peak_memory_bytes"] < seq["client_peak_memory_bytes"]
+        assert 0 < bat["client_peak_memory_bytes"] <= seq["client_peak_memory_bytes"]
 
 
 def test_concurrent_clients_chunks_and_validation(synth_dir, monkeypatch):
