@@ -41,7 +41,7 @@ class Tokenized:
     ``data.pad_to_max_length``, the paper's fixed padding; None: the batch's longest row);
     ``pad_multiple``: and its width is a multiple of this (``data.pad_multiple``). Both live on
     the dataset, so every path that batches it (:func:`batches`) pads alike; a view built from
-    a dataset must carry them over (:func:`subset` and :func:`view` do)."""
+    a dataset must carry them over (:func:`subset` does; ``dataclasses.replace`` keeps them)."""
 
     ids: list[list[int]]
     labels: np.ndarray  # [N] int64
@@ -146,12 +146,7 @@ def subset(data: Tokenized, idx: np.ndarray) -> Tokenized:
     kept)."""
     idx = np.asarray(idx, dtype=np.int64)
     plen = None if data.prompt_len is None else data.prompt_len[idx]
-    return view(data, [data.ids[i] for i in idx], data.labels[idx], plen)
-
-
-def view(data: Tokenized, ids: list[list[int]], labels: np.ndarray, prompt_len=None) -> Tokenized:
-    """A dataset of ``ids``, ``labels`` and ``prompt_len`` padded as ``data`` is."""
-    return replace(data, ids=ids, labels=labels, prompt_len=prompt_len)
+    return replace(data, ids=[data.ids[i] for i in idx], labels=data.labels[idx], prompt_len=plen)
 
 
 def padding(max_length: int, cfg: DataConfig) -> dict:
@@ -194,8 +189,8 @@ def collate(
     ``multiple`` (HF's ``pad_to_multiple_of``: fewer distinct shapes to measure and compile).
 
     Returns ``input_ids [B, L]`` int64, ``attention_mask [B, L]`` int64 (1 on the real tokens,
-    0 on padding), ``labels [B]`` int64, ``L = max(longest row, pad_to)`` rounded up; with ``prompt_len
-    [B]`` (generation) also :func:`response_targets`, which stop before the padding.
+    0 on padding), ``labels [B]`` int64, ``L = max(longest row, pad_to)`` rounded up; with
+    ``prompt_len [B]`` (generation) also :func:`response_targets`, which stop before the padding.
     Right padding changes no real token's output, only the cost: a real token attends to
     earlier positions only (causal), all real, and a row's class is read at its last real
     token (HF's last non-pad id; :func:`fedtune.tasks.classification.last_positions`)."""

@@ -43,7 +43,6 @@ ATTENTION_FORMULAS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward,
 }
-_DEVICE = torch.ops.prim.device.default
 FORMULAS = {**flop_registry, **{op: shape_wrapper(f) for op, f in ATTENTION_FORMULAS.items()}}
 
 
@@ -61,8 +60,6 @@ class FlopCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is _DEVICE:  # a metadata query (autograd asks it of every tensor): no work
-            return func(*args, **kwargs)
         formula = FORMULAS.get(func._overloadpacket)
         if formula is None and torch.is_inference_mode_enabled():
             # Under inference mode composite ops (linear, matmul, attention) arrive whole:
@@ -167,7 +164,7 @@ def _param_key(st) -> tuple:
     Python storage objects, which are made afresh)."""
     try:
         return (st.device.type, st.data_ptr())
-    except RuntimeError:  # a storage without data (fake): only this object names it
+    except RuntimeError:  # a storage without data (meta): only this object names it
         return ("object", id(st))
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
 from ... import codec, seeds
 from ...context import Context
-from ...data import Tokenized, view
+from ...data import Tokenized, subset
 from ...errors import ConfigError, MessageError
 from ...execution.train import outputs
 from ...messages import Message
@@ -72,5 +74,4 @@ def received_logits(
 def selection_view(data: Tokenized, idx: np.ndarray) -> Tokenized:
     """The public samples ``data[idx]`` as a dataset whose labels are their row positions
     ``0..S-1``: a distillation job's batches then know their rows of the teacher ``[S, C]``."""
-    plen = None if data.prompt_len is None else data.prompt_len[idx]
-    return view(data, [data.ids[i] for i in idx], np.arange(len(idx)), plen)
+    return replace(subset(data, idx), labels=np.arange(len(idx)))

@@ -57,6 +57,11 @@ class Knowledge(Protocol):
         """b8: the teacher from the server's knowledge."""
         ...
 
+    def accuracy(self, teacher: Any, labels: np.ndarray) -> float | None:
+        """How often the teacher's prediction on a public row is its label ``labels [S]`` (a
+        measurement; None where knowledge is not a class prediction)."""
+        ...
+
     def train_data(self, teacher: Any, rows: np.ndarray) -> Tokenized:
         """What b5 and b8 train on; its ``labels`` are the teacher's row positions."""
         ...
@@ -95,6 +100,9 @@ class ClassKnowledge:
 
     def teacher(self, received):
         return (received / self.kd.temperature).softmax(-1)
+
+    def accuracy(self, teacher, labels) -> float:
+        return float((teacher.argmax(-1).numpy() == labels).mean())
 
     def train_data(self, teacher, rows) -> Tokenized:
         return selection_view(self.ctx.data.public, rows)
@@ -155,6 +163,9 @@ class TokenKnowledge:
     def teacher(self, received):
         values, idx = received
         return sparse_probs(values, self.kd.temperature), idx
+
+    def accuracy(self, teacher, labels) -> None:
+        return None  # the public rows' labels are groups, not what a token predicts
 
     def train_data(self, teacher, rows) -> Tokenized:
         return selection_view(self.ctx.data.public, rows)

@@ -18,12 +18,14 @@ used (the teacher forcing targets are the parties' own outputs).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
 from ... import codec
 from ...context import Context
-from ...data import Tokenized, view
+from ...data import Tokenized
 from ...errors import ConfigError, MessageError
 from ...execution.jobs import Generate, Loss
 from ...models import vocab_size
@@ -100,7 +102,10 @@ class SequenceKnowledge:
                 ids.append((prompt + resp)[:limit])
                 plen.append(len(prompt))
         labels = np.zeros(len(ids), dtype=np.int64)
-        return view(public, ids, labels, np.asarray(plen, dtype=np.int64))
+        return replace(public, ids=ids, labels=labels, prompt_len=np.asarray(plen, dtype=np.int64))
+
+    def accuracy(self, teacher, labels) -> None:
+        return None  # generated texts, not class predictions
 
     def loss(self, teacher, rows, weights=None, labels=None) -> Loss:
         return self.ctx.task.loss()

@@ -112,11 +112,10 @@ class Server:
         metrics["knowledge_kept"] = float(kept.float().mean())
         weights = kept.numpy().astype(np.float64)  # samples every client was unsure of: 0
         public_y = ctx.data.public.labels[self.candidates[sel]]
-        if isinstance(teacher, torch.Tensor) and teacher.dim() == 2:  # class knowledge [S, C]
-            # A measurement only, like the test accuracy: training never reads public labels
-            # unless kd.server_uses_public_labels says so.
-            right = teacher.argmax(-1).numpy() == public_y
-            metrics["teacher_accuracy"] = float(right.mean())
+        # A measurement only, like the test accuracy: training never reads public labels
+        # unless kd.server_uses_public_labels says so.
+        if (agree := self.knowledge.accuracy(teacher, public_y)) is not None:
+            metrics["teacher_accuracy"] = agree
         labels = public_y if kd.server_uses_public_labels else None
         if kd.align != "none":
             # Public labels are unknown by default: use the teacher's argmax (the clients'
