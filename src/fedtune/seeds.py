@@ -16,6 +16,7 @@ tuple                  what it seeds
 (seed, rnd, KD_SERVER) the KD server's distillation (b5): batch order and dropout
 (seed, rnd, BATCHED, cid)  the batched executor's dropout (a fused job's first client)
 (seed, PUBLIC_SUBSET)  KD's seeded subset of the public set (``kd.public_samples``)
+(seed, rnd, DP_NOISE[, cid])  DP noise, only with ``privacy.reproducible_noise`` (else the OS's)
 seed / seed + 1        data split / evaluation subset (:mod:`fedtune.data`)
 seed (torch)           the initial LoRA and head (:func:`fedtune.models.init_trainable_state`)
 0 (torch)              the frozen random backbone of the tiny test models (same in every process)
@@ -32,6 +33,7 @@ DROPOUT = 104_729
 KD_SERVER = 1_000_003
 BATCHED = 1_000_033
 PUBLIC_SUBSET = 4243
+DP_NOISE = 15_485_863
 
 
 def client(seed: int, rnd: int, cid: int, job: int = 0) -> tuple[int, ...]:
@@ -51,6 +53,11 @@ def rng(stream: tuple[int, ...]) -> np.random.Generator:
     return np.random.default_rng(list(stream))
 
 
+def torch_seed(stream: tuple[int, ...]) -> int:
+    """A 32-bit seed for a torch generator, derived from ``stream``."""
+    return int(np.random.SeedSequence(list(stream)).generate_state(1)[0])
+
+
 def seed_torch(stream: tuple[int, ...]) -> None:
     """Seed torch's RNGs (dropout) from ``stream``."""
-    torch.manual_seed(int(np.random.SeedSequence(list(stream)).generate_state(1)[0]))
+    torch.manual_seed(torch_seed(stream))

@@ -169,7 +169,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     if isinstance(cfg, RunConfig):
         from .. import frameworks
 
-        keep = {*frameworks.builtin_names(), cfg.fed.framework}
+        keep = {*frameworks.builtin_names(), cfg.fed.framework, "privacy"}
         out.update({n: to_dict(section) for n, section in cfg.sections if n in keep})
     return out
 
@@ -241,7 +241,7 @@ def resume_key(cfg: RunConfig) -> dict[str, Any]:
     d = to_dict(cfg)
     d.pop("progress")
     for name in section_classes():
-        if name != cfg.fed.framework:
+        if name not in (cfg.fed.framework, "privacy"):
             d.pop(name, None)
     return d
 

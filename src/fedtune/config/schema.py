@@ -266,10 +266,11 @@ class RunConfig:
 
 
 def section_classes() -> dict[str, type]:
-    """``{framework name: config section class}`` of the registered frameworks."""
+    """``{section name: config class}``: every registered framework's, then ``privacy``."""
     from ..frameworks import sections  # the registry; imported late (frameworks use config)
+    from ..privacy.config import PrivacyConfig
 
-    return sections()
+    return {**sections(), "privacy": PrivacyConfig}
 
 
 def complete_sections(given: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, Any], ...]:
@@ -310,6 +311,7 @@ def validate(cfg: RunConfig) -> None:
         "data.partition_column",
         "partition=column needs a column name",
     )
+    cfg.privacy.check_run(cfg)
     e = cfg.eval
     check(e.generate_every >= 0, "eval.generate_every", "must be >= 0")
     check(e.generate_samples >= 1, "eval.generate_samples", "must be >= 1")

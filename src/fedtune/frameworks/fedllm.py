@@ -7,6 +7,10 @@ a4  the server checks every upload (names, shapes, dtypes, NaN/Inf, ``fed.max_up
     drops the invalid ones and combines the rest with the ``fed.aggregator`` strategy (FedAvg
     weighted by sample count by default; median or trimmed mean against poisoned clients).
     Clients that did not reply (dropout, deadline) are simply absent from the replies.
+
+With ``privacy.dp=central`` a4 is DP-FedAvg instead (clip, sum, Gaussian noise, divide by the
+sampled count; the norm screens are off: clipping bounds every client); with ``local`` each
+client clips and noises its upload after a2 (:mod:`fedtune.privacy`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from ..execution.jobs import Train
 from ..execution.train import LocalResult, num_local_steps
 from ..messages import PARAMETERS, SERVER, Message, client_name
 from ..models import num_params
+from ..privacy import ClientLevelDP, privatize
 from . import register
 
 
@@ -33,6 +38,8 @@ class Server:
         self.ctx = ctx
         self.global_state = {k: v.clone() for k, v in ctx.init_state.items()}
         self.strategy = build(ctx.cfg.fed)
+        self.dp = ClientLevelDP(ctx.cfg) if ctx.cfg.privacy.dp != "off" else None
+        self.central = self.dp is not None and self.dp.central
 
     def round(self, rnd: int, clients: list[int]) -> Generator[dict, dict, dict]:
         # a1: broadcast the global adapter.
@@ -42,20 +49,29 @@ class Server:
         }
         # a4: validate the uploads (a3), then aggregate the accepted ones.
         sent = {cid: self.global_state for cid in replies}
+        fed = self.ctx.cfg.fed
         ok, rejected = screen_updates(
             {c: m.tensors for c, m in replies.items()},
             sent,
-            self.ctx.cfg.fed.max_update_norm,
+            0.0 if self.central else fed.max_update_norm,
             {c: m.meta for c, m in replies.items()},
-            self.ctx.cfg.fed.max_update_ratio,
+            0.0 if self.central else fed.max_update_ratio,
             {c: float(self.ctx.data.client_sizes[c]) for c in replies},  # a3 sends len(data)
         )
         metrics: dict = {"rejected": len(rejected), "rejected_reasons": rejected}
         if not ok:  # nothing usable: the global state stays as it was
-            return metrics
+            return {**metrics, **(self.dp.metrics() if self.dp else {})}
         weights = [float(replies[c].meta["num_samples"]) for c in ok]
         states = [replies[c].tensors for c in ok]
-        new = self.strategy(self.global_state, states, weights)
+        if self.central:
+            new, dp_metrics = self.dp.aggregate(rnd, self.global_state, states, len(clients))
+            metrics.update(dp_metrics)
+        else:
+            new = self.strategy(self.global_state, states, weights)
+            if self.dp is not None:
+                self.dp.count_local(ok)
+        if self.dp is not None:
+            metrics.update(self.dp.metrics())
         if not finite(new):  # finite updates can still overflow: keep the last state
             metrics["rejected_reasons"] = {**rejected, "aggregate": "non-finite result"}
             return metrics
@@ -71,11 +87,14 @@ class Server:
 
     def state_dict(self) -> dict:
         """What a checkpoint must hold to resume (tensors and small JSON-able values)."""
-        return {"global_state": self.global_state, "aggregator": self.strategy.state_dict()}
+        d = {"global_state": self.global_state, "aggregator": self.strategy.state_dict()}
+        return {**d, "dp": self.dp.state_dict()} if self.dp is not None else d
 
     def load_state_dict(self, d: dict) -> None:
         self.global_state = {k: v.to(self.ctx.device) for k, v in d["global_state"].items()}
         self.strategy.load_state_dict(d["aggregator"])
+        if self.dp is not None:
+            self.dp.load_state_dict(d["dp"])
 
 
 class Client:
@@ -104,9 +123,12 @@ class Client:
             steps=num_local_steps(len(idx), cfg.train),
         )
         self.opt_state = result.opt_state
+        state = result.state
+        if cfg.privacy.dp == "local":  # clipped and noised before it leaves the client
+            state, _ = privatize(cfg, state, msg.tensors, msg.round, self.cid)
         # a3: the trained adapter with the sample count used as its FedAvg weight.
         meta = {"num_samples": len(idx), "loss": result.loss, "steps": result.steps}
-        return Message(PARAMETERS, msg.round, client_name(self.cid), SERVER, result.state, meta)
+        return Message(PARAMETERS, msg.round, client_name(self.cid), SERVER, state, meta)
 
 
 register("fedllm", Server, Client, title="FedLLM")

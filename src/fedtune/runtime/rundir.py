@@ -162,6 +162,15 @@ TASK_METRICS = (
 )
 
 
+def privacy_summary(history: list[dict]) -> dict:
+    """The last round's privacy figures (``dp_epsilon`` None: no finite guarantee, no noise)."""
+    last = next((r for r in reversed(history) if "dp_noise_multiplier" in r), None)
+    if last is None:
+        return {}
+    keys = ("dp_epsilon", "dp_delta", "dp_noise_multiplier", "dp_adjacency")
+    return {k: last[k] for k in keys if k in last}
+
+
 def summarize(cfg: RunConfig, ctx, history: list[dict], ledger: Ledger, n_exchanged: int) -> dict:
     """The ``summary.json`` of a run (all frameworks share this schema). A round-0 record
     (the base model, generation tasks) is reported as ``initial``, not averaged over."""
@@ -216,6 +225,7 @@ def summarize(cfg: RunConfig, ctx, history: list[dict], ledger: Ledger, n_exchan
         "updates_rejected": sum(r.get("rejected", 0) for r in history),
         "rounds_skipped": sum(bool(r.get("skipped")) for r in history),
         "server_seconds_per_round": mean("server_seconds"),
+        **privacy_summary(history),
         "device": str(ctx.device),
         "machine": f"{platform.node()} {platform.machine()} torch {torch.__version__}",
         "flops_mode": cfg.flops,

@@ -13,6 +13,7 @@ from ...errors import MessageError
 from ...execution.train import make_optimizer, optimizer_step, shape_of, to_device
 from ...messages import ACTIVATIONS, GRADIENTS, LABELS, PARAMETERS, SERVER, Message, client_name
 from ...models import load_trainable_state, num_blocks
+from ...privacy import privatize
 from .config import is_u_shaped
 from .layers import round_samples
 from .model import client_forward, compress, decompress, keep_client_half
@@ -76,13 +77,17 @@ class Client:
         for batch in round_batches:
             losses.append(self.step(to_device(batch, ctx.device), k, link, rnd))
         compute.hold(self.opt.state)  # held while it trained
-        # cc1: upload the client-side LoRA with the number of samples it was trained on.
+        # cc1: upload the client-side LoRA with the number of samples it was trained on
+        # (privacy.dp=local: clipped and noised before it leaves the client).
+        upload = {n: params[n].detach().clone() for n in msg.tensors}
+        if ctx.cfg.privacy.dp == "local":
+            upload, _ = privatize(ctx.cfg, upload, msg.tensors, rnd, self.cid)
         return Message(
             PARAMETERS,
             rnd,
             me,
             SERVER,
-            {n: params[n].detach().clone() for n in msg.tensors},
+            upload,
             {"num_samples": len(idx), "loss": float(np.mean(losses)), "steps": len(round_batches)},
         )
 

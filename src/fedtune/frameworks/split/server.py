@@ -26,6 +26,7 @@ from ...messages import (
     client_name,
 )
 from ...models import load_trainable_state, vocab_size
+from ...privacy import ClientLevelDP
 from .config import is_u_shaped
 from .layers import choose_split_layers, samples_per_round
 from .model import compress, decompress, part_names, server_forward
@@ -86,6 +87,10 @@ class Server:
         self.cid = {client_name(c): c for c in range(len(self.layers))}
         self.global_state = {k: v.clone() for k, v in ctx.init_state.items()}
         self.strategy = build(ctx.cfg.fed)  # per tensor: each has its own set of parties
+        # privacy.dp: client-level DP on the client-side LoRA only (the server half trains
+        # on the clients' raw activations; no epsilon covers it)
+        self.dp = ClientLevelDP(ctx.cfg) if ctx.cfg.privacy.dp != "off" else None
+        self.central = self.dp is not None and self.dp.central
         self.states: dict = {}  # slot ('shared' or cid) -> server-side tensors
         self.opts: dict = {}  # slot -> optimizer, kept across rounds like the clients' Adam
         self.labels: dict[int, dict] = {}  # cid -> this round's labels not yet used
@@ -105,16 +110,19 @@ class Server:
         """What a checkpoint must hold to resume: the global state and the server-side
         optimizer states (the per-round server copies start from the global state)."""
         opts = {**self.saved_opts, **{s: o.state_dict() for s, o in self.opts.items()}}
-        return {
+        d = {
             "global_state": self.global_state,
             "opts": opts,
             "aggregator": self.strategy.state_dict(),
         }
+        return {**d, "dp": self.dp.state_dict()} if self.dp is not None else d
 
     def load_state_dict(self, d: dict) -> None:
         self.global_state = {k: v.to(self.ctx.device) for k, v in d["global_state"].items()}
         self.opts, self.saved_opts = {}, dict(d["opts"])
         self.strategy.load_state_dict(d["aggregator"])
+        if self.dp is not None:
+            self.dp.load_state_dict(d["dp"])
 
     def slot(self, cid: int):
         return "shared" if self.s.server_mode == "shared" else cid
@@ -159,9 +167,9 @@ class Server:
         ok, rejected = screen_updates(
             {c: m.tensors for c, m in replies.items()},
             sent,
-            fed.max_update_norm,
+            0.0 if self.central else fed.max_update_norm,  # central DP: clipping bounds them
             {c: m.meta for c, m in replies.items()},
-            fed.max_update_ratio,
+            0.0 if self.central else fed.max_update_ratio,
             {
                 c: float(samples_per_round(self.ctx.cfg, self.ctx.data.client_sizes[c]))
                 for c in replies
@@ -174,8 +182,10 @@ class Server:
             "server_serve_seconds": self.serve_seconds,
         }
         if not ok:  # nothing usable: the global state stays as it was
-            return metrics
+            return {**metrics, **(self.dp.metrics() if self.dp else {})}
         before = dict(self.global_state)
+        if self.dp is not None:
+            metrics.update(self.dp_aggregate(rnd, clients, replies, ok))
         self.aggregate(replies, ok)
         if not finite(self.global_state):
             self.global_state = before  # finite inputs can still overflow: keep the last state
@@ -184,6 +194,23 @@ class Server:
         weights = [float(replies[c].meta["num_samples"]) for c in ok]
         losses = [float(replies[c].meta["loss"]) for c in ok]
         return {"train_loss": float(np.average(losses, weights=weights)), **metrics}
+
+    def dp_aggregate(self, rnd: int, clients: list[int], replies: dict, ok: list[int]) -> dict:
+        """Client-level DP on cc2 for the client-side tensors: central DP-FedAvg of the
+        accepted uploads (each tensor over the sampled clients that own it), or, local DP,
+        count the privatized uploads. The server-side tensors are left to :meth:`aggregate`."""
+        if not self.central:
+            self.dp.count_local(ok)
+            return self.dp.metrics()
+        owners: dict[str, int] = {}
+        for c in clients:
+            for n in self.client_keys[c]:
+                owners[n] = owners.get(n, 0) + 1
+        ref = {n: self.global_state[n] for n in owners}
+        uploads = [{n: t.to(ref[n].device) for n, t in replies[c].tensors.items()} for c in ok]
+        new, metrics = self.dp.aggregate(rnd, ref, uploads, owners)
+        self.global_state.update(new)
+        return {**metrics, **self.dp.metrics()}
 
     def aggregate(self, replies: dict[int, Message], ok: list[int]) -> None:
         """cc2: each tensor over the parties that trained it, weighted by samples: the clients
@@ -194,7 +221,8 @@ class Server:
         for cid in ok:
             w = float(replies[cid].meta["num_samples"])
             for n, t in replies[cid].tensors.items():
-                parties.setdefault(n, {})[("client", cid)] = [t, w]
+                if not self.central:  # central DP: dp_aggregate did the client-side tensors
+                    parties.setdefault(n, {})[("client", cid)] = [t, w]
             slot = self.slot(cid)
             for n in self.server_keys[cid]:
                 entry = parties.setdefault(n, {}).setdefault(("server", slot), [None, 0.0])

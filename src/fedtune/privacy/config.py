@@ -1,0 +1,81 @@
+"""The ``[privacy]`` config section: client-level differential privacy and secure aggregation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..config import check, opt
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Privacy options (section ``[privacy]``); see :mod:`fedtune.privacy`."""
+
+    dp: str = opt(
+        "off",
+        "client-level differential privacy on the averaged LoRA update (FedLLM; Split-FedLLM's "
+        "client LoRA): 'central' (each update clipped to privacy.clip, Gaussian noise on their "
+        "sum at the server) or 'local' (each client clips and noises its own update)",
+        ("off", "central", "local"),
+    )
+    clip: float = opt(
+        1.0, "L2 bound C on a client's update ||state - global|| (initial C when adaptive)"
+    )
+    noise: float = opt(
+        1.0,
+        "noise multiplier z: Gaussian noise of std z * C on the sum of clipped updates "
+        "(central) or on each clipped update (local)",
+    )
+    target_epsilon: float = opt(
+        0.0,
+        "calibrate privacy.noise so that epsilon after fed.rounds rounds is this (at "
+        "privacy.delta, with the round's client sampling); 0 = use privacy.noise as given",
+    )
+    delta: float = opt(1e-5, "delta of the (epsilon, delta) guarantee reported every round")
+    adaptive_clip: bool = opt(
+        False,
+        "central DP: move C each round toward the privacy.target_quantile of update norms "
+        "(Andrew et al. 2021, geometric update; the clipped count is noised too)",
+    )
+    target_quantile: float = opt(0.5, "adaptive clipping: fraction of updates left unclipped")
+    clip_lr: float = opt(0.2, "adaptive clipping: learning rate of log C")
+    count_noise: float = opt(
+        0.0,
+        "adaptive clipping: std of the noise on the count of unclipped updates; "
+        "0 = expected clients per round / 20 (Andrew et al.)",
+    )
+
+    reproducible_noise: bool = opt(
+        False,
+        "seed the DP noise from the run seed (tests, identical reruns; the guarantee then "
+        "assumes the seed is secret); default: fresh noise from the OS",
+    )
+
+    def __post_init__(self) -> None:
+        check(self.clip > 0 and math.isfinite(self.clip), "privacy.clip", "must be > 0")
+        check(self.noise >= 0 and math.isfinite(self.noise), "privacy.noise", "must be >= 0")
+        check(self.target_epsilon >= 0, "privacy.target_epsilon", "must be >= 0")
+        check(0 < self.delta < 1, "privacy.delta", f"must be in (0, 1), got {self.delta}")
+        check(0 < self.target_quantile < 1, "privacy.target_quantile", "must be in (0, 1)")
+        check(self.clip_lr > 0, "privacy.clip_lr", "must be > 0")
+        check(self.count_noise >= 0, "privacy.count_noise", "must be >= 0")
+        check(
+            not self.adaptive_clip or self.dp == "central",
+            "privacy.adaptive_clip",
+            "needs privacy.dp=central (the clipped count is noised once, at the server)",
+        )
+
+    def check_run(self, cfg) -> None:
+        """Checks against the rest of the run's config."""
+        check(
+            self.dp == "off" or cfg.fed.framework in ("fedllm", "split"),
+            "privacy.dp",
+            f"client-level DP protects averaged parameters (fedllm, split); "
+            f"{cfg.fed.framework} exchanges no averaged update",
+        )
+        check(
+            self.dp != "central" or cfg.fed.aggregator == "fedavg",
+            "fed.aggregator",
+            "privacy.dp=central aggregates itself (clipped sum + noise); leave fed.aggregator=fedavg",
+        )
