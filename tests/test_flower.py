@@ -32,6 +32,8 @@ SETTINGS = {
     "fedllm": {},
     "kd": {},
     "split": {"model": {"name": "tiny-llama", "lora_dropout": 0.0}},
+    # secure aggregation: three more exchanges a round; the sum (so every number) is exact
+    "secagg": {"fed": {"framework": "fedllm"}, "privacy": {"secagg": True}},
 }
 EXACT = (
     "accuracy",
@@ -45,8 +47,9 @@ EXACT = (
 )
 
 
-def make_cfg(data: Path, fw: str) -> config.RunConfig:
-    extra = SETTINGS[fw]
+def make_cfg(data: Path, name: str) -> config.RunConfig:
+    extra = SETTINGS[name]
+    fw = extra.get("fed", {}).get("framework", name)
     cfg = tiny_cfg(data, fed={"framework": fw, "rounds": 2})
     return config.with_overrides(cfg, **extra) if extra else cfg
 
@@ -113,7 +116,7 @@ def test_flower_matches_simulation(tmp_path):
     fed = LocalFederation(tmp_path / "fed", 3)
     try:
         fed.start()
-        run_and_compare(fed, tmp_path, data, ("fedllm", "kd", "split"))
+        run_and_compare(fed, tmp_path, data, ("fedllm", "kd", "split", "secagg"))
         for home in ("superlink", "node-0", "node-1", "node-2"):  # FLWR_HOME in the run folder
             assert list((tmp_path / "fed" / "flwr" / home / "apps").glob("fedtune.*")), home
     finally:

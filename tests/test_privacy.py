@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from conftest import tiny_cfg
 from fedtune import config
 from fedtune.errors import ConfigError
-from fedtune.privacy import ClientLevelDP, accountant, dp
+from fedtune.privacy import ClientLevelDP, accountant, dp, outputs
 from fedtune.runtime.loop import simulate
 
 
@@ -120,6 +120,12 @@ def test_config_checks():
         config.load(None, ["fed.framework=kd", "privacy.dp=central"])
     with pytest.raises(ConfigError, match="fed.aggregator"):
         config.load(None, ["privacy.dp=central", "fed.aggregator=median"])
+    with pytest.raises(ConfigError, match="privacy.secagg"):
+        config.load(None, ["fed.framework=split", "privacy.secagg=true"])
+    with pytest.raises(ConfigError, match="fed.aggregator"):
+        config.load(None, ["privacy.secagg=true", "fed.aggregator=trimmed_mean"])
+    with pytest.raises(ConfigError, match="fed.poison_clients"):
+        config.load(None, ["privacy.secagg=true", "fed.poison_clients=[0]"])
     with pytest.raises(ConfigError, match="privacy.delta"):
         config.load(None, ["privacy.delta=0"])
     cfg = config.load(None, ["privacy.dp=central", "privacy.adaptive_clip=true", "privacy.noise=1"])
@@ -181,3 +187,40 @@ def test_split_local_dp_noises_only_the_client_side(tmp_path, synth_dir):
     summary, lines = _run_cfg(cfg, tmp_path / "s")
     assert lines[-1]["dp_epsilon"] == pytest.approx(accountant.local_epsilon(1.0, 1, 1e-5))
     assert summary["dp_adjacency"] == "replace one client's data"
+
+
+def test_noisy_kd_probabilities_and_split_activations():
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    gen = torch.Generator().manual_seed(0)
+    same = outputs.noisy_logits(logits, 2.0, 0.0, gen)  # no noise: the same softmax at T
+    assert torch.allclose((same / 2.0).softmax(-1), (logits / 2.0).softmax(-1), atol=1e-6)
+    h = torch.tensor([[[3.0, 4.0]], [[0.3, 0.4]]])  # two samples [1, 2]: norms 5 and 0.5
+    assert torch.allclose(outputs.clip_rows(h, 1.0), torch.tensor([[[0.6, 0.8]], [[0.3, 0.4]]]))
+    # one round of S = 50 samples at std 0.1: multiplier 0.1 / sqrt(100) = 0.01
+    assert outputs.kd_epsilon(0.1, 50, 1, 1e-5) == accountant.gaussian_epsilon(0.01, 1, 1e-5)
+    assert outputs.split_epsilon(1.0, 0.5, 3, 1e-5) == accountant.gaussian_epsilon(1.0, 3, 1e-5)
+    with pytest.raises(ConfigError, match="privacy.kd_noise"):
+        config.load(None, ["privacy.kd_noise=0.1"])  # fedllm has no probabilities to noise
+    with pytest.raises(ConfigError, match="privacy.split_noise"):
+        config.load(None, ["fed.framework=kd", "privacy.split_noise=0.1"])
+
+
+def test_kd_and_split_noise_runs_report_their_epsilon(tmp_path, synth_dir):
+    kd = tiny_cfg(
+        synth_dir,
+        fed={"framework": "kd"},
+        kd={"public_samples": 20, "client_eval": False},
+        privacy={"kd_noise": 0.05, "reproducible_noise": True},
+    )
+    summary, lines = _run_cfg(kd, tmp_path / "kd")
+    assert lines[-1]["dp_epsilon"] == pytest.approx(outputs.kd_epsilon(0.05, 20, 2, 1e-5))
+    assert summary["dp_epsilon"] == lines[-1]["dp_epsilon"]
+    split = tiny_cfg(
+        synth_dir,
+        fed={"framework": "split"},
+        privacy={"split_noise": 0.5, "split_clip": 1.0, "reproducible_noise": True},
+    )
+    summary, lines = _run_cfg(split, tmp_path / "split")  # every sample sent once a round
+    assert lines[0]["activation_epsilon"] == pytest.approx(outputs.split_epsilon(0.5, 1.0, 1, 1e-5))
+    assert summary["activation_epsilon"] == pytest.approx(outputs.split_epsilon(0.5, 1.0, 2, 1e-5))
+    assert math.isfinite(summary["final"]["test_loss"])

@@ -34,7 +34,8 @@ ACTIVATIONS = "activations"  # cut-layer activations + mask (Split-FedLLM c2)
 GRADIENTS = "gradients"  # activation gradients (Split-FedLLM c4)
 LABELS = "labels"  # training labels or label histograms
 METADATA = "metadata"  # instructions / acknowledgements without tensors
-KINDS = (PARAMETERS, LOGITS, ACTIVATIONS, GRADIENTS, LABELS, METADATA)
+SECAGG = "secagg"  # secure aggregation's keys, encrypted shares and unmasking shares
+KINDS = (PARAMETERS, LOGITS, ACTIVATIONS, GRADIENTS, LABELS, METADATA, SECAGG)
 
 MAX_MESSAGE_BYTES = 2 * 1024**3  # refuse anything larger before parsing it
 _MAX_HEADER_BYTES = 16 * 1024**2

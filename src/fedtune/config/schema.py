@@ -173,6 +173,11 @@ class FedConfig:
     dropout: float = opt(
         0.0, "probability that a sampled client drops out of a round (seeded per seed/round/client)"
     )
+    dropout_exchange: int = opt(
+        1,
+        "the exchange of a round at which a dropping client goes silent: 1 = the first (it "
+        "never answers); 2, 3, ... = mid-round (KD's broadcast, secure aggregation's steps)",
+    )
     deadline_s: float = opt(
         0.0,
         "straggler deadline: a client whose compute seconds in a round (measured, times its "
@@ -333,6 +338,7 @@ def validate(cfg: RunConfig) -> None:
     check(t.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
     check(f.rounds >= 1, "fed.rounds", f"must be >= 1, got {f.rounds}")
     check(0 < f.fraction_fit <= 1, "fed.fraction_fit", "must be in (0, 1]")
+    check(f.dropout_exchange >= 1, "fed.dropout_exchange", "must be >= 1")
     check(f.min_clients >= 1, "fed.min_clients", "must be >= 1")
     check(f.eval_every >= 1, "fed.eval_every", "must be >= 1")
     check(f.checkpoint_every >= 0, "fed.checkpoint_every", "must be >= 0")

@@ -199,7 +199,7 @@ class FlowerTransport:
                 run_key=self.run_key,
                 resumed_after=self.resumed_after,
                 keep_after=self.keep_after(rs.rnd),
-                drop=cid in rs.dropping,
+                drop=cid in rs.dropping_now(self.fed.dropout_exchange),
             )
             if cid in self.tokens:
                 h["split"] = {
@@ -248,7 +248,7 @@ class FlowerTransport:
             elif faults.misses_deadline(rs.meters[cid].stats.seconds, cid, self.fed):
                 rs.lost[cid] = "deadline"  # it was sent (and counted); the server discards it
         for cid in outgoing:
-            if cid not in answered or cid in rs.dropping:
+            if cid not in answered or cid in rs.dropping_now(self.fed.dropout_exchange):
                 rs.lost.setdefault(cid, "dropout")  # got its download and never answered
         if self.service is not None:  # the round's streams end with its exchange
             self.service.end_round()

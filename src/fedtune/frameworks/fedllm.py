@@ -21,13 +21,14 @@ import numpy as np
 import torch
 
 from .. import seeds
-from ..aggregate import build, finite, screen_updates
+from ..aggregate import build, finite, meta_problem, screen_updates
 from ..context import ClientContext, ServerContext
+from ..errors import MessageError
 from ..execution.jobs import Train
 from ..execution.train import LocalResult, num_local_steps
-from ..messages import PARAMETERS, SERVER, Message, client_name
+from ..messages import PARAMETERS, SECAGG, SERVER, Message, client_name
 from ..models import num_params
-from ..privacy import ClientLevelDP, privatize
+from ..privacy import ClientLevelDP, contribution, privatize, secagg, secure_extras, secure_mean
 from . import register
 
 
@@ -42,6 +43,8 @@ class Server:
         self.central = self.dp is not None and self.dp.central
 
     def round(self, rnd: int, clients: list[int]) -> Generator[dict, dict, dict]:
+        if self.ctx.cfg.privacy.secagg:
+            return (yield from self.secure_round(rnd, clients))
         # a1: broadcast the global adapter.
         replies: dict[int, Message] = yield {
             cid: Message(PARAMETERS, rnd, SERVER, client_name(cid), self.global_state)
@@ -79,6 +82,42 @@ class Server:
         losses = [float(replies[c].meta["loss"]) for c in ok]
         return {"train_loss": float(np.average(losses, weights=weights)), **metrics}
 
+    def secure_round(self, rnd: int, clients: list[int]) -> Generator[dict, dict, dict]:
+        """a1-a4 under secure aggregation: a1 as usual; each client answers with its keys
+        and metadata; the secure sum (:mod:`fedtune.privacy.secagg`) of the clients' weighted,
+        fixed-point updates replaces a3's plaintext upload; a4 divides by the summed weight
+        (central DP: adds the noise to the sum of clipped updates)."""
+        meta = {"clip": self.dp.clip} if self.central else {}
+        replies: dict[int, Message] = yield {
+            cid: Message(PARAMETERS, rnd, SERVER, client_name(cid), self.global_state, meta)
+            for cid in clients
+        }
+        keys, rejected = {}, {}
+        for c, m in replies.items():
+            why = meta_problem(m.meta, float(self.ctx.data.client_sizes[c]))
+            if m.kind != SECAGG:
+                why = f"expected secure aggregation keys, got {m.kind[:20]!r}"
+            if why:
+                rejected[str(c)] = why
+            else:
+                keys[c] = m
+        dim = num_params(self.global_state) + secure_extras(self.ctx.cfg)
+        result = yield from secagg.server_sum(self.ctx.cfg, rnd, keys, dim)
+        used = result.clients
+        claimed = sum(1.0 if self.central else float(keys[c].meta["num_samples"]) for c in used)
+        new, metrics = secure_mean(
+            self.ctx.cfg, self.dp, rnd, self.global_state, result, claimed, len(clients)
+        )
+        metrics.update(rejected=len(rejected), rejected_reasons=rejected)
+        if self.dp is not None:
+            metrics.update(self.dp.metrics())
+        if new is None or not finite(new):
+            return metrics
+        self.global_state = new
+        weights = [float(keys[c].meta["num_samples"]) for c in used]
+        losses = [float(keys[c].meta["loss"]) for c in used]
+        return {"train_loss": float(np.average(losses, weights=weights)), **metrics}
+
     def eval_state(self) -> dict[str, torch.Tensor]:
         return self.global_state
 
@@ -103,6 +142,7 @@ class Client:
     def __init__(self, ctx: ClientContext) -> None:
         self.ctx, self.cid = ctx, ctx.cid
         self.opt_state: dict | None = None
+        self.session: secagg.ClientSession | None = None  # this round's secure sum
 
     def state_dict(self) -> dict:
         return {"opt_state": self.opt_state}
@@ -110,8 +150,10 @@ class Client:
     def load_state_dict(self, d: dict) -> None:
         self.opt_state = d["opt_state"]
 
-    def handle(self, msg: Message, link=None) -> Generator[Train, LocalResult, Message]:
+    def handle(self, msg: Message, link=None) -> Generator[Train, LocalResult, Message | None]:
         cfg, idx = self.ctx.cfg, self.ctx.data.samples
+        if msg.kind == SECAGG:  # a later step of this round's secure sum
+            return self.secure_step(msg)
         # a2: local fine-tuning starting from the received global adapter.
         result = yield Train(
             msg.tensors,
@@ -124,11 +166,29 @@ class Client:
         )
         self.opt_state = result.opt_state
         state = result.state
+        meta = {"num_samples": len(idx), "loss": result.loss, "steps": result.steps}
+        if cfg.privacy.secagg:  # a3 happens inside the secure sum; first, the keys
+            try:
+                x = contribution(cfg, state, msg.tensors, msg.meta, len(idx), msg.round, self.cid)
+            except MessageError:
+                return None
+            self.session = secagg.ClientSession(cfg.privacy, msg.round, self.cid, x)
+            return self.session.advertise(meta)
         if cfg.privacy.dp == "local":  # clipped and noised before it leaves the client
             state, _ = privatize(cfg, state, msg.tensors, msg.round, self.cid)
         # a3: the trained adapter with the sample count used as its FedAvg weight.
-        meta = {"num_samples": len(idx), "loss": result.loss, "steps": result.steps}
         return Message(PARAMETERS, msg.round, client_name(self.cid), SERVER, state, meta)
+
+    def secure_step(self, msg: Message) -> Message | None:
+        """Steps 2-4 of the secure sum; an unsafe or malformed request: no reply."""
+        session = self.session
+        if session is None or session.rnd != msg.round:
+            return None
+        try:
+            return session.answer(msg)
+        except MessageError:
+            self.session = None
+            return None
 
 
 register("fedllm", Server, Client, title="FedLLM")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from .. import seeds
@@ -20,7 +21,14 @@ from .config import PrivacyConfig
 
 State = dict[str, torch.Tensor]
 
-__all__ = ["ClientLevelDP", "PrivacyConfig", "privatize", "round_size"]
+__all__ = [
+    "ClientLevelDP",
+    "PrivacyConfig",
+    "contribution",
+    "privatize",
+    "round_size",
+    "secure_mean",
+]
 
 
 def round_size(cfg) -> int:
@@ -74,16 +82,26 @@ class ClientLevelDP:
         self, rnd: int, reference: State, states: Sequence[State], sampled: int | dict[str, int]
     ) -> tuple[State, dict]:
         """Central DP-FedAvg of the accepted ``states`` over the ``sampled`` clients (per
-        tensor, when clients own different tensors: :func:`.dp.central_mean`)."""
+        tensor, when clients own different tensors: :func:`.dp.noisy_mean`): the server clips."""
+        total, norms = dp.clipped_sum(reference, states, self.clip)
+        unclipped = sum(n <= self.clip for n in norms)
+        new, metrics = self.release(rnd, reference, total, unclipped, sampled)
+        return new, {**metrics, "dp_clipped": len(norms) - unclipped}
+
+    def release(
+        self, rnd: int, reference: State, total: State, unclipped: int, sampled
+    ) -> tuple[State, dict]:
+        """The round's DP release from the sum of clipped updates (clipped by the server, or
+        by the clients under secure aggregation, which sums their unclipped bits too): noise,
+        divide by the sampled count, then (adaptive) move the clip bound."""
         gen = dp.generator(self.p.reproducible_noise, (self.cfg.seed, rnd, seeds.DP_NOISE))
         clip = self.clip
-        new, norms = dp.central_mean(reference, states, sampled, clip, self.z_update, gen)
-        unclipped = sum(n <= clip for n in norms)
+        new = dp.noisy_mean(reference, total, sampled, self.z_update * clip, gen)
         if self.p.adaptive_clip:
             m = self.sampling.sampled
             self.clip = dp.next_clip(clip, unclipped, m, self.p, self.count_std, gen)
         self.rounds += 1
-        return new, {"dp_clip": clip, "dp_clipped": len(norms) - unclipped}
+        return new, {"dp_clip": clip}
 
     def count_local(self, clients: Sequence[int]) -> None:
         """Local DP: these clients' privatized uploads were used this round."""
@@ -112,3 +130,57 @@ class ClientLevelDP:
     def load_state_dict(self, d: dict) -> None:
         self.clip, self.rounds = float(d["clip"]), int(d["rounds"])
         self.taken = {int(k): int(v) for k, v in d["taken"].items()}
+
+
+def secure_extras(cfg) -> int:
+    """Values after the update in a secure-aggregation vector: the weight (and, central DP,
+    the client's unclipped bit, which adaptive clipping counts)."""
+    return 2 if cfg.privacy.dp == "central" else 1
+
+
+def contribution(cfg, state: State, reference: State, server_meta: dict, weight: float, rnd, cid):
+    """What a client feeds into the secure sum (uint64 [D + extras], fixed point): its update
+    clamped to ``±secagg_clamp``, times its FedAvg weight, then the weight. Central DP: clipped
+    to the bound the server sent, weight 1, then the unclipped bit; local DP: privatized first."""
+    from ..errors import MessageError
+    from . import secagg
+
+    p, names = cfg.privacy, sorted(reference)
+    if p.dp == "central":
+        bound = server_meta.get("clip")
+        if not isinstance(bound, int | float) or not 0 < bound < math.inf:
+            raise MessageError("secure aggregation: the server sent no valid clip bound")
+        d, n = dp.clip(dp.delta_of(state, reference), float(bound))
+        weight, extras = 1.0, [1.0, float(n <= bound)]
+    else:
+        if p.dp == "local":
+            state, _ = privatize(cfg, state, reference, rnd, cid)
+        d, extras = dp.delta_of(state, reference), [weight]
+    v, _ = secagg.clamp(secagg.flat(d, names), p.secagg_clamp)
+    return secagg.encode(np.concatenate([weight * v, extras]), p.secagg_bits)
+
+
+def secure_mean(cfg, dpc, rnd: int, reference: State, result, claimed: float, sampled: int):
+    """The new global state from a secure sum (:class:`.secagg.SumResult`) and the round's
+    metrics; None when the sum fails its checks. ``claimed``: the weight the contributing
+    clients announced (their sample counts; central DP: their number)."""
+    from . import secagg
+
+    p, names = cfg.privacy, sorted(reference)
+    metrics: dict = {"secagg_clients": len(result.clients)}
+    if result.total is None:
+        return None, {**metrics, "secagg_failed": result.failed}
+    s = secagg.decode(result.total, p.secagg_bits)
+    d = len(s) - secure_extras(cfg)
+    weight = s[d]
+    slack = len(result.clients) * 2.0**-p.secagg_bits
+    if abs(weight - claimed) > slack or np.abs(s[:d]).max(initial=0) > p.secagg_clamp * weight:
+        return None, {**metrics, "secagg_failed": "the secure sum is out of range"}
+    total = secagg.unflat(s[:d], reference, names)
+    if dpc is not None and dpc.central:
+        unclipped = int(round(s[d + 1]))
+        new, m = dpc.release(rnd, reference, total, unclipped, sampled)
+        return new, {**metrics, **m, "dp_clipped": len(result.clients) - unclipped}
+    if dpc is not None:
+        dpc.count_local(result.clients)
+    return dp.apply(reference, dp.scale(total, 1.0 / weight)), metrics

@@ -70,17 +70,23 @@ def central_epsilon(z: float, rounds: int, s: Sampling, delta: float) -> float:
     return float(acc.get_epsilon(delta))
 
 
-def local_epsilon(z: float, participations: int, delta: float) -> float:
-    """Epsilon at ``delta`` of one client's uploads after it took part ``participations`` times
-    in local DP with noise multiplier ``z``."""
-    if participations == 0:
+def gaussian_epsilon(z: float, count: int, delta: float) -> float:
+    """Epsilon at ``delta`` of ``count`` Gaussian releases of noise multiplier ``z`` (noise std
+    over the release's L2 sensitivity), without sampling."""
+    if count == 0:
         return 0.0
     if z == 0:
         return float("inf")
     dpa = _lib()
     acc = _accountant()
-    acc.compose(dpa.GaussianDpEvent(z / 2), participations)
+    acc.compose(dpa.GaussianDpEvent(z), count)
     return float(acc.get_epsilon(delta))
+
+
+def local_epsilon(z: float, participations: int, delta: float) -> float:
+    """Epsilon at ``delta`` of one client's uploads after it took part ``participations`` times
+    in local DP with noise multiplier ``z`` (sensitivity ``2C``: multiplier ``z / 2``)."""
+    return gaussian_epsilon(z / 2, participations, delta)
 
 
 def poisson_epsilon(z: float, q: float, steps: int, delta: float) -> float:

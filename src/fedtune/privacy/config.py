@@ -46,6 +46,30 @@ class PrivacyConfig:
         "0 = expected clients per round / 20 (Andrew et al.)",
     )
 
+    secagg: bool = opt(
+        False,
+        "secure aggregation (FedLLM): clients mask their updates with pairwise and self masks "
+        "(X25519, Shamir-shared seeds) so the server learns only their (weighted) sum",
+    )
+    secagg_threshold: int = opt(
+        0, "secure aggregation: shares needed to unmask (clients that must survive); 0 = majority"
+    )
+    secagg_bits: int = opt(24, "secure aggregation: fixed-point fraction bits (mod 2^64 sums)")
+    secagg_clamp: float = opt(
+        100.0, "secure aggregation: each update coordinate is clamped to +-this before masking"
+    )
+    kd_noise: float = opt(
+        0.0,
+        "KD-FedLLM (classification): std of Gaussian noise on every probability a client "
+        "uploads (b3), PATE-style; 0 = off. Each row moves by at most sqrt(2), so a round of S "
+        "public samples is a Gaussian mechanism of multiplier kd_noise / sqrt(2 S) per client",
+    )
+    split_noise: float = opt(
+        0.0,
+        "Split-FedLLM: std of Gaussian noise on the cut-layer activations a client sends (c2), "
+        "each sample's [L, H] first clipped to L2 norm privacy.split_clip; 0 = off",
+    )
+    split_clip: float = opt(1.0, "Split-FedLLM: L2 bound of one sample's activations")
     reproducible_noise: bool = opt(
         False,
         "seed the DP noise from the run seed (tests, identical reruns; the guarantee then "
@@ -60,6 +84,12 @@ class PrivacyConfig:
         check(0 < self.target_quantile < 1, "privacy.target_quantile", "must be in (0, 1)")
         check(self.clip_lr > 0, "privacy.clip_lr", "must be > 0")
         check(self.count_noise >= 0, "privacy.count_noise", "must be >= 0")
+        check(self.kd_noise >= 0, "privacy.kd_noise", "must be >= 0")
+        check(self.split_noise >= 0, "privacy.split_noise", "must be >= 0")
+        check(self.split_clip > 0, "privacy.split_clip", "must be > 0")
+        check(self.secagg_threshold >= 0, "privacy.secagg_threshold", "must be >= 0")
+        check(8 <= self.secagg_bits <= 32, "privacy.secagg_bits", "must be in [8, 32]")
+        check(0 < self.secagg_clamp <= 1e6, "privacy.secagg_clamp", "must be in (0, 1e6]")
         check(
             not self.adaptive_clip or self.dp == "central",
             "privacy.adaptive_clip",
@@ -73,6 +103,31 @@ class PrivacyConfig:
             "privacy.dp",
             f"client-level DP protects averaged parameters (fedllm, split); "
             f"{cfg.fed.framework} exchanges no averaged update",
+        )
+        check(
+            self.kd_noise == 0 or (cfg.fed.framework == "kd" and cfg.data.task == "classification"),
+            "privacy.kd_noise",
+            "noises KD-FedLLM's class probabilities (classification)",
+        )
+        check(
+            self.split_noise == 0 or cfg.fed.framework == "split",
+            "privacy.split_noise",
+            "noises Split-FedLLM's activations",
+        )
+        check(
+            not self.secagg or cfg.fed.framework == "fedllm",
+            "privacy.secagg",
+            f"secure aggregation is built for FedLLM's averaged update, not {cfg.fed.framework}",
+        )
+        check(
+            not self.secagg or not cfg.fed.poison_clients,
+            "fed.poison_clients",
+            "the attack simulation scales plaintext uploads; secure aggregation masks them",
+        )
+        check(
+            not self.secagg or cfg.fed.aggregator == "fedavg",
+            "fed.aggregator",
+            "secure aggregation reveals only the sum: robust aggregators need each update",
         )
         check(
             self.dp != "central" or cfg.fed.aggregator == "fedavg",

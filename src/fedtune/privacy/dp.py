@@ -104,6 +104,32 @@ def update_noise_multiplier(z: float, count_std: float) -> float:
     return (z**-2 - (2 * count_std) ** -2) ** -0.5
 
 
+def clipped_sum(
+    reference: State, states: Sequence[State], bound: float
+) -> tuple[State, list[float]]:
+    """``sum_i clip(Δ_i, bound)`` over every tensor of ``reference`` and each update's norm
+    before clipping. A state may hold only some tensors (split learning: a client uploads the
+    LoRA of its own blocks); its update is clipped as one vector."""
+    total = {k: torch.zeros(v.shape, device=v.device) for k, v in reference.items()}
+    norms = []
+    for s in states:
+        d, n = clip(delta_of(s, reference), bound)
+        for k, v in d.items():
+            total[k] += v
+        norms.append(n)
+    return total, norms
+
+
+def noisy_mean(
+    reference: State, total: State, sampled: int | dict[str, int], std: float, gen
+) -> State:
+    """``reference + (total + N(0, std^2)) / sampled`` (``sampled[t]`` per tensor: the sampled
+    clients that own it; an int: all own every tensor)."""
+    total = add(total, gaussian(reference, std, gen))
+    count = sampled if isinstance(sampled, dict) else dict.fromkeys(reference, sampled)
+    return apply(reference, {k: v / count[k] for k, v in total.items()})
+
+
 def central_mean(
     reference: State,
     states: Sequence[State],
@@ -112,23 +138,10 @@ def central_mean(
     z: float,
     gen: torch.Generator,
 ) -> tuple[State, list[float]]:
-    """Central DP-FedAvg: ``reference + (sum_i clip(Δ_i) + N(0, (z·bound)^2)) / sampled``.
-
-    A state may hold only some of ``reference``'s tensors (split learning: a client uploads
-    the LoRA of its own blocks); its update is clipped as one vector and each tensor ``t`` is
-    divided by ``sampled[t]``, the sampled clients that own it (an int: all own every tensor).
-    Returns the new state and every update's norm before clipping (for adaptive clipping and
-    the ``dp_clipped`` metric)."""
-    total = {k: torch.zeros(v.shape, device=v.device) for k, v in reference.items()}
-    norms = []
-    for s in states:
-        d, n = clip(delta_of(s, reference), bound)
-        for k, v in d.items():
-            total[k] += v
-        norms.append(n)
-    total = add(total, gaussian(reference, z * bound, gen))
-    count = sampled if isinstance(sampled, dict) else dict.fromkeys(reference, sampled)
-    return apply(reference, {k: v / count[k] for k, v in total.items()}), norms
+    """Central DP-FedAvg: ``reference + (sum_i clip(Δ_i) + N(0, (z·bound)^2)) / sampled``,
+    and every update's norm before clipping (for adaptive clipping and ``dp_clipped``)."""
+    total, norms = clipped_sum(reference, states, bound)
+    return noisy_mean(reference, total, sampled, z * bound, gen), norms
 
 
 def privatize_local(

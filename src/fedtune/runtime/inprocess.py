@@ -93,7 +93,7 @@ class InProcess:
 
     def exchange(self, rs: RoundState, outgoing: dict[int, Message]) -> dict[int, Message]:
         received = {cid: self.wire.transfer(m) for cid, m in outgoing.items()}
-        for cid in sorted(received.keys() & rs.dropping):
+        for cid in sorted(received.keys() & rs.dropping_now(self.ctx.cfg.fed.dropout_exchange)):
             rs.lost[cid] = "dropout"  # it got the message and never answers
         todo = {cid: m for cid, m in received.items() if cid not in rs.lost}
         serving = isinstance(self.server, Serving)

@@ -231,6 +231,7 @@ def run_round(
         outgoing = next(gen)
     while True:
         outgoing = {cid: m for cid, m in outgoing.items() if cid not in rs.lost}
+        rs.exchange += 1
         replies = transport.exchange(rs, outgoing)
         for cid in replies.keys() & set(fed.poison_clients):  # attack simulation, off by default
             replies[cid] = faults.poison(replies[cid], outgoing[cid], fed.poison_scale)

@@ -42,6 +42,12 @@ class RoundState:
     meters: dict[int, ComputeMeter]
     server_meter: ComputeMeter
     lost: dict[int, str] = field(default_factory=dict)
+    exchange: int = 0  # exchanges of this attempt so far (the loop counts them)
+
+    def dropping_now(self, at: int) -> set[int]:
+        """The dropping clients that are silent in the current exchange (from the ``at``-th
+        on: ``fed.dropout_exchange``)."""
+        return self.dropping if self.exchange >= at else set()
 
 
 @dataclass

@@ -164,11 +164,13 @@ TASK_METRICS = (
 
 def privacy_summary(history: list[dict]) -> dict:
     """The last round's privacy figures (``dp_epsilon`` None: no finite guarantee, no noise)."""
-    last = next((r for r in reversed(history) if "dp_noise_multiplier" in r), None)
-    if last is None:
-        return {}
-    keys = ("dp_epsilon", "dp_delta", "dp_noise_multiplier", "dp_adjacency")
-    return {k: last[k] for k in keys if k in last}
+    keys = ("dp_epsilon", "dp_delta", "dp_noise_multiplier", "dp_adjacency", "activation_epsilon")
+    out = {}
+    for k in keys:
+        last = next((r for r in reversed(history) if k in r), None)
+        if last is not None:
+            out[k] = last[k]
+    return out
 
 
 def summarize(cfg: RunConfig, ctx, history: list[dict], ledger: Ledger, n_exchanged: int) -> dict:

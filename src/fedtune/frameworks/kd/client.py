@@ -14,6 +14,7 @@ from ...errors import MessageError
 from ...execution.jobs import Predict, Train
 from ...execution.train import evaluate, num_local_steps
 from ...messages import LABELS, LOGITS, METADATA, SERVER, Message, client_name
+from ...privacy import dp, outputs
 from .common import distill_batch_size, public_candidates
 from .knowledge import knowledge
 
@@ -84,6 +85,10 @@ class Client:
         """b3: upload the logits, compressed; the loss is fixed-width so sizes do not depend
         on it."""
         meta = {"num_samples": len(self.ctx.data.train), "loss": f"{loss:.6e}"}
+        p, cfg = self.ctx.cfg.privacy, self.ctx.cfg
+        if p.kd_noise > 0:  # noisy probabilities, PATE-style (fedtune.privacy.outputs)
+            gen = dp.generator(p.reproducible_noise, (cfg.seed, rnd, seeds.DP_NOISE, self.cid))
+            logits = outputs.noisy_logits(logits, cfg.kd.temperature, p.kd_noise, gen)
         tensors = self.knowledge.pack(logits, self.selection)
         return Message(LOGITS, rnd, client_name(self.cid), SERVER, tensors, meta)
 

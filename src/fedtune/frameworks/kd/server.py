@@ -3,6 +3,7 @@ computes the global logits (b6) and broadcasts them (b7). See the package docstr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Generator
 
 import numpy as np
@@ -16,6 +17,7 @@ from ...execution.executors import execute
 from ...execution.jobs import Train
 from ...execution.train import train
 from ...messages import LOGITS, METADATA, SERVER, Message, client_name
+from ...privacy import outputs
 from .common import (
     distill_batch_size,
     public_candidates,
@@ -43,6 +45,9 @@ class Server:
         self.candidates = public_candidates(ctx)
         self.knowledge = knowledge(ctx)  # class logits, or per-token (generation)
         self.state = {k: v.clone() for k, v in ctx.init_state.items()}
+        # privacy.kd_noise: rounds each client's noisy logits were used, the most samples sent
+        self.noisy: dict[int, int] = {}
+        self.noisy_samples = 0
         self.opt_state: dict | None = None
         self.global_logits: torch.Tensor | None = None  # [N, ...] outputs of the last b6
         self.histograms: dict[int, np.ndarray] = {}  # cid -> [C] private label counts
@@ -110,6 +115,7 @@ class Server:
             np.average([float(replies[i].meta["loss"]) for i in cids], weights=sizes)
         )
         metrics["knowledge_kept"] = float(kept.float().mean())
+        metrics.update(self.kd_privacy(cids, len(sel)))
         weights = kept.numpy().astype(np.float64)  # samples every client was unsure of: 0
         public_y = ctx.data.public.labels[self.candidates[sel]]
         # A measurement only, like the test accuracy: training never reads public labels
@@ -165,6 +171,24 @@ class Server:
     def eval_state(self) -> dict[str, torch.Tensor]:
         return self.state
 
+    def kd_privacy(self, cids: list[int], samples: int) -> dict:
+        """``privacy.kd_noise``: the clients' noisy uploads were used this round; epsilon so
+        far, the largest over the clients (:mod:`fedtune.privacy.outputs`)."""
+        p = self.ctx.cfg.privacy
+        if p.kd_noise == 0:
+            return {}
+        for c in cids:
+            self.noisy[c] = self.noisy.get(c, 0) + 1
+        self.noisy_samples = max(self.noisy_samples, samples)
+        n, most = self.noisy_samples, max(self.noisy.values(), default=0)
+        eps = outputs.kd_epsilon(p.kd_noise, n, most, p.delta)
+        return {
+            "dp_epsilon": eps if math.isfinite(eps) else None,
+            "dp_delta": p.delta,
+            "dp_noise_multiplier": p.kd_noise / math.sqrt(2 * n),
+            "dp_adjacency": "replace one client's data",
+        }
+
     def state_dict(self) -> dict:
         """What a checkpoint must hold to resume (tensors and small JSON-able values)."""
         return {
@@ -172,12 +196,16 @@ class Server:
             "opt_state": self.opt_state,
             "global_logits": self.global_logits,
             "histograms": self.histograms,
+            "noisy": {"rounds": dict(self.noisy), "samples": self.noisy_samples},
         }
 
     def load_state_dict(self, d: dict) -> None:
         self.state = {k: v.to(self.ctx.device) for k, v in d["state"].items()}
         self.opt_state, self.global_logits = d["opt_state"], d["global_logits"]
         self.histograms = {int(k): np.asarray(v) for k, v in d["histograms"].items()}
+        noisy = d.get("noisy", {"rounds": {}, "samples": 0})
+        self.noisy = {int(k): int(v) for k, v in noisy["rounds"].items()}
+        self.noisy_samples = int(noisy["samples"])
 
     def params_exchanged(self) -> int:
         return 0  # only logits travel; see the module docstring

@@ -3,6 +3,8 @@ and the backward through its blocks (c5); uploads its LoRA each round (cc1)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -13,7 +15,7 @@ from ...errors import MessageError
 from ...execution.train import make_optimizer, optimizer_step, shape_of, to_device
 from ...messages import ACTIVATIONS, GRADIENTS, LABELS, PARAMETERS, SERVER, Message, client_name
 from ...models import load_trainable_state, num_blocks
-from ...privacy import privatize
+from ...privacy import dp, outputs, privatize
 from .config import is_u_shaped
 from .layers import round_samples
 from .model import client_forward, compress, decompress, keep_client_half
@@ -39,12 +41,18 @@ class Client:
         self.ctx, self.cid = ctx, ctx.cid
         self.opt: torch.optim.Optimizer | None = None
         self.saved_opt: dict | None = None  # optimizer state from a checkpoint, loaded lazily
+        # privacy.split_noise: the round's noise stream and how often each sample was sent
+        self.noise: torch.Generator | None = None
+        self.uses = np.zeros(len(ctx.data.train), dtype=np.int64)
 
     def state_dict(self) -> dict:
-        return {"opt": self.opt.state_dict() if self.opt is not None else self.saved_opt}
+        opt = self.opt.state_dict() if self.opt is not None else self.saved_opt
+        return {"opt": opt, "uses": torch.from_numpy(self.uses)}
 
     def load_state_dict(self, d: dict) -> None:
         self.opt, self.saved_opt = None, d["opt"]
+        if "uses" in d:
+            self.uses = d["uses"].numpy().astype(np.int64).copy()
 
     def handle(self, msg: Message, link) -> Message:
         ctx, rnd, me = self.ctx, msg.round, client_name(self.cid)
@@ -67,6 +75,12 @@ class Client:
             self.saved_opt = None
         ctx.model.train()
         idx = round_samples(ctx.cfg, ctx.data.samples, self.cid, rnd)
+        p = ctx.cfg.privacy
+        if p.split_noise > 0:  # each sample's activations are sent once this round
+            self.noise = dp.generator(
+                p.reproducible_noise, (ctx.cfg.seed, rnd, seeds.DP_NOISE, self.cid)
+            )
+            np.add.at(self.uses, idx, 1)
         rng = seeds.rng(stream)
         round_batches = list(
             batches(ctx.data.train, idx, t.batch_size, ctx.data.pad_id, rng, t.group_by_length)
@@ -88,8 +102,21 @@ class Client:
             me,
             SERVER,
             upload,
-            {"num_samples": len(idx), "loss": float(np.mean(losses)), "steps": len(round_batches)},
+            {
+                "num_samples": len(idx),
+                "loss": float(np.mean(losses)),
+                "steps": len(round_batches),
+                **self.activation_privacy(),
+            },
         )
+
+    def activation_privacy(self) -> dict:
+        """``privacy.split_noise``: epsilon of this client's most-sent sample's activations."""
+        p = self.ctx.cfg.privacy
+        if p.split_noise == 0:
+            return {}
+        eps = outputs.split_epsilon(p.split_noise, p.split_clip, int(self.uses.max()), p.delta)
+        return {"activation_epsilon": eps if math.isfinite(eps) else None}
 
     def step(self, batch: dict, k: int, link, rnd: int) -> float:
         """One split training step on ``input_ids [B, L]``; returns the batch loss."""
@@ -104,6 +131,9 @@ class Client:
             (*key, "forward"),
             lambda: client_forward(ctx.model, batch["input_ids"], batch["attention_mask"], k, amp),
         )
+        if self.noise is not None:  # clipped per sample and noised before they leave
+            p = ctx.cfg.privacy
+            h = outputs.noisy_activations(h, p.split_clip, p.split_noise, self.noise)
         # c2: cut-layer activations + mask to the server (c3 runs there; the link pauses our meter).
         x = compress(h, s.compression, s.topk_ratio)
         mask = batch["attention_mask"].bool()

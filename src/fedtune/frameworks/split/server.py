@@ -4,6 +4,7 @@ of the client-side LoRA (cc2, cc3). See the package docstring."""
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Generator
 
@@ -193,6 +194,10 @@ class Server:
             return metrics
         weights = [float(replies[c].meta["num_samples"]) for c in ok]
         losses = [float(replies[c].meta["loss"]) for c in ok]
+        if self.ctx.cfg.privacy.split_noise > 0:  # each client's own accounting of its samples
+            eps = [replies[c].meta.get("activation_epsilon") for c in ok]
+            valid = [e for e in eps if isinstance(e, int | float) and 0 <= e < math.inf]
+            metrics["activation_epsilon"] = max(valid) if len(valid) == len(eps) else None
         return {"train_loss": float(np.average(losses, weights=weights)), **metrics}
 
     def dp_aggregate(self, rnd: int, clients: list[int], replies: dict, ok: list[int]) -> dict:
