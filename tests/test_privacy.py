@@ -224,3 +224,14 @@ def test_kd_and_split_noise_runs_report_their_epsilon(tmp_path, synth_dir):
     assert lines[0]["activation_epsilon"] == pytest.approx(outputs.split_epsilon(0.5, 1.0, 1, 1e-5))
     assert summary["activation_epsilon"] == pytest.approx(outputs.split_epsilon(0.5, 1.0, 2, 1e-5))
     assert math.isfinite(summary["final"]["test_loss"])
+
+
+def test_report_shows_the_guarantee():
+    from fedtune.report import privacy_cell
+
+    assert privacy_cell([{"final_accuracy": 0.5}]) == ""  # no DP: no column entry
+    assert privacy_cell([{"dp_epsilon": 7.9996, "dp_delta": 1e-5}]) == "8 (delta 1e-05)"
+    assert privacy_cell([{"dp_epsilon": None, "dp_delta": 1e-5}]) == "inf (delta 1e-05)"
+    two = [{"dp_epsilon": 1.0, "dp_delta": 1e-5}, {"dp_epsilon": 2.5, "dp_delta": 1e-5}]
+    assert privacy_cell(two) == "2.5 (delta 1e-05)"  # the worst seed
+    assert privacy_cell([{"activation_epsilon": 9.01}]) == "activations 9.01"

@@ -18,7 +18,7 @@ from fedtune.runtime.loop import simulate
 P = SimpleNamespace(secagg_threshold=0)  # the [privacy] fields the protocol reads (majority)
 
 
-def _run_protocol(vectors, drop_at=None, wire=None, mangle=None):
+def _run_protocol(vectors, drop_at=None, wire=None, mangle=None, bad_keys=()):
     """Drive :func:`secagg.server_sum` with in-memory clients. ``drop_at[cid] = stage`` makes
     a client stop answering from that stage on ('shares', 'masked', 'unmask'). Returns the
     result and every message the server received."""
@@ -45,6 +45,8 @@ def _run_protocol(vectors, drop_at=None, wire=None, mangle=None):
         return replies
 
     keys = {c: wire.transfer(s.advertise({})) for c, s in sessions.items()}
+    for c in bad_keys:  # the all-zero point: every agreement with it would fail
+        keys[c].tensors["keys"] = torch.zeros(2, 32, dtype=torch.uint8)
     received += keys.values()
     dim = len(next(iter(vectors.values())))
     gen = secagg.server_sum(cfg, 1, keys, dim)
@@ -188,3 +190,10 @@ def test_fedllm_secure_aggregation_survives_a_dropout_mid_protocol(tmp_path, syn
     cfg = config.with_overrides(cfg, fed={"dropout": 0.4, "dropout_exchange": 3})
     summary = simulate(cfg, tmp_path / "d", log=None)
     assert summary["rounds"] == 2 and summary["clients_dropped"] >= 1
+
+
+def test_a_client_with_a_low_order_public_key_is_left_out():
+    xs = _vectors(4)
+    result, _ = _run_protocol(xs, bad_keys=(2,))
+    assert result.clients == [0, 1, 3]
+    assert np.array_equal(result.total, xs[0] + xs[1] + xs[3])

@@ -219,11 +219,26 @@ def aggregate(group: Group) -> dict:
         "client_peak_memory": max((x.get("client_peak_memory_bytes") or 0 for x in s), default=0),
         "task": task,
         "num_labels": s[0].get("num_labels"),
+        "privacy": privacy_cell(s),
         **{f"{k}_mean": _mean(f.get(k) for f in finals) for k in GENERATION_METRICS},
     }
 
 
 GENERATION_METRICS = ("perplexity", "bleu", "chrf", "rouge_l", "exact_match")
+
+
+def privacy_cell(summaries: list[dict]) -> str:
+    """The group's privacy guarantee for the table: the largest epsilon over seeds at its
+    delta (``inf``: noise-free DP), Split's activation epsilon, or "" without DP."""
+    parts = []
+    if any("dp_delta" in x for x in summaries):
+        eps = [x.get("dp_epsilon") for x in summaries]
+        worst = "inf" if None in eps else f"{max(eps):.3g}"
+        parts.append(f"{worst} (delta {summaries[0]['dp_delta']:g})")
+    if any("activation_epsilon" in x for x in summaries):
+        eps = [x.get("activation_epsilon") for x in summaries]
+        parts.append("activations " + ("inf" if None in eps else f"{max(eps):.3g}"))
+    return "; ".join(parts)
 
 
 def curve(group: Group) -> dict[str, np.ndarray]:

@@ -45,7 +45,8 @@ COST_COLUMNS = (
 def _table(columns: tuple[str, ...], rows: list[dict], quality) -> list[str]:
     """A results table: framework, seeds, the task's ``columns`` (``quality(row)`` gives their
     cells) and the measured costs."""
-    names = ("framework", "seeds", *columns, *COST_COLUMNS)
+    private = any(r.get("privacy") for r in rows)  # a column only when a run used DP
+    names = ("framework", "seeds", *columns, *COST_COLUMNS, *(("epsilon",) if private else ()))
     lines = ["| " + " | ".join(names) + " |", "|" + " --- |" * len(names)]
     for r in rows:
         cells = (
@@ -57,6 +58,7 @@ def _table(columns: tuple[str, ...], rows: list[dict], quality) -> list[str]:
             fmt_si(r["client_flops"], "FLOP"),
             f"{r['client_seconds']:.3g}",
             fmt_si(r["client_peak_memory"], "B"),
+            *((r.get("privacy") or "-",) if private else ()),
         )
         lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -76,6 +76,17 @@ def agree(private, public: bytes, info: bytes) -> bytes:
     return HKDF(hashes.SHA256(), KEY, None, info).derive(shared)
 
 
+def valid_public_key(public: bytes) -> bool:
+    """Whether ``public`` is an X25519 key that agrees with a fresh key (a low-order point
+    gives the all-zero secret, which ``cryptography`` refuses): checked for every client's
+    keys before the table goes out, so that no client can make the others' agreements fail."""
+    try:
+        agree(new_key(), public, b"check")
+    except MessageError:
+        return False
+    return True
+
+
 def prg(seed: bytes, n: int) -> np.ndarray:
     """``n`` pseudo-random uint64 from a 32-byte seed: the AES-256-CTR keystream."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -296,9 +307,11 @@ def server_sum(
     table: dict[int, bytes] = {}
     for c, m in keys.items():
         try:
-            table[c] = b"".join(_bytes_table(m.tensors.get("keys"), 2, KEY, "keys"))
+            row = b"".join(_bytes_table(m.tensors.get("keys"), 2, KEY, "keys"))
         except MessageError:
             continue
+        if valid_public_key(row[:KEY]) and valid_public_key(row[KEY:]):
+            table[c] = row
     u1 = sorted(table)
     t = threshold(len(u1), p)
     if len(u1) < max(t, 2):
@@ -349,21 +362,30 @@ def server_sum(
             b_shares[u][col[c]] = s
         for v, s in zip(dropped, sk, strict=True):
             sk_shares[v][col[c]] = s
+    try:
+        return SumResult(unmask(masked, b_shares, sk_shares, table, t, dim), u3)
+    except (MessageError, ValueError) as e:  # too few shares, or shares that do not combine
+        return SumResult(None, [], str(e)[:200])
+
+
+def unmask(masked, b_shares, sk_shares, table, t: int, dim: int) -> np.ndarray:
+    """The sum of the masked vectors minus the survivors' self masks and the dropped clients'
+    pairwise masks (their keys rebuilt from ``t`` shares each)."""
     total = np.zeros(dim, dtype=np.uint64)
     for y in masked.values():
         total += y
-    for u in u3:
-        if len(b_shares[u]) < t:
-            return SumResult(None, [], f"only {len(b_shares[u])} shares of a self mask, need {t}")
-        total -= prg(combine(dict(list(b_shares[u].items())[:t])), dim)
-    for v in dropped:
-        if len(sk_shares[v]) < t:
-            return SumResult(None, [], f"only {len(sk_shares[v])} shares of a dropped key")
-        sk = combine(dict(list(sk_shares[v].items())[:t]))
-        for u in u3:
+    for u, shares in b_shares.items():
+        if len(shares) < t:
+            raise ValueError(f"only {len(shares)} shares of a self mask, need {t}")
+        total -= prg(combine(dict(list(shares.items())[:t])), dim)
+    for v, shares in sk_shares.items():
+        if len(shares) < t:
+            raise ValueError(f"only {len(shares)} shares of a dropped key, need {t}")
+        sk = combine(dict(list(shares.items())[:t]))
+        for u in masked:
             mask = prg(agree(sk, table[u][KEY:], b"fedtune secagg mask"), dim)
             total = total - mask if _sign(u, v) > 0 else total + mask
-    return SumResult(total, u3)
+    return total
 
 
 def flat(state: dict[str, torch.Tensor], names: list[str]) -> np.ndarray:
