@@ -374,7 +374,7 @@ def unmask(masked, b_shares, sk_shares, table, t: int, dim: int) -> np.ndarray:
     total = np.zeros(dim, dtype=np.uint64)
     for y in masked.values():
         total += y
-    for u, shares in b_shares.items():
+    for shares in b_shares.values():
         if len(shares) < t:
             raise ValueError(f"only {len(shares)} shares of a self mask, need {t}")
         total -= prg(combine(dict(list(shares.items())[:t])), dim)
