@@ -57,7 +57,8 @@ class Train:
     is 0, ``epochs`` passes. Each pass shuffles ``idx`` with the generator of ``stream`` (or,
     with ``resample [len(idx)]`` probabilities, draws ``len(idx)`` positions with replacement);
     torch's dropout is seeded from ``stream`` too. ``batch_size`` 0 means ``train.batch_size``.
-    The result is a :class:`~fedtune.execution.train.LocalResult`."""
+    ``private``: the client's own data, which ``privacy.dpsgd`` trains on with DP-SGD
+    (:mod:`fedtune.privacy.dpsgd`). The result is a :class:`~fedtune.execution.train.LocalResult`."""
 
     state: dict[str, torch.Tensor]
     opt_state: dict | None
@@ -69,6 +70,7 @@ class Train:
     epochs: int = 1
     batch_size: int = 0
     resample: np.ndarray | None = None
+    private: bool = False  # private data: trained with DP-SGD when privacy.dpsgd is on
 
 
 @dataclass

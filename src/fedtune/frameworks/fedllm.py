@@ -25,7 +25,7 @@ from ..aggregate import build, finite, meta_problem, screen_updates
 from ..context import ClientContext, ServerContext
 from ..errors import MessageError
 from ..execution.jobs import Train
-from ..execution.train import LocalResult, num_local_steps
+from ..execution.train import LocalResult, dpsgd_report, largest_sample_epsilon, num_local_steps
 from ..messages import PARAMETERS, SECAGG, SERVER, Message, client_name
 from ..models import num_params
 from ..privacy import ClientLevelDP, contribution, privatize, secagg, secure_extras, secure_mean
@@ -75,6 +75,8 @@ class Server:
                 self.dp.count_local(ok)
         if self.dp is not None:
             metrics.update(self.dp.metrics())
+        if self.ctx.cfg.privacy.dpsgd:
+            metrics.update(largest_sample_epsilon([replies[c].meta for c in ok]))
         if not finite(new):  # finite updates can still overflow: keep the last state
             metrics["rejected_reasons"] = {**rejected, "aggregate": "non-finite result"}
             return metrics
@@ -111,6 +113,8 @@ class Server:
         metrics.update(rejected=len(rejected), rejected_reasons=rejected)
         if self.dp is not None:
             metrics.update(self.dp.metrics())
+        if self.ctx.cfg.privacy.dpsgd:
+            metrics.update(largest_sample_epsilon([keys[c].meta for c in used]))
         if new is None or not finite(new):
             return metrics
         self.global_state = new
@@ -143,12 +147,14 @@ class Client:
         self.ctx, self.cid = ctx, ctx.cid
         self.opt_state: dict | None = None
         self.session: secagg.ClientSession | None = None  # this round's secure sum
+        self.rounds_trained = 0  # privacy.dpsgd's accounting
 
     def state_dict(self) -> dict:
-        return {"opt_state": self.opt_state}
+        return {"opt_state": self.opt_state, "rounds_trained": self.rounds_trained}
 
     def load_state_dict(self, d: dict) -> None:
         self.opt_state = d["opt_state"]
+        self.rounds_trained = int(d.get("rounds_trained", 0))
 
     def handle(self, msg: Message, link=None) -> Generator[Train, LocalResult, Message | None]:
         cfg, idx = self.ctx.cfg, self.ctx.data.samples
@@ -163,10 +169,13 @@ class Client:
             self.ctx.task.loss(),
             seeds.client(cfg.seed, msg.round, self.cid),
             steps=num_local_steps(len(idx), cfg.train),
+            private=True,
         )
         self.opt_state = result.opt_state
+        self.rounds_trained += 1
         state = result.state
         meta = {"num_samples": len(idx), "loss": result.loss, "steps": result.steps}
+        meta.update(dpsgd_report(self.ctx, len(idx), self.rounds_trained))
         if cfg.privacy.secagg:  # a3 happens inside the secure sum; first, the keys
             try:
                 x = contribution(cfg, state, msg.tensors, msg.meta, len(idx), msg.round, self.cid)

@@ -27,12 +27,15 @@ from dataclasses import dataclass
 def _lib():
     try:
         import dp_accounting
+        from absl import logging as absl_logging
     except ImportError:  # pragma: no cover - the [privacy] extra is installed in CI
         from ..errors import ConfigError
 
         raise ConfigError(
             "differential privacy needs dp-accounting: pip install 'fedtune[privacy]'"
         ) from None
+    # it logs every RDP order it drops as not converging (small orders at small q): expected
+    absl_logging.set_verbosity(absl_logging.ERROR)
     return dp_accounting
 
 
@@ -112,3 +115,17 @@ def calibrate(target: float, rounds: int, delta: float, s: Sampling | None) -> f
 
     bracket = dpa.LowerEndpointAndGuess(1e-3, 1.0)
     return float(dpa.calibrate_dp_mechanism(_accountant, event, target, delta, bracket, tol=1e-4))
+
+
+@functools.lru_cache(maxsize=64)
+def calibrate_poisson(target: float, q: float, steps: int, delta: float) -> float:
+    """The smallest noise multiplier whose DP-SGD epsilon after ``steps`` Poisson steps of
+    rate ``q`` is at most ``target``."""
+    dpa = _lib()
+
+    def event(z: float):
+        return dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(z)), steps)
+
+    bracket = dpa.LowerEndpointAndGuess(1e-3, 1.0)
+    fresh = dpa.rdp.RdpAccountant
+    return float(dpa.calibrate_dp_mechanism(fresh, event, target, delta, bracket, tol=1e-4))

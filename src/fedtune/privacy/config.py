@@ -70,6 +70,18 @@ class PrivacyConfig:
         "each sample's [L, H] first clipped to L2 norm privacy.split_clip; 0 = off",
     )
     split_clip: float = opt(1.0, "Split-FedLLM: L2 bound of one sample's activations")
+    dpsgd: bool = opt(
+        False,
+        "sample-level DP-SGD (Opacus) for the clients' training on private data (FedLLM a2, "
+        "KD b1): per-sample clipping to dpsgd_clip, Gaussian noise, Poisson batches",
+    )
+    dpsgd_clip: float = opt(1.0, "DP-SGD: L2 bound of one sample's gradient")
+    dpsgd_noise: float = opt(1.0, "DP-SGD: noise multiplier (std over dpsgd_clip)")
+    dpsgd_target_epsilon: float = opt(
+        0.0,
+        "DP-SGD: calibrate each client's noise so its samples' epsilon after fed.rounds rounds "
+        "is this; 0 = use dpsgd_noise",
+    )
     reproducible_noise: bool = opt(
         False,
         "seed the DP noise from the run seed (tests, identical reruns; the guarantee then "
@@ -85,6 +97,9 @@ class PrivacyConfig:
         check(self.clip_lr > 0, "privacy.clip_lr", "must be > 0")
         check(self.count_noise >= 0, "privacy.count_noise", "must be >= 0")
         check(self.kd_noise >= 0, "privacy.kd_noise", "must be >= 0")
+        check(self.dpsgd_clip > 0, "privacy.dpsgd_clip", "must be > 0")
+        check(self.dpsgd_noise >= 0, "privacy.dpsgd_noise", "must be >= 0")
+        check(self.dpsgd_target_epsilon >= 0, "privacy.dpsgd_target_epsilon", "must be >= 0")
         check(self.split_noise >= 0, "privacy.split_noise", "must be >= 0")
         check(self.split_clip > 0, "privacy.split_clip", "must be > 0")
         check(self.secagg_threshold >= 0, "privacy.secagg_threshold", "must be >= 0")
@@ -113,6 +128,21 @@ class PrivacyConfig:
             self.split_noise == 0 or cfg.fed.framework == "split",
             "privacy.split_noise",
             "noises Split-FedLLM's activations",
+        )
+        check(
+            not self.dpsgd or cfg.fed.framework in ("fedllm", "kd"),
+            "privacy.dpsgd",
+            "covers the local training of FedLLM (a2) and KD-FedLLM (b1), not split steps",
+        )
+        check(
+            not self.dpsgd or cfg.fed.engine == "sequential",
+            "fed.engine",
+            "privacy.dpsgd needs per-sample gradients of one client at a time: sequential",
+        )
+        check(
+            not self.dpsgd or cfg.train.local_steps == 0,
+            "train.local_steps",
+            "privacy.dpsgd takes Poisson batches: give train.local_epochs, not local_steps",
         )
         check(
             not self.secagg or cfg.fed.framework == "fedllm",

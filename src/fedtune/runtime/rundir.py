@@ -164,7 +164,14 @@ TASK_METRICS = (
 
 def privacy_summary(history: list[dict]) -> dict:
     """The last round's privacy figures (``dp_epsilon`` None: no finite guarantee, no noise)."""
-    keys = ("dp_epsilon", "dp_delta", "dp_noise_multiplier", "dp_adjacency", "activation_epsilon")
+    keys = (
+        "dp_epsilon",
+        "dp_delta",
+        "dp_noise_multiplier",
+        "dp_adjacency",
+        "activation_epsilon",
+        "sample_epsilon",
+    )
     out = {}
     for k in keys:
         last = next((r for r in reversed(history) if k in r), None)

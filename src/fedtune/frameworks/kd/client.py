@@ -12,7 +12,7 @@ from ... import seeds
 from ...context import ClientContext, ServerContext
 from ...errors import MessageError
 from ...execution.jobs import Predict, Train
-from ...execution.train import evaluate, num_local_steps
+from ...execution.train import dpsgd_report, evaluate, num_local_steps
 from ...messages import LABELS, LOGITS, METADATA, SERVER, Message, client_name
 from ...privacy import dp, outputs
 from .common import distill_batch_size, public_candidates
@@ -30,13 +30,16 @@ class Client:
         self.candidates = public_candidates(ctx)
         self.knowledge = knowledge(ctx)  # class logits, or per-token (generation)
         self.selection = self.candidates  # positions in the public set: this round's
+        self.rounds_trained = 0  # privacy.dpsgd's accounting
 
     def state_dict(self) -> dict:
-        return {"state": self.state, "opt_state": self.opt_state, "selection": self.selection}
+        d = {"state": self.state, "opt_state": self.opt_state, "selection": self.selection}
+        return {**d, "rounds_trained": self.rounds_trained}
 
     def load_state_dict(self, d: dict) -> None:
         self.state = {k: v.to(self.ctx.device) for k, v in d["state"].items()}
         self.opt_state, self.selection = d["opt_state"], np.asarray(d["selection"])
+        self.rounds_trained = int(d.get("rounds_trained", 0))
 
     def handle(self, msg: Message, link=None) -> Generator[Train | Predict, object, Message | None]:
         if msg.kind == METADATA and msg.meta.get("request") == "labels":
@@ -49,9 +52,10 @@ class Client:
             stream = seeds.client(ctx.cfg.seed, msg.round, self.cid)
             loss = ctx.task.loss()
             result = yield Train(
-                self.state, self.opt_state, ctx.data.train, idx, loss, stream, steps
+                self.state, self.opt_state, ctx.data.train, idx, loss, stream, steps, private=True
             )
             self.state, self.opt_state = result.state, result.opt_state
+            self.rounds_trained += 1
             # b2: logits on the public selection (its labels are never read here).
             logits = yield self.knowledge.predict(self.state, self.selection)
             return self.upload(msg.round, result.loss, logits)
@@ -85,6 +89,7 @@ class Client:
         """b3: upload the logits, compressed; the loss is fixed-width so sizes do not depend
         on it."""
         meta = {"num_samples": len(self.ctx.data.train), "loss": f"{loss:.6e}"}
+        meta.update(dpsgd_report(self.ctx, len(self.ctx.data.samples), self.rounds_trained))
         p, cfg = self.ctx.cfg.privacy, self.ctx.cfg
         if p.kd_noise > 0:  # noisy probabilities, PATE-style (fedtune.privacy.outputs)
             gen = dp.generator(p.reproducible_noise, (cfg.seed, rnd, seeds.DP_NOISE, self.cid))
