@@ -1,4 +1,5 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -148,3 +149,11 @@ def test_pad_to_max_length_and_the_paper_presets():
         assert cfg.fed.framework == framework
         assert (cfg.data.pad_to_max_length, cfg.model.max_length) == (True, 80)
         assert (cfg.train.optimizer_state, cfg.model.lora_init) == (optimizer_state, "gaussian")
+
+
+def test_every_preset_loads():
+    presets = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
+    assert len(presets) >= 12
+    for p in presets:
+        cfg = config.load(p)
+        assert cfg.name == p.stem, p  # each preset names itself
