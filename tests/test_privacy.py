@@ -20,6 +20,12 @@ def _state(*values: float) -> dict[str, torch.Tensor]:
     return {"a": torch.tensor(values[:2]), "b": torch.tensor(values[2:])}
 
 
+def _central(ref, states, sampled, bound, z, gen):
+    """Central DP-FedAvg as the server runs it: the clipped sum, then the noisy mean."""
+    total, norms = dp.clipped_sum(ref, states, bound)
+    return dp.noisy_mean(ref, total, sampled, z * bound, gen), norms
+
+
 def test_clip_scales_to_the_bound_and_keeps_small_updates():
     d, n = dp.clip(_state(3.0, 0.0, 4.0), 1.0)  # ||(3, 0, 4)|| = 5
     assert n == 5.0
@@ -34,7 +40,7 @@ def test_central_mean_without_noise_is_the_clipped_sum_over_the_sampled_count():
     ref = _state(1.0, 1.0, 1.0)
     states = [_state(4.0, 1.0, 5.0), _state(1.0, 2.0, 1.0)]  # deltas (3,0,4) and (0,1,0)
     gen = torch.Generator().manual_seed(0)
-    new, norms = dp.central_mean(ref, states, sampled=3, bound=1.0, z=0.0, gen=gen)
+    new, norms = _central(ref, states, sampled=3, bound=1.0, z=0.0, gen=gen)
     assert norms == [5.0, 1.0]
     # (0.6, 0, 0.8) + (0, 1, 0) = (0.6, 1, 0.8); / 3 sampled (one dropped out); + reference
     assert torch.allclose(new["a"], torch.tensor([1.2, 1 + 1 / 3])) and torch.allclose(
@@ -47,8 +53,8 @@ def test_one_clients_influence_is_bounded_by_the_clip():
     honest = [{"w": torch.full((10,), 0.01)} for _ in range(3)]
     attacker = {"w": torch.full((10,), 1e6)}
     gen = torch.Generator().manual_seed(0)
-    with_, _ = dp.central_mean(ref, [*honest, attacker], 4, 0.5, 0.0, gen)
-    without, _ = dp.central_mean(ref, honest, 4, 0.5, 0.0, gen)
+    with_, _ = _central(ref, [*honest, attacker], 4, 0.5, 0.0, gen)
+    without, _ = _central(ref, honest, 4, 0.5, 0.0, gen)
     assert dp.norm_of(dp.delta_of(with_, without)) == pytest.approx(0.5 / 4, rel=1e-6)
 
 
@@ -56,7 +62,7 @@ def test_noise_has_std_z_times_clip_over_the_sampled_count():
     n = 200_000
     ref = {"w": torch.zeros(n)}
     gen = torch.Generator().manual_seed(1)
-    new, _ = dp.central_mean(ref, [ref, ref], sampled=2, bound=3.0, z=0.5, gen=gen)
+    new, _ = _central(ref, [ref, ref], sampled=2, bound=3.0, z=0.5, gen=gen)
     # sample std of n normals: relative standard error 1/sqrt(2n) = 0.0016; 5 of them
     assert float(new["w"].std()) == pytest.approx(0.5 * 3.0 / 2, rel=5 / math.sqrt(2 * n))
     assert abs(float(new["w"].mean())) < 5 * 0.75 / math.sqrt(n)

@@ -171,8 +171,9 @@ def _final_state(tmp_path, name, synth_dir, **privacy):
 def test_fedllm_with_secure_aggregation_equals_fedavg(tmp_path, synth_dir):
     plain, a = _final_state(tmp_path, "plain", synth_dir)
     secure, b = _final_state(tmp_path, "secure", synth_dir, secagg=True)
-    # per round the decoded mean is off by at most 3 clients x 2^-25 / 3 samples' weight...
-    bound = 2 * secagg.mean_error_bound(24, 3, 1.0)  # ...over 2 rounds (weights >= 1)
+    # each encoded value is off by at most 2^-25, so a decoded mean over 3 clients of weight
+    # >= 1 by at most 3 x 2^-25 a round; over 2 rounds twice that
+    bound = 2 * 3 * 2.0**-25
     for k in a:
         assert torch.allclose(a[k], b[k], atol=bound + 1e-6, rtol=1e-5), k
     by_kind = secure["bytes_per_client_per_round_by_kind"]
@@ -197,3 +198,23 @@ def test_a_client_with_a_low_order_public_key_is_left_out():
     result, _ = _run_protocol(xs, bad_keys=(2,))
     assert result.clients == [0, 1, 3]
     assert np.array_equal(result.total, xs[0] + xs[1] + xs[3])
+
+
+def test_a_secure_sum_with_an_impossible_clip_count_is_rejected():
+    """Central DP under secure aggregation sums each client's unclipped bit: a sum of two
+    clients' bits that is not in [0, 2] (a client sent 1e6) must not move the clip bound."""
+    from fedtune import config
+    from fedtune.privacy import ClientLevelDP, secure_mean
+
+    cfg = config.load(None, ["privacy.dp=central", "privacy.secagg=true", "privacy.noise=0"])
+    ref = {"w": torch.zeros(3)}
+    dpc = ClientLevelDP(cfg)
+
+    def mean(bits: float):
+        total = secagg.encode(np.array([0.1, 0.2, 0.3, 2.0, bits]), 24)  # update, weights, bits
+        return secure_mean(cfg, dpc, 1, ref, secagg.SumResult(total, [0, 1]), 2.0, 2)
+
+    new, metrics = mean(1e6)
+    assert new is None and metrics["secagg_failed"] == "the secure sum is out of range"
+    new, metrics = mean(2.0)
+    assert torch.allclose(new["w"], torch.tensor([0.05, 0.1, 0.15])) and metrics["dp_clipped"] == 0

@@ -228,16 +228,18 @@ GENERATION_METRICS = ("perplexity", "bleu", "chrf", "rouge_l", "exact_match")
 
 
 def privacy_cell(summaries: list[dict]) -> str:
-    """The group's privacy guarantee for the table: the largest epsilon over seeds at its
-    delta (``inf``: noise-free DP), Split's activation epsilon, or "" without DP."""
+    """The group's privacy guarantees for the table, each the largest epsilon over seeds
+    (``inf``: DP without noise): client-level at its delta, DP-SGD's per sample, Split's
+    activations; "" without any."""
+    labels = {"dp_epsilon": "", "sample_epsilon": "samples ", "activation_epsilon": "activations "}
     parts = []
-    if any("dp_delta" in x for x in summaries):
-        eps = [x.get("dp_epsilon") for x in summaries]
-        worst = "inf" if None in eps else f"{max(eps):.3g}"
-        parts.append(f"{worst} (delta {summaries[0]['dp_delta']:g})")
-    if any("activation_epsilon" in x for x in summaries):
-        eps = [x.get("activation_epsilon") for x in summaries]
-        parts.append("activations " + ("inf" if None in eps else f"{max(eps):.3g}"))
+    for key, label in labels.items():
+        if any(key in x for x in summaries):
+            eps = [x.get(key) for x in summaries]
+            cell = label + ("inf" if None in eps else f"{max(eps):.3g}")
+            if key == "dp_epsilon":
+                cell += f" (delta {summaries[0]['dp_delta']:g})"
+            parts.append(cell)
     return "; ".join(parts)
 
 

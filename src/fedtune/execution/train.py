@@ -128,9 +128,11 @@ def train(ctx: Context, job: Train) -> LocalResult:
     loss_sum = torch.zeros((), device=device)  # accumulated on device: no sync per step
     steps = samples = 0
     bar = tqdm(total=job.steps or None, leave=False, disable=not ctx.progress, unit="step")
-    private = job.private and ctx.cfg.privacy.dpsgd
-    with dpsgd_steps(ctx, job, opt) if private else contextlib.nullcontext(opt) as step_opt:
-        batches_ = private_batches(ctx, job) if private else job_batches(job, cfg, ctx.data.pad_id)
+    if job.private and ctx.cfg.privacy.dpsgd:
+        stepping, batches_ = dpsgd_job(ctx, job, opt)
+    else:
+        stepping, batches_ = contextlib.nullcontext(opt), job_batches(job, cfg, ctx.data.pad_id)
+    with stepping as step_opt:
         for batch in batches_:
             batch = to_device(batch, device)
 
@@ -151,35 +153,18 @@ def train(ctx: Context, job: Train) -> LocalResult:
     return finish_training(model, opt, cfg, loss_sum, steps, samples)
 
 
-def dpsgd_plan(ctx: Context, n: int) -> tuple[float, int, float]:
-    """DP-SGD for a client with ``n`` private samples: ``(q, steps per round, z)``."""
-    from ..privacy import dpsgd
-
-    cfg = ctx.cfg.train
-    q = min(1.0, cfg.batch_size / n)
-    steps = cfg.local_epochs * -(-n // cfg.batch_size)
-    return q, steps, dpsgd.noise_multiplier(ctx.cfg.privacy, q, steps * ctx.cfg.fed.rounds)
-
-
-def dpsgd_steps(ctx: Context, job: Train, opt: torch.optim.Optimizer):
-    """Opacus around the shared model and ``opt`` for one private job."""
+def dpsgd_job(ctx: Context, job: Train, opt: torch.optim.Optimizer):
+    """A private job under ``privacy.dpsgd``: Opacus around the shared model and ``opt``, and
+    the job's Poisson batches (an empty draw is skipped: no step, no data read)."""
     from ..privacy import dp, dpsgd
 
     p = ctx.cfg.privacy
-    _, _, z = dpsgd_plan(ctx, len(job.idx))
+    q, steps, z = dpsgd.plan(ctx.cfg, len(job.idx))
     gen = dp.generator(p.reproducible_noise, (*job.stream, seeds.DP_NOISE))
-    return dpsgd.private_training(ctx.model, opt, p, z, ctx.cfg.train.batch_size, gen)
-
-
-def private_batches(ctx: Context, job: Train) -> Iterator[dict[str, torch.Tensor]]:
-    """A private job's Poisson batches (empty draws skipped: no step, no data read)."""
-    from ..privacy import dpsgd
-
-    q, steps, _ = dpsgd_plan(ctx, len(job.idx))
-    rng = seeds.rng(job.stream)
-    for sel in dpsgd.poisson_batches(np.asarray(job.idx), q, steps, rng):
-        if len(sel):
-            yield next(batches(job.data, sel, len(sel), ctx.data.pad_id))
+    draws = dpsgd.poisson_batches(np.asarray(job.idx), q, steps, seeds.rng(job.stream))
+    pad_id = ctx.data.pad_id
+    batches_ = (next(batches(job.data, sel, len(sel), pad_id)) for sel in draws if len(sel))
+    return dpsgd.private_training(ctx.model, opt, p, z, ctx.cfg.train.batch_size, gen), batches_
 
 
 @torch.inference_mode()
@@ -233,23 +218,3 @@ def generate_job(ctx: Context, job) -> list[list[int]]:
 def evaluate(ctx: Context, state: dict[str, torch.Tensor] | None, data: Tokenized) -> dict:
     """The task's test metrics of ``state`` on all of ``data``."""
     return ctx.task.metrics(outputs(ctx, state, data, np.arange(len(data))), data.labels)
-
-
-def dpsgd_report(ctx: Context, n: int, rounds_taken: int) -> dict:
-    """A client's DP-SGD epsilon after ``rounds_taken`` rounds of private training on ``n``
-    samples (its reply's ``sample_epsilon``); {} without ``privacy.dpsgd``."""
-    from ..privacy import dpsgd
-
-    if not ctx.cfg.privacy.dpsgd:
-        return {}
-    q, steps, z = dpsgd_plan(ctx, n)
-    eps = dpsgd.sample_epsilon(z, q, steps * rounds_taken, ctx.cfg.privacy.delta)
-    return {"sample_epsilon": eps if np.isfinite(eps) else None}
-
-
-def largest_sample_epsilon(metas: list[dict]) -> dict:
-    """The server's ``sample_epsilon`` metric: the largest the clients reported (None when a
-    reply lacks a valid one: the run then states no bound)."""
-    eps = [m.get("sample_epsilon") for m in metas]
-    ok = [e for e in eps if isinstance(e, int | float) and not isinstance(e, bool) and e >= 0]
-    return {"sample_epsilon": max(ok) if eps and len(ok) == len(eps) else None}

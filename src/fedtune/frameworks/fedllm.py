@@ -25,10 +25,19 @@ from ..aggregate import build, finite, meta_problem, screen_updates
 from ..context import ClientContext, ServerContext
 from ..errors import MessageError
 from ..execution.jobs import Train
-from ..execution.train import LocalResult, dpsgd_report, largest_sample_epsilon, num_local_steps
+from ..execution.train import LocalResult, num_local_steps
 from ..messages import PARAMETERS, SECAGG, SERVER, Message, client_name
 from ..models import num_params
-from ..privacy import ClientLevelDP, contribution, privatize, secagg, secure_extras, secure_mean
+from ..privacy import (
+    ClientLevelDP,
+    contribution,
+    dpsgd,
+    largest_reported,
+    privatize,
+    secagg,
+    secure_extras,
+    secure_mean,
+)
 from . import register
 
 
@@ -76,7 +85,9 @@ class Server:
         if self.dp is not None:
             metrics.update(self.dp.metrics())
         if self.ctx.cfg.privacy.dpsgd:
-            metrics.update(largest_sample_epsilon([replies[c].meta for c in ok]))
+            metrics["sample_epsilon"] = largest_reported(
+                [replies[c].meta for c in ok], "sample_epsilon"
+            )
         if not finite(new):  # finite updates can still overflow: keep the last state
             metrics["rejected_reasons"] = {**rejected, "aggregate": "non-finite result"}
             return metrics
@@ -114,7 +125,9 @@ class Server:
         if self.dp is not None:
             metrics.update(self.dp.metrics())
         if self.ctx.cfg.privacy.dpsgd:
-            metrics.update(largest_sample_epsilon([keys[c].meta for c in used]))
+            metrics["sample_epsilon"] = largest_reported(
+                [keys[c].meta for c in used], "sample_epsilon"
+            )
         if new is None or not finite(new):
             return metrics
         self.global_state = new
@@ -175,7 +188,7 @@ class Client:
         self.rounds_trained += 1
         state = result.state
         meta = {"num_samples": len(idx), "loss": result.loss, "steps": result.steps}
-        meta.update(dpsgd_report(self.ctx, len(idx), self.rounds_trained))
+        meta.update(dpsgd.report(cfg, len(idx), self.rounds_trained))
         if cfg.privacy.secagg:  # a3 happens inside the secure sum; first, the keys
             try:
                 x = contribution(cfg, state, msg.tensors, msg.meta, len(idx), msg.round, self.cid)

@@ -25,6 +25,7 @@ __all__ = [
     "ClientLevelDP",
     "PrivacyConfig",
     "contribution",
+    "largest_reported",
     "privatize",
     "round_size",
     "secure_mean",
@@ -32,9 +33,10 @@ __all__ = [
 
 
 def round_size(cfg) -> int:
-    """How many clients each round samples (:func:`fedtune.runtime.records.sample_clients`)."""
-    n, f = cfg.data.num_clients, cfg.fed
-    return min(n, max(f.min_clients, int(round(f.fraction_fit * n))))
+    """How many clients each round samples (:func:`fedtune.runtime.records.sample_size`)."""
+    from ..runtime.records import sample_size  # late: the runtime imports the frameworks
+
+    return sample_size(cfg.data.num_clients, cfg.fed.fraction_fit, cfg.fed.min_clients)
 
 
 def noise_multiplier(cfg) -> float:
@@ -132,6 +134,16 @@ class ClientLevelDP:
         self.taken = {int(k): int(v) for k, v in d["taken"].items()}
 
 
+def largest_reported(metas: Sequence[dict], key: str) -> float | None:
+    """The largest epsilon the clients reported under ``key`` (DP-SGD's ``sample_epsilon``,
+    Split's ``activation_epsilon``: each client accounts for its own samples). None when a
+    reply lacks a finite, non-negative number: the run then states no bound."""
+    eps = [m.get(key) for m in metas]
+    ok = [e for e in eps if isinstance(e, int | float) and not isinstance(e, bool)]
+    ok = [e for e in ok if 0 <= e < math.inf]
+    return max(ok) if eps and len(ok) == len(eps) else None
+
+
 def secure_extras(cfg) -> int:
     """Values after the update in a secure-aggregation vector: the weight (and, central DP,
     the client's unclipped bit, which adaptive clipping counts)."""
@@ -173,14 +185,17 @@ def secure_mean(cfg, dpc, rnd: int, reference: State, result, claimed: float, sa
     s = secagg.decode(result.total, p.secagg_bits)
     d = len(s) - secure_extras(cfg)
     weight = s[d]
-    slack = len(result.clients) * 2.0**-p.secagg_bits
-    if abs(weight - claimed) > slack or np.abs(s[:d]).max(initial=0) > p.secagg_clamp * weight:
+    n, slack = len(result.clients), len(result.clients) * 2.0**-p.secagg_bits
+    out = abs(weight - claimed) > slack or np.abs(s[:d]).max(initial=0) > p.secagg_clamp * weight
+    if dpc is not None and dpc.central:  # the summed unclipped bits: a count of the clients
+        out = out or not -slack <= s[d + 1] <= n + slack
+    if out:
         return None, {**metrics, "secagg_failed": "the secure sum is out of range"}
     total = secagg.unflat(s[:d], reference, names)
     if dpc is not None and dpc.central:
         unclipped = int(round(s[d + 1]))
         new, m = dpc.release(rnd, reference, total, unclipped, sampled)
-        return new, {**metrics, **m, "dp_clipped": len(result.clients) - unclipped}
+        return new, {**metrics, **m, "dp_clipped": n - unclipped}
     if dpc is not None:
         dpc.count_local(result.clients)
     return dp.apply(reference, dp.scale(total, 1.0 / weight)), metrics

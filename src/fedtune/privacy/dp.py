@@ -130,20 +130,6 @@ def noisy_mean(
     return apply(reference, {k: v / count[k] for k, v in total.items()})
 
 
-def central_mean(
-    reference: State,
-    states: Sequence[State],
-    sampled: int | dict[str, int],
-    bound: float,
-    z: float,
-    gen: torch.Generator,
-) -> tuple[State, list[float]]:
-    """Central DP-FedAvg: ``reference + (sum_i clip(Δ_i) + N(0, (z·bound)^2)) / sampled``,
-    and every update's norm before clipping (for adaptive clipping and ``dp_clipped``)."""
-    total, norms = clipped_sum(reference, states, bound)
-    return noisy_mean(reference, total, sampled, z * bound, gen), norms
-
-
 def privatize_local(
     state: State, reference: State, bound: float, z: float, gen: torch.Generator
 ) -> tuple[State, float]:

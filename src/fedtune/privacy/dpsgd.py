@@ -17,6 +17,7 @@ private data.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 
 import numpy as np
@@ -34,6 +35,24 @@ def _opacus():
 
         raise ConfigError("privacy.dpsgd needs opacus: pip install 'fedtune[privacy]'") from None
     return opacus.GradSampleModule, DPOptimizer
+
+
+def plan(cfg, n: int) -> tuple[float, int, float]:
+    """DP-SGD for a client with ``n`` private samples: ``(q, Poisson steps per round, z)``."""
+    t = cfg.train
+    q = min(1.0, t.batch_size / n)
+    steps = t.local_epochs * -(-n // t.batch_size)
+    return q, steps, noise_multiplier(cfg.privacy, q, steps * cfg.fed.rounds)
+
+
+def report(cfg, n: int, rounds_taken: int) -> dict:
+    """A client's ``sample_epsilon`` after ``rounds_taken`` rounds of private training on
+    ``n`` samples, for its reply; {} without ``privacy.dpsgd``."""
+    if not cfg.privacy.dpsgd:
+        return {}
+    q, steps, z = plan(cfg, n)
+    eps = sample_epsilon(z, q, steps * rounds_taken, cfg.privacy.delta)
+    return {"sample_epsilon": eps if math.isfinite(eps) else None}
 
 
 def noise_multiplier(p, q: float, steps: int) -> float:

@@ -28,7 +28,6 @@ that range is rejected).
 
 from __future__ import annotations
 
-import math
 import secrets
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -402,9 +401,3 @@ def unflat(v: np.ndarray, like: dict[str, torch.Tensor], names: list[str]) -> di
         out[n] = t.to(like[n].device)
         i += k
     return out
-
-
-def mean_error_bound(bits: int, clients: int, weight_sum: float) -> float:
-    """Largest rounding error of a decoded weighted mean: each encoded value is off by at most
-    ``2^-(bits+1)``, so the sum by ``clients`` times that, divided by the weight sum."""
-    return clients * 2.0 ** -(bits + 1) / weight_sum if weight_sum > 0 else math.inf

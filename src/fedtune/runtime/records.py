@@ -16,12 +16,17 @@ from ..generate import eval_prompts, generate, score
 from ..messages import DOWN, UP, Ledger, client_name
 
 
+def sample_size(num_clients: int, fraction: float, min_clients: int) -> int:
+    """How many clients a round samples: ``max(min_clients, round(fraction * N))``, at most N."""
+    return min(num_clients, max(min_clients, int(round(fraction * num_clients))))
+
+
 def sample_clients(
     num_clients: int, fraction: float, min_clients: int, seed: int, rnd: int, attempt: int = 0
 ):
     """Seeded client sampling: ``max(min_clients, round(fraction * N))`` distinct ids, sorted.
     A retried round (``attempt > 0``, see ``fed.on_too_few``) draws a fresh sample."""
-    k = min(num_clients, max(min_clients, int(round(fraction * num_clients))))
+    k = sample_size(num_clients, fraction, min_clients)
     if k == num_clients:
         return list(range(num_clients))
     rng = seeds.rng((seed, rnd, seeds.SAMPLING) + ((attempt,) if attempt else ()))

@@ -12,9 +12,9 @@ from ... import seeds
 from ...context import ClientContext, ServerContext
 from ...errors import MessageError
 from ...execution.jobs import Predict, Train
-from ...execution.train import dpsgd_report, evaluate, num_local_steps
+from ...execution.train import evaluate, num_local_steps
 from ...messages import LABELS, LOGITS, METADATA, SERVER, Message, client_name
-from ...privacy import dp, outputs
+from ...privacy import dp, dpsgd, outputs
 from .common import distill_batch_size, public_candidates
 from .knowledge import knowledge
 
@@ -89,7 +89,7 @@ class Client:
         """b3: upload the logits, compressed; the loss is fixed-width so sizes do not depend
         on it."""
         meta = {"num_samples": len(self.ctx.data.train), "loss": f"{loss:.6e}"}
-        meta.update(dpsgd_report(self.ctx, len(self.ctx.data.samples), self.rounds_trained))
+        meta.update(dpsgd.report(self.ctx.cfg, len(self.ctx.data.samples), self.rounds_trained))
         p, cfg = self.ctx.cfg.privacy, self.ctx.cfg
         if p.kd_noise > 0:  # noisy probabilities, PATE-style (fedtune.privacy.outputs)
             gen = dp.generator(p.reproducible_noise, (cfg.seed, rnd, seeds.DP_NOISE, self.cid))

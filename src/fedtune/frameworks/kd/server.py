@@ -15,9 +15,9 @@ from ...context import ServerContext
 from ...errors import MessageError
 from ...execution.executors import execute
 from ...execution.jobs import Train
-from ...execution.train import largest_sample_epsilon, train
+from ...execution.train import train
 from ...messages import LOGITS, METADATA, SERVER, Message, client_name
-from ...privacy import outputs
+from ...privacy import largest_reported, outputs
 from .common import (
     distill_batch_size,
     public_candidates,
@@ -117,7 +117,8 @@ class Server:
         metrics["knowledge_kept"] = float(kept.float().mean())
         metrics.update(self.kd_privacy(cids, len(sel)))
         if ctx.cfg.privacy.dpsgd:
-            metrics.update(largest_sample_epsilon([replies[i].meta for i in cids]))
+            metas = [replies[i].meta for i in cids]
+            metrics["sample_epsilon"] = largest_reported(metas, "sample_epsilon")
         weights = kept.numpy().astype(np.float64)  # samples every client was unsure of: 0
         public_y = ctx.data.public.labels[self.candidates[sel]]
         # A measurement only, like the test accuracy: training never reads public labels

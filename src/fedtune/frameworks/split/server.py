@@ -4,7 +4,6 @@ of the client-side LoRA (cc2, cc3). See the package docstring."""
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Generator
 
@@ -27,7 +26,7 @@ from ...messages import (
     client_name,
 )
 from ...models import load_trainable_state, vocab_size
-from ...privacy import ClientLevelDP
+from ...privacy import ClientLevelDP, largest_reported
 from .config import is_u_shaped
 from .layers import choose_split_layers, samples_per_round
 from .model import compress, decompress, part_names, server_forward
@@ -195,9 +194,8 @@ class Server:
         weights = [float(replies[c].meta["num_samples"]) for c in ok]
         losses = [float(replies[c].meta["loss"]) for c in ok]
         if self.ctx.cfg.privacy.split_noise > 0:  # each client's own accounting of its samples
-            eps = [replies[c].meta.get("activation_epsilon") for c in ok]
-            valid = [e for e in eps if isinstance(e, int | float) and 0 <= e < math.inf]
-            metrics["activation_epsilon"] = max(valid) if len(valid) == len(eps) else None
+            metas = [replies[c].meta for c in ok]
+            metrics["activation_epsilon"] = largest_reported(metas, "activation_epsilon")
         return {"train_loss": float(np.average(losses, weights=weights)), **metrics}
 
     def dp_aggregate(self, rnd: int, clients: list[int], replies: dict, ok: list[int]) -> dict:
