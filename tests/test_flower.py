@@ -32,8 +32,13 @@ SETTINGS = {
     "fedllm": {},
     "kd": {},
     "split": {"model": {"name": "tiny-llama", "lora_dropout": 0.0}},
-    # secure aggregation: three more exchanges a round; the sum (so every number) is exact
-    "secagg": {"fed": {"framework": "fedllm"}, "privacy": {"secagg": True}},
+    # secure aggregation of split's client LoRA: three more exchanges a round, which open no
+    # split stream; the sum (so every number) is exact
+    "secagg": {
+        "fed": {"framework": "split"},
+        "model": {"name": "tiny-llama", "lora_dropout": 0.0},
+        "privacy": {"secagg": True},
+    },
 }
 EXACT = (
     "accuracy",

@@ -127,7 +127,12 @@ def test_config_checks():
     with pytest.raises(ConfigError, match="fed.aggregator"):
         config.load(None, ["privacy.dp=central", "fed.aggregator=median"])
     with pytest.raises(ConfigError, match="privacy.secagg"):
-        config.load(None, ["fed.framework=split", "privacy.secagg=true"])
+        config.load(None, ["fed.framework=kd", "privacy.secagg=true"])
+    with pytest.raises(ConfigError, match="split.client_split_layers"):
+        config.load(
+            None,
+            ["fed.framework=split", "privacy.secagg=true", "split.client_split_layers=[2,3,3]"],
+        )
     with pytest.raises(ConfigError, match="fed.aggregator"):
         config.load(None, ["privacy.secagg=true", "fed.aggregator=trimmed_mean"])
     with pytest.raises(ConfigError, match="fed.poison_clients"):

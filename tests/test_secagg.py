@@ -1,5 +1,6 @@
 """Secure aggregation: the masked sum is the plain sum, the server sees only masked vectors,
-dropouts mid-protocol are survived, unsafe requests are refused, and FedLLM runs with it."""
+dropouts mid-protocol are survived, unsafe requests are refused, and FedLLM and Split-FedLLM's
+client LoRA run with it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from conftest import tiny_cfg
-from fedtune.errors import MessageError
+from fedtune.errors import ConfigError, MessageError
 from fedtune.messages import PARAMETERS, SECAGG, Wire, encoded_size
 from fedtune.privacy import secagg
 from fedtune.runtime.loop import simulate
@@ -160,17 +161,17 @@ def test_fixed_point_round_trip():
     assert n == 2 and c.tolist() == [2.0, -2.0, 1.0]
 
 
-def _final_state(tmp_path, name, synth_dir, **privacy):
+def _final_state(tmp_path, name, synth_dir, **sections):
     from safetensors.torch import load_file
 
-    cfg = tiny_cfg(synth_dir, privacy=privacy)
+    cfg = tiny_cfg(synth_dir, **sections)
     summary = simulate(cfg, tmp_path / name, log=None)
     return summary, load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
 
 
 def test_fedllm_with_secure_aggregation_equals_fedavg(tmp_path, synth_dir):
     plain, a = _final_state(tmp_path, "plain", synth_dir)
-    secure, b = _final_state(tmp_path, "secure", synth_dir, secagg=True)
+    secure, b = _final_state(tmp_path, "secure", synth_dir, privacy={"secagg": True})
     # each encoded value is off by at most 2^-25, so a decoded mean over 3 clients of weight
     # >= 1 by at most 3 x 2^-25 a round; over 2 rounds twice that
     bound = 2 * 3 * 2.0**-25
@@ -218,3 +219,43 @@ def test_a_secure_sum_with_an_impossible_clip_count_is_rejected():
     assert new is None and metrics["secagg_failed"] == "the secure sum is out of range"
     new, metrics = mean(2.0)
     assert torch.allclose(new["w"], torch.tensor([0.05, 0.1, 0.15])) and metrics["dp_clipped"] == 0
+
+
+def test_split_with_secure_aggregation_equals_plain_split(tmp_path, synth_dir):
+    """Split-FedLLM's client LoRA (cc1-cc2) through the secure sum: the same adapter as plain
+    averaging to the fixed-point precision, and the server received only masked vectors."""
+    split = {"fed": {"framework": "split"}, "split": {"split_layer": 1}}
+    plain, a = _final_state(tmp_path, "plain", synth_dir, **split)
+    secure, b = _final_state(tmp_path, "secure", synth_dir, **split, privacy={"secagg": True})
+    bound = 2 * 3 * 2.0**-25  # as for FedLLM: 3 clients, 2 rounds
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=bound + 1e-6, rtol=1e-5), k
+    by_kind = secure["bytes_per_client_per_round_by_kind"]
+    assert by_kind["up"]["secagg"] > 0 and by_kind["down"]["secagg"] > 0
+    # the activations and labels are those of plain split; the upload is one masked vector
+    for kind in ("activations", "labels"):
+        assert by_kind["up"][kind] == plain["bytes_per_client_per_round_by_kind"]["up"][kind]
+    d = secure["trainable_params_exchanged"]
+    masked = encoded_size({"masked": torch.zeros(d + 1, dtype=torch.int64)}, round=1)
+    assert by_kind["up"]["parameters"] == masked
+
+
+def test_split_secure_aggregation_survives_a_dropout_mid_protocol(tmp_path, synth_dir):
+    from fedtune import config
+
+    cfg = tiny_cfg(synth_dir, fed={"framework": "split"}, privacy={"secagg": True})
+    cfg = config.with_overrides(cfg, fed={"dropout": 0.4, "dropout_exchange": 3})
+    summary = simulate(cfg, tmp_path / "d", log=None)
+    assert summary["rounds"] == 2 and summary["clients_dropped"] >= 1
+
+
+def test_split_secure_aggregation_needs_one_split_layer(tmp_path, synth_dir):
+    """The budget policy can give clients different layers: refused when the run starts."""
+    cfg = tiny_cfg(
+        synth_dir,
+        fed={"framework": "split"},
+        split={"policy": "budget", "client_compute_budgets": [1.0, 1.0, 0.6]},
+        privacy={"secagg": True},
+    )
+    with pytest.raises(ConfigError, match="privacy.secagg"):
+        simulate(cfg, tmp_path / "b", log=None)

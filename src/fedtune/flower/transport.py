@@ -193,6 +193,9 @@ class FlowerTransport:
 
     def exchange(self, rs: RoundState, outgoing: dict[int, FedMessage]) -> dict[int, FedMessage]:
         out = []
+        # the split link serves the round's first exchange only (the split server closes its
+        # requests when it ends); later ones (secure aggregation's steps) open no stream
+        tokens, self.tokens = self.tokens, {}
         for cid, msg in outgoing.items():
             h = dict(
                 self.header,
@@ -201,10 +204,10 @@ class FlowerTransport:
                 keep_after=self.keep_after(rs.rnd),
                 drop=cid in rs.dropping_now(self.fed.dropout_exchange),
             )
-            if cid in self.tokens:
+            if cid in tokens:
                 h["split"] = {
                     "address": self.service.address,
-                    "token": self.tokens[cid],
+                    "token": tokens[cid],
                     "timeout": self.timeout,
                 }
             rec = ConfigRecord({"header": json.dumps(h), "blob": self.wire.send(msg)})

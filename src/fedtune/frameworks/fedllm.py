@@ -21,22 +21,20 @@ import numpy as np
 import torch
 
 from .. import seeds
-from ..aggregate import build, finite, meta_problem, screen_updates
+from ..aggregate import build, finite, screen_updates
 from ..context import ClientContext, ServerContext
-from ..errors import MessageError
 from ..execution.jobs import Train
 from ..execution.train import LocalResult, num_local_steps
 from ..messages import PARAMETERS, SECAGG, SERVER, Message, client_name
 from ..models import num_params
 from ..privacy import (
     ClientLevelDP,
-    contribution,
     dpsgd,
     largest_reported,
     privatize,
     secagg,
-    secure_extras,
-    secure_mean,
+    secure_aggregate,
+    secure_session,
 )
 from . import register
 
@@ -105,34 +103,17 @@ class Server:
             cid: Message(PARAMETERS, rnd, SERVER, client_name(cid), self.global_state, meta)
             for cid in clients
         }
-        keys, rejected = {}, {}
-        for c, m in replies.items():
-            why = meta_problem(m.meta, float(self.ctx.data.client_sizes[c]))
-            if m.kind != SECAGG:
-                why = f"expected secure aggregation keys, got {m.kind[:20]!r}"
-            if why:
-                rejected[str(c)] = why
-            else:
-                keys[c] = m
-        dim = num_params(self.global_state) + secure_extras(self.ctx.cfg)
-        result = yield from secagg.server_sum(self.ctx.cfg, rnd, keys, dim)
-        used = result.clients
-        claimed = sum(1.0 if self.central else float(keys[c].meta["num_samples"]) for c in used)
-        new, metrics = secure_mean(
-            self.ctx.cfg, self.dp, rnd, self.global_state, result, claimed, len(clients)
+        sizes = {c: float(self.ctx.data.client_sizes[c]) for c in replies}
+        new, metrics, metas = yield from secure_aggregate(
+            self.ctx.cfg, self.dp, rnd, self.global_state, replies, sizes, len(clients)
         )
-        metrics.update(rejected=len(rejected), rejected_reasons=rejected)
-        if self.dp is not None:
-            metrics.update(self.dp.metrics())
         if self.ctx.cfg.privacy.dpsgd:
-            metrics["sample_epsilon"] = largest_reported(
-                [keys[c].meta for c in used], "sample_epsilon"
-            )
+            metrics["sample_epsilon"] = largest_reported(list(metas.values()), "sample_epsilon")
         if new is None or not finite(new):
             return metrics
         self.global_state = new
-        weights = [float(keys[c].meta["num_samples"]) for c in used]
-        losses = [float(keys[c].meta["loss"]) for c in used]
+        weights = [float(m["num_samples"]) for m in metas.values()]
+        losses = [float(m["loss"]) for m in metas.values()]
         return {"train_loss": float(np.average(losses, weights=weights)), **metrics}
 
     def eval_state(self) -> dict[str, torch.Tensor]:
@@ -172,7 +153,7 @@ class Client:
     def handle(self, msg: Message, link=None) -> Generator[Train, LocalResult, Message | None]:
         cfg, idx = self.ctx.cfg, self.ctx.data.samples
         if msg.kind == SECAGG:  # a later step of this round's secure sum
-            return self.secure_step(msg)
+            return self.session.reply(msg) if self.session else None
         # a2: local fine-tuning starting from the received global adapter.
         result = yield Train(
             msg.tensors,
@@ -190,27 +171,13 @@ class Client:
         meta = {"num_samples": len(idx), "loss": result.loss, "steps": result.steps}
         meta.update(dpsgd.report(cfg, len(idx), self.rounds_trained))
         if cfg.privacy.secagg:  # a3 happens inside the secure sum; first, the keys
-            try:
-                x = contribution(cfg, state, msg.tensors, msg.meta, len(idx), msg.round, self.cid)
-            except MessageError:
-                return None
-            self.session = secagg.ClientSession(cfg.privacy, msg.round, self.cid, x)
-            return self.session.advertise(meta)
+            args = (state, msg.tensors, msg.meta, len(idx), msg.round, self.cid)
+            self.session = secure_session(cfg, *args)
+            return self.session.advertise(meta) if self.session else None
         if cfg.privacy.dp == "local":  # clipped and noised before it leaves the client
             state, _ = privatize(cfg, state, msg.tensors, msg.round, self.cid)
         # a3: the trained adapter with the sample count used as its FedAvg weight.
         return Message(PARAMETERS, msg.round, client_name(self.cid), SERVER, state, meta)
-
-    def secure_step(self, msg: Message) -> Message | None:
-        """Steps 2-4 of the secure sum; an unsafe or malformed request: no reply."""
-        session = self.session
-        if session is None or session.rnd != msg.round:
-            return None
-        try:
-            return session.answer(msg)
-        except MessageError:
-            self.session = None
-            return None
 
 
 register("fedllm", Server, Client, title="FedLLM")

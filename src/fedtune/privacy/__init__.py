@@ -10,7 +10,7 @@ local DP the clients call :func:`privatize` on their own upload.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,9 @@ __all__ = [
     "largest_reported",
     "privatize",
     "round_size",
+    "secure_aggregate",
     "secure_mean",
+    "secure_session",
 ]
 
 
@@ -172,6 +174,20 @@ def contribution(cfg, state: State, reference: State, server_meta: dict, weight:
     return secagg.encode(np.concatenate([weight * v, extras]), p.secagg_bits)
 
 
+def secure_session(cfg, state: State, reference: State, server_meta: dict, weight: float, rnd, cid):
+    """A client's session of this round's secure sum over its :func:`contribution` (its
+    trained ``state`` against the ``reference`` it received); None when the server's request
+    is unusable (the client then does not answer)."""
+    from ..errors import MessageError
+    from . import secagg
+
+    try:
+        x = contribution(cfg, state, reference, server_meta, weight, rnd, cid)
+    except MessageError:
+        return None
+    return secagg.ClientSession(cfg.privacy, rnd, cid, x)
+
+
 def secure_mean(cfg, dpc, rnd: int, reference: State, result, claimed: float, sampled: int):
     """The new global state from a secure sum (:class:`.secagg.SumResult`) and the round's
     metrics; None when the sum fails its checks. ``claimed``: the weight the contributing
@@ -199,3 +215,37 @@ def secure_mean(cfg, dpc, rnd: int, reference: State, result, claimed: float, sa
     if dpc is not None:
         dpc.count_local(result.clients)
     return dp.apply(reference, dp.scale(total, 1.0 / weight)), metrics
+
+
+def secure_aggregate(
+    cfg, dpc, rnd: int, reference: State, replies: dict, sizes: dict[int, float], sampled: int
+) -> Generator[dict, dict, tuple[State | None, dict, dict[int, dict]]]:
+    """The aggregation step under secure aggregation, after the round's first replies (each
+    client's keys and metadata, kind ``secagg``): check them (a client cannot claim more than
+    its ``sizes[cid]`` samples), run the secure sum's steps 2-4 (:func:`.secagg.server_sum`)
+    and decode it (:func:`secure_mean`). Returns the new ``reference``-shaped state (None when
+    the sum failed), the round's metrics and the contributing clients' metadata by id."""
+    from ..aggregate import meta_problem
+    from ..messages import SECAGG
+    from ..models import num_params
+    from . import secagg
+
+    keys, rejected = {}, {}
+    for c, m in replies.items():
+        why = meta_problem(m.meta, sizes[c])
+        if m.kind != SECAGG:
+            why = f"expected secure aggregation keys, got {m.kind[:20]!r}"
+        if why:
+            rejected[str(c)] = why
+        else:
+            keys[c] = m
+    dim = num_params(reference) + secure_extras(cfg)
+    result = yield from secagg.server_sum(cfg, rnd, keys, dim)
+    metas = {c: keys[c].meta for c in result.clients}
+    central = dpc is not None and dpc.central
+    claimed = sum(1.0 if central else float(m["num_samples"]) for m in metas.values())
+    new, metrics = secure_mean(cfg, dpc, rnd, reference, result, claimed, sampled)
+    metrics.update(rejected=len(rejected), rejected_reasons=rejected)
+    if dpc is not None:
+        metrics.update(dpc.metrics())
+    return new, metrics, metas

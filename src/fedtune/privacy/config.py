@@ -48,7 +48,7 @@ class PrivacyConfig:
 
     secagg: bool = opt(
         False,
-        "secure aggregation (FedLLM): clients mask their updates with pairwise and self masks "
+        "secure aggregation (FedLLM, Split-FedLLM's client LoRA): clients mask their updates with pairwise and self masks "
         "(X25519, Shamir-shared seeds) so the server learns only their (weighted) sum",
     )
     secagg_threshold: int = opt(
@@ -145,9 +145,16 @@ class PrivacyConfig:
             "privacy.dpsgd takes Poisson batches: give train.local_epochs, not local_steps",
         )
         check(
-            not self.secagg or cfg.fed.framework == "fedllm",
+            not self.secagg or cfg.fed.framework in ("fedllm", "split"),
             "privacy.secagg",
-            f"secure aggregation is built for FedLLM's averaged update, not {cfg.fed.framework}",
+            "secure aggregation sums averaged parameters (fedllm, split's client LoRA); "
+            f"{cfg.fed.framework} exchanges none",
+        )
+        check(
+            not (self.secagg and cfg.fed.framework == "split")
+            or len(set(cfg.split.client_split_layers)) <= 1,
+            "split.client_split_layers",
+            "secure aggregation sums one client-side adapter shape: give the clients one layer",
         )
         check(
             not self.secagg or not cfg.fed.poison_clients,

@@ -199,6 +199,7 @@ class ClientSession:
     held: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # u -> (sk, b) shares
     revealed: bool = False
     mine: tuple[bytes, bytes] = (b"", b"")  # my shares of my own secrets
+    closed: bool = False  # an unsafe or malformed request ended it
 
     def _msg(self, kind: str, tensors: dict, meta: dict | None = None) -> Message:
         return Message(kind, self.rnd, client_name(self.cid), SERVER, tensors, meta or {})
@@ -207,6 +208,17 @@ class ClientSession:
         """Step 1: the two public keys (uint8 [2, 32]) with the reply's metadata."""
         keys = [public_bytes(self.c_key), public_bytes(self.s_key)]
         return self._msg(SECAGG, {"keys": _table(keys, KEY)}, {**meta, "stage": "keys"})
+
+    def reply(self, msg: Message) -> Message | None:
+        """Steps 2-4 as a client answers them: None (no reply) for a request of another round
+        or after a malformed or unsafe one, which ends the session."""
+        if self.closed or msg.round != self.rnd:
+            return None
+        try:
+            return self.answer(msg)
+        except MessageError:
+            self.closed = True
+            return None
 
     def answer(self, msg: Message) -> Message:
         """Steps 2-4, by the message's ``stage``. A malformed or unsafe request raises

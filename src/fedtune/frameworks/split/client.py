@@ -13,9 +13,18 @@ from ...context import ClientContext
 from ...data import batches, join_batches
 from ...errors import MessageError
 from ...execution.train import make_optimizer, optimizer_step, shape_of, to_device
-from ...messages import ACTIVATIONS, GRADIENTS, LABELS, PARAMETERS, SERVER, Message, client_name
+from ...messages import (
+    ACTIVATIONS,
+    GRADIENTS,
+    LABELS,
+    PARAMETERS,
+    SECAGG,
+    SERVER,
+    Message,
+    client_name,
+)
 from ...models import load_trainable_state, num_blocks
-from ...privacy import dp, outputs, privatize
+from ...privacy import dp, outputs, privatize, secagg, secure_session
 from .config import is_u_shaped
 from .layers import round_samples
 from .model import client_forward, compress, decompress, keep_client_half
@@ -44,6 +53,7 @@ class Client:
         # privacy.split_noise: the round's noise stream and how often each sample was sent
         self.noise: torch.Generator | None = None
         self.uses = np.zeros(len(ctx.data.train), dtype=np.int64)
+        self.session: secagg.ClientSession | None = None  # this round's secure sum
 
     def state_dict(self) -> dict:
         opt = self.opt.state_dict() if self.opt is not None else self.saved_opt
@@ -54,8 +64,10 @@ class Client:
         if "uses" in d:
             self.uses = d["uses"].numpy().astype(np.int64).copy()
 
-    def handle(self, msg: Message, link) -> Message:
+    def handle(self, msg: Message, link) -> Message | None:
         ctx, rnd, me = self.ctx, msg.round, client_name(self.cid)
+        if msg.kind == SECAGG:  # a later step of this round's secure sum (cc1)
+            return self.session.reply(msg) if self.session else None
         t = ctx.cfg.train
         stream = seeds.client(ctx.cfg.seed, rnd, self.cid)
         seeds.seed_torch(stream)  # dropout is reproducible per (round, client)
@@ -94,21 +106,20 @@ class Client:
         # cc1: upload the client-side LoRA with the number of samples it was trained on
         # (privacy.dp=local: clipped and noised before it leaves the client).
         upload = {n: params[n].detach().clone() for n in msg.tensors}
-        if ctx.cfg.privacy.dp == "local":
+        meta = {
+            "num_samples": len(idx),
+            "loss": float(np.mean(losses)),
+            "steps": len(round_batches),
+            **self.activation_privacy(),
+        }
+        if p.secagg:  # cc1 happens inside the secure sum; first, the keys
+            self.session = secure_session(
+                ctx.cfg, upload, msg.tensors, msg.meta, len(idx), rnd, self.cid
+            )
+            return self.session.advertise(meta) if self.session else None
+        if p.dp == "local":
             upload, _ = privatize(ctx.cfg, upload, msg.tensors, rnd, self.cid)
-        return Message(
-            PARAMETERS,
-            rnd,
-            me,
-            SERVER,
-            upload,
-            {
-                "num_samples": len(idx),
-                "loss": float(np.mean(losses)),
-                "steps": len(round_batches),
-                **self.activation_privacy(),
-            },
-        )
+        return Message(PARAMETERS, rnd, me, SERVER, upload, meta)
 
     def activation_privacy(self) -> dict:
         """``privacy.split_noise``: epsilon of this client's most-sent sample's activations."""

@@ -13,7 +13,7 @@ import torch
 from ... import codec, compute
 from ...aggregate import build, finite, screen_updates
 from ...context import ServerContext
-from ...errors import MessageError
+from ...errors import ConfigError, MessageError
 from ...execution.train import make_optimizer, optimizer_step
 from ...messages import (
     ACTIVATIONS,
@@ -26,51 +26,11 @@ from ...messages import (
     client_name,
 )
 from ...models import load_trainable_state, vocab_size
-from ...privacy import ClientLevelDP, largest_reported
+from ...privacy import ClientLevelDP, largest_reported, secure_aggregate
 from .config import is_u_shaped
+from .labels import received_labels, take_labels
 from .layers import choose_split_layers, samples_per_round
 from .model import compress, decompress, part_names, server_forward
-
-
-def received_labels(msg: Message) -> dict[str, torch.Tensor]:
-    """A client's LABELS for the round: ``labels [N]`` (classification) or ``target_pos`` and
-    ``target_ids [N, R]`` (generation), as int64."""
-    t = msg.tensors
-    names = {"labels"} if "labels" in t else {"target_pos", "target_ids"}
-    dims = 1 if names == {"labels"} else 2
-    if set(t) != names or any(v.is_floating_point() or v.dim() != dims for v in t.values()):
-        raise MessageError(f"labels from {msg.sender} are malformed")
-    if len({tuple(v.shape) for v in t.values()}) != 1:
-        raise MessageError(f"labels from {msg.sender} disagree in shape")
-    return {k: v.long() for k, v in t.items()}
-
-
-def take_labels(
-    store: dict[int, dict], cid: int, b: int, length: int, classes: int, device
-) -> dict[str, torch.Tensor]:
-    """The next ``b`` rows of client ``cid``'s round labels (removed from ``store``), as a
-    loss batch for activations of ``length`` positions; generation's are trimmed to the
-    batch's widest row. Labels outside ``[0, classes)`` (the classes, or the vocabulary) or
-    positions outside the batch are a MessageError, as too few labels are."""
-    have = store.get(cid) or {}
-    batch = {k: v[:b].to(device) for k, v in have.items()}
-    if not batch or len(next(iter(batch.values()))) != b:
-        raise MessageError(f"client {cid} sent activations without their labels")
-    store[cid] = {k: v[b:] for k, v in have.items()}
-    if "target_ids" not in batch:
-        y = batch["labels"]
-        if (y < 0).any() or (y >= classes).any():
-            raise MessageError(f"labels from client {cid} outside [0, {classes})")
-        return batch
-    tgt, pos = batch["target_ids"], batch["target_pos"]
-    if (
-        ((tgt != -100) & ((tgt < 0) | (tgt >= classes))).any()
-        or (pos < 0).any()
-        or (pos >= length).any()
-    ):
-        raise MessageError(f"response tokens from client {cid} outside the vocabulary or batch")
-    r = max(1, int((tgt != -100).sum(1).max()))
-    return {k: v[:, :r] for k, v in batch.items()}
 
 
 class Server:
@@ -79,6 +39,11 @@ class Server:
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx, self.s = ctx, ctx.cfg.split
         self.layers = choose_split_layers(ctx)
+        if ctx.cfg.privacy.secagg and len(set(self.layers)) > 1:  # e.g. chosen by budget
+            raise ConfigError(
+                f"config key privacy.secagg: the clients' split layers differ ({self.layers}); "
+                "secure aggregation sums one client-side adapter shape: give one split layer"
+            )
         self.u = u = is_u_shaped(ctx.cfg)
         causal = ctx.task.model_kind == "causal"
         self.classes = vocab_size(ctx.model) if causal else ctx.data.num_labels
@@ -146,7 +111,10 @@ class Server:
         self.labels.clear()
         self.pending.clear()
         # cc3: each client gets the aggregated client-side LoRA of its blocks (it replaces its
-        # own with it: cc4) and its split layer.
+        # own with it: cc4) and its split layer (and, secure aggregation with central DP, the
+        # bound it clips its update to).
+        p = self.ctx.cfg.privacy
+        clip = {"clip": self.dp.clip} if p.secagg and self.central else {}
         replies: dict[int, Message] = yield {
             cid: Message(
                 PARAMETERS,
@@ -154,14 +122,57 @@ class Server:
                 SERVER,
                 client_name(cid),
                 {n: self.global_state[n] for n in self.client_keys[cid]},
-                {"split_layer": self.layers[cid]},
+                {"split_layer": self.layers[cid], **clip},
             )
             for cid in clients
         }
         self.open = False  # the round's requests are over: nothing trains the server half now
-        # cc2: validate the uploads (cc1); per tensor, combine (fed.aggregator, FedAvg by
-        # sample count by default) over every party that trained it. Clients that did not reply
-        # (dropout, deadline) or were rejected contribute no adapter.
+        metrics: dict = {
+            "split_layers": [self.layers[c] for c in clients],
+            "server_serve_seconds": self.serve_seconds,
+        }
+        sizes = {
+            c: float(samples_per_round(self.ctx.cfg, self.ctx.data.client_sizes[c]))
+            for c in replies
+        }
+        if p.secagg:  # cc1-cc2 as a secure sum: the server sees only the clients' total
+            ref = {n: self.global_state[n] for n in self.client_keys[clients[0]]}  # one layer
+            new, m, metas = yield from secure_aggregate(
+                self.ctx.cfg, self.dp, rnd, ref, replies, sizes, len(clients)
+            )
+            metrics.update(m)
+            if new is None or not finite(new):
+                return metrics
+            uploads = {}
+        else:
+            new, m, metas, uploads = self.screen(rnd, clients, replies, sizes)
+            metrics.update(m)
+            if not metas:  # nothing usable: the global state stays as it was
+                return metrics
+        before = dict(self.global_state)
+        self.global_state.update(new)
+        self.aggregate({c: float(meta["num_samples"]) for c, meta in metas.items()}, uploads)
+        if not finite(self.global_state):
+            self.global_state = before  # finite inputs can still overflow: keep the last state
+            metrics["rejected_reasons"] = {
+                **metrics["rejected_reasons"],
+                "aggregate": "non-finite result",
+            }
+            return metrics
+        weights = [float(meta["num_samples"]) for meta in metas.values()]
+        losses = [float(meta["loss"]) for meta in metas.values()]
+        if p.split_noise > 0:  # each client's own accounting of its samples
+            metrics["activation_epsilon"] = largest_reported(
+                list(metas.values()), "activation_epsilon"
+            )
+        return {"train_loss": float(np.average(losses, weights=weights)), **metrics}
+
+    def screen(self, rnd: int, clients: list[int], replies: dict, sizes: dict) -> tuple:
+        """cc2's first half on plaintext uploads (cc1): validate them; central DP aggregates the
+        accepted client-side tensors here. Returns the updated client-side tensors (central
+        DP), the metrics, the accepted clients' metadata and the uploads left to
+        :meth:`aggregate`. Clients that did not reply (dropout, deadline) or were rejected
+        contribute no adapter."""
         fed = self.ctx.cfg.fed
         sent = {c: {n: self.global_state[n] for n in self.client_keys[c]} for c in replies}
         ok, rejected = screen_updates(
@@ -170,41 +181,26 @@ class Server:
             0.0 if self.central else fed.max_update_norm,  # central DP: clipping bounds them
             {c: m.meta for c, m in replies.items()},
             0.0 if self.central else fed.max_update_ratio,
-            {
-                c: float(samples_per_round(self.ctx.cfg, self.ctx.data.client_sizes[c]))
-                for c in replies
-            },
+            sizes,
         )
-        metrics: dict = {
-            "rejected": len(rejected),
-            "rejected_reasons": rejected,
-            "split_layers": [self.layers[c] for c in clients],
-            "server_serve_seconds": self.serve_seconds,
-        }
-        if not ok:  # nothing usable: the global state stays as it was
-            return {**metrics, **(self.dp.metrics() if self.dp else {})}
-        before = dict(self.global_state)
-        if self.dp is not None:
-            metrics.update(self.dp_aggregate(rnd, clients, replies, ok))
-        self.aggregate(replies, ok)
-        if not finite(self.global_state):
-            self.global_state = before  # finite inputs can still overflow: keep the last state
-            metrics["rejected_reasons"] = {**rejected, "aggregate": "non-finite result"}
-            return metrics
-        weights = [float(replies[c].meta["num_samples"]) for c in ok]
-        losses = [float(replies[c].meta["loss"]) for c in ok]
-        if self.ctx.cfg.privacy.split_noise > 0:  # each client's own accounting of its samples
-            metas = [replies[c].meta for c in ok]
-            metrics["activation_epsilon"] = largest_reported(metas, "activation_epsilon")
-        return {"train_loss": float(np.average(losses, weights=weights)), **metrics}
+        metrics: dict = {"rejected": len(rejected), "rejected_reasons": rejected}
+        new, uploads = {}, {c: replies[c].tensors for c in ok}
+        if self.dp is not None and ok:
+            new, m = self.dp_aggregate(rnd, clients, replies, ok)
+            metrics.update(m)
+            uploads = {} if self.central else uploads
+        elif self.dp is not None:
+            metrics.update(self.dp.metrics())
+        return new, metrics, {c: replies[c].meta for c in ok}, uploads
 
-    def dp_aggregate(self, rnd: int, clients: list[int], replies: dict, ok: list[int]) -> dict:
+    def dp_aggregate(self, rnd: int, clients: list[int], replies: dict, ok: list[int]):
         """Client-level DP on cc2 for the client-side tensors: central DP-FedAvg of the
         accepted uploads (each tensor over the sampled clients that own it), or, local DP,
-        count the privatized uploads. The server-side tensors are left to :meth:`aggregate`."""
+        count the privatized uploads. Returns the new client-side tensors (central) and the
+        metrics; the server-side tensors are left to :meth:`aggregate`."""
         if not self.central:
             self.dp.count_local(ok)
-            return self.dp.metrics()
+            return {}, self.dp.metrics()
         owners: dict[str, int] = {}
         for c in clients:
             for n in self.client_keys[c]:
@@ -212,20 +208,19 @@ class Server:
         ref = {n: self.global_state[n] for n in owners}
         uploads = [{n: t.to(ref[n].device) for n, t in replies[c].tensors.items()} for c in ok]
         new, metrics = self.dp.aggregate(rnd, ref, uploads, owners)
-        self.global_state.update(new)
-        return {**metrics, **self.dp.metrics()}
+        return new, {**metrics, **self.dp.metrics()}
 
-    def aggregate(self, replies: dict[int, Message], ok: list[int]) -> None:
-        """cc2: each tensor over the parties that trained it, weighted by samples: the clients
-        that own its block and, for server-side tensors, the server model(s); one shared
-        server model counts once, with the samples of all clients it served. The strategy is
-        called once per group of tensors with the same parties and weights."""
+    def aggregate(self, weights: dict[int, float], uploads: dict[int, dict]) -> None:
+        """cc2: each tensor over the parties that trained it, weighted by samples
+        (``weights``): the clients' ``uploads`` of their blocks (none when DP or the secure
+        sum already aggregated the client side) and, for server-side tensors, the server
+        model(s); one shared server model counts once, with the samples of all clients it
+        served. The strategy is called once per group of tensors with the same parties and
+        weights."""
         parties: dict[str, dict[tuple, list]] = {}  # tensor -> party -> [tensor, weight]
-        for cid in ok:
-            w = float(replies[cid].meta["num_samples"])
-            for n, t in replies[cid].tensors.items():
-                if not self.central:  # central DP: dp_aggregate did the client-side tensors
-                    parties.setdefault(n, {})[("client", cid)] = [t, w]
+        for cid, w in weights.items():
+            for n, t in uploads.get(cid, {}).items():
+                parties.setdefault(n, {})[("client", cid)] = [t, w]
             slot = self.slot(cid)
             for n in self.server_keys[cid]:
                 entry = parties.setdefault(n, {}).setdefault(("server", slot), [None, 0.0])
