@@ -271,11 +271,13 @@ class RunConfig:
 
 
 def section_classes() -> dict[str, type]:
-    """``{section name: config class}``: every registered framework's, then ``privacy``."""
+    """``{section name: config class}``: every registered framework's, then ``privacy`` and
+    ``fedopt``."""
+    from ..fedopt.config import FedOptConfig
     from ..frameworks import sections  # the registry; imported late (frameworks use config)
     from ..privacy.config import PrivacyConfig
 
-    return {**sections(), "privacy": PrivacyConfig}
+    return {**sections(), "privacy": PrivacyConfig, "fedopt": FedOptConfig}
 
 
 def complete_sections(given: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, Any], ...]:
@@ -317,6 +319,7 @@ def validate(cfg: RunConfig) -> None:
         "partition=column needs a column name",
     )
     cfg.privacy.check_run(cfg)
+    cfg.fedopt.check_run(cfg)
     e = cfg.eval
     check(e.generate_every >= 0, "eval.generate_every", "must be >= 0")
     check(e.generate_samples >= 1, "eval.generate_samples", "must be >= 1")

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from .. import compute, seeds
 from ..context import Context
 from ..data import batches, join_batches
+from ..errors import ConfigError
 from . import multilora
 from .jobs import Predict, Train
 from .stacked import StackedOptimizer, optimizer_template
@@ -114,6 +115,10 @@ def train_many(ctx: Context, jobs: list[Train]) -> list[LocalResult]:
     memory of one sub-batch at a time. Otherwise it runs all sub-batches forward, then each
     client's loss on its own rows, and back-propagates their sum once."""
     model, cfg, pad_id, device = ctx.model, ctx.cfg.train, ctx.data.pad_id, ctx.device
+    if any(job.drifts for job in jobs):  # the config check keeps such runs sequential
+        raise ConfigError(
+            "fedopt's drift terms (prox_mu, scaffold, lora=ffa) need fed.engine=sequential"
+        )
     n = len(jobs)
     mnet = multinet(model, n)
     opt = StackedOptimizer(mnet, cfg, optimizer_template(model, cfg))

@@ -58,7 +58,11 @@ class Train:
     with ``resample [len(idx)]`` probabilities, draws ``len(idx)`` positions with replacement);
     torch's dropout is seeded from ``stream`` too. ``batch_size`` 0 means ``train.batch_size``.
     ``private``: the client's own data, which ``privacy.dpsgd`` trains on with DP-SGD
-    (:mod:`fedtune.privacy.dpsgd`). The result is a :class:`~fedtune.execution.train.LocalResult`."""
+    (:mod:`fedtune.privacy.dpsgd`). The drift terms of :mod:`fedtune.fedopt` (sequential
+    executor only): ``prox_mu`` pulls the weights toward ``state`` (FedProx), ``correction``
+    is added to every gradient (SCAFFOLD's ``c - c_i``), and the ``frozen`` tensors of
+    ``state`` are not trained (FFA-LoRA's A) nor returned. The result is a
+    :class:`~fedtune.execution.train.LocalResult`."""
 
     state: dict[str, torch.Tensor]
     opt_state: dict | None
@@ -71,6 +75,14 @@ class Train:
     batch_size: int = 0
     resample: np.ndarray | None = None
     private: bool = False  # private data: trained with DP-SGD when privacy.dpsgd is on
+    prox_mu: float = 0.0
+    correction: dict[str, torch.Tensor] | None = None
+    frozen: tuple[str, ...] = ()
+
+    @property
+    def drifts(self) -> bool:
+        """Whether the job needs the sequential loop's per-step drift terms."""
+        return self.prox_mu > 0 or self.correction is not None or bool(self.frozen)
 
 
 @dataclass

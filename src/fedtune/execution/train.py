@@ -23,6 +23,7 @@ from .. import compute, seeds
 from ..config import TrainConfig
 from ..context import Context
 from ..data import Tokenized, batches
+from ..fedopt import drift_step
 from ..models import load_trainable_state, trainable_state
 from .jobs import Predict, Train
 
@@ -60,16 +61,32 @@ class LocalResult:
 
 
 def start_training(
-    model: nn.Module, state: dict[str, torch.Tensor], opt_state: dict | None, cfg: TrainConfig
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    opt_state: dict | None,
+    cfg: TrainConfig,
+    frozen: tuple[str, ...] = (),
 ) -> tuple[list[nn.Parameter], torch.optim.Optimizer]:
-    """Load ``state`` into the shared model and rebuild the party's optimizer around it."""
+    """Load ``state`` into the shared model and rebuild the party's optimizer around it; the
+    ``frozen`` tensors are loaded, then left out of training until :func:`thaw`."""
     load_trainable_state(model, state)
+    if frozen:
+        params = dict(model.named_parameters())
+        for n in frozen:
+            params[n].requires_grad_(False)
     params = trainable_params(model)
     opt = make_optimizer(params, cfg)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     model.train()
     return params, opt
+
+
+def thaw(model: nn.Module, frozen: tuple[str, ...]) -> None:
+    """Make the tensors a job froze trainable again (the shared model outlives the job)."""
+    params = dict(model.named_parameters())
+    for n in frozen:
+        params[n].requires_grad_(True)
 
 
 def optimizer_step(opt: torch.optim.Optimizer, params: list, cfg: TrainConfig) -> None:
@@ -121,9 +138,18 @@ def train(ctx: Context, job: Train) -> LocalResult:
     Loads the job's state, rebuilds the optimizer around it, and returns the trained state,
     the optimizer state and the mean loss. A private job under ``privacy.dpsgd`` takes
     Poisson batches and Opacus's clipped, noised steps instead (:mod:`fedtune.privacy.dpsgd`)."""
-    model, cfg, device = ctx.model, ctx.cfg.train, ctx.device
+    model, cfg = ctx.model, ctx.cfg.train
     seeds.seed_torch(job.stream)
-    params, opt = start_training(model, job.state, job.opt_state, cfg)
+    try:
+        params, opt = start_training(model, job.state, job.opt_state, cfg, job.frozen)
+        return _train(ctx, job, params, opt)
+    finally:
+        thaw(model, job.frozen)
+
+
+def _train(ctx: Context, job: Train, params: list, opt) -> LocalResult:
+    model, cfg, device = ctx.model, ctx.cfg.train, ctx.device
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     loss_fn = job.loss.to(device)
     loss_sum = torch.zeros((), device=device)  # accumulated on device: no sync per step
     steps = samples = 0
@@ -143,7 +169,10 @@ def train(ctx: Context, job: Train) -> LocalResult:
                 return loss
 
             key = (job.loss.name, cfg.autocast, *shape_of(batch))
+            key += ("frozen", len(job.frozen)) if job.frozen else ()  # no gradients for them
             loss = compute.step(key, forward_backward, grads=params)
+            if job.prox_mu > 0 or job.correction is not None:
+                drift_step(named, job.prox_mu, job.state, job.correction)
             optimizer_step(step_opt, params, cfg)
             loss_sum += loss.detach()
             steps += 1

@@ -8,6 +8,11 @@ a4  the server checks every upload (names, shapes, dtypes, NaN/Inf, ``fed.max_up
     weighted by sample count by default; median or trimmed mean against poisoned clients).
     Clients that did not reply (dropout, deadline) are simply absent from the replies.
 
+``[fedopt]`` (:mod:`fedtune.fedopt`): a server optimizer steps the global adapter along the
+aggregate's pseudo-gradient; FedProx and SCAFFOLD add drift terms to a2's gradients (SCAFFOLD's
+control variates travel with a1 and a3 as ``scaffold.*`` tensors); FFA-LoRA keeps every A at
+the shared initialization, so a1 and a3 carry only B and the head.
+
 With ``privacy.dp=central`` a4 is DP-FedAvg instead (clip, sum, Gaussian noise, divide by the
 sampled count; the norm screens are off: clipping bounds every client); with ``local`` each
 client clips and noises its upload after a2 (:mod:`fedtune.privacy`).
@@ -21,10 +26,11 @@ import numpy as np
 import torch
 
 from .. import seeds
-from ..aggregate import build, finite, screen_updates
+from ..aggregate import build, finite, screen_updates, update_problem
 from ..context import ClientContext, ServerContext
 from ..execution.jobs import Train
 from ..execution.train import LocalResult, num_local_steps
+from ..fedopt import CONTROL, client_control, frozen_names, server_control, server_optimizer
 from ..messages import PARAMETERS, SECAGG, SERVER, Message, client_name
 from ..models import num_params
 from ..privacy import (
@@ -48,36 +54,69 @@ class Server:
         self.strategy = build(ctx.cfg.fed)
         self.dp = ClientLevelDP(ctx.cfg) if ctx.cfg.privacy.dp != "off" else None
         self.central = self.dp is not None and self.dp.central
+        self.opt = server_optimizer(ctx.cfg)
+        f = ctx.cfg.fedopt
+        frozen = set(frozen_names(self.global_state)) if f.lora == "ffa" else set()
+        self.names = [n for n in self.global_state if n not in frozen]  # what a1 and a3 carry
+        # SCAFFOLD's server control variate c (float32, like the exchanged tensors)
+        self.control = {n: torch.zeros_like(self.global_state[n]) for n in self.names}
+        if not f.scaffold:
+            self.control = {}
+
+    def exchanged(self) -> dict[str, torch.Tensor]:
+        """The global tensors a1 sends and a3 returns (all but FFA-LoRA's frozen A)."""
+        return {n: self.global_state[n] for n in self.names}
+
+    def adopt(self, new: dict[str, torch.Tensor]) -> bool:
+        """Make the round's aggregate of the exchanged tensors global, through the server
+        optimizer if any; False (and nothing changes) when the result is not finite."""
+        ref = self.exchanged()
+        new = self.opt.step(ref, new) if self.opt is not None else new
+        if not finite(new):  # finite updates can still overflow: keep the last state
+            return False
+        self.global_state.update(new)
+        return True
 
     def round(self, rnd: int, clients: list[int]) -> Generator[dict, dict, dict]:
         if self.ctx.cfg.privacy.secagg:
             return (yield from self.secure_round(rnd, clients))
-        # a1: broadcast the global adapter.
+        # a1: broadcast the global adapter (and SCAFFOLD's c).
+        ref = self.exchanged()
+        down = {**ref, **{CONTROL + n: c for n, c in self.control.items()}}
         replies: dict[int, Message] = yield {
-            cid: Message(PARAMETERS, rnd, SERVER, client_name(cid), self.global_state)
-            for cid in clients
+            cid: Message(PARAMETERS, rnd, SERVER, client_name(cid), down) for cid in clients
         }
         # a4: validate the uploads (a3), then aggregate the accepted ones.
-        sent = {cid: self.global_state for cid in replies}
+        uploads, controls = {}, {}
+        for c, m in replies.items():
+            uploads[c] = {n: t for n, t in m.tensors.items() if not n.startswith(CONTROL)}
+            controls[c] = {
+                n[len(CONTROL) :]: t for n, t in m.tensors.items() if n not in uploads[c]
+            }
         fed = self.ctx.cfg.fed
         ok, rejected = screen_updates(
-            {c: m.tensors for c, m in replies.items()},
-            sent,
+            uploads,
+            {cid: ref for cid in replies},
             0.0 if self.central else fed.max_update_norm,
             {c: m.meta for c, m in replies.items()},
             0.0 if self.central else fed.max_update_ratio,
             {c: float(self.ctx.data.client_sizes[c]) for c in replies},  # a3 sends len(data)
         )
+        for c in list(ok) if self.control else []:  # SCAFFOLD: each client's change of c_i
+            why = update_problem(controls[c], self.control)
+            if why:
+                ok.remove(c)
+                rejected[str(c)] = f"control variates: {why}"
         metrics: dict = {"rejected": len(rejected), "rejected_reasons": rejected}
         if not ok:  # nothing usable: the global state stays as it was
             return {**metrics, **(self.dp.metrics() if self.dp else {})}
         weights = [float(replies[c].meta["num_samples"]) for c in ok]
-        states = [replies[c].tensors for c in ok]
+        states = [uploads[c] for c in ok]
         if self.central:
-            new, dp_metrics = self.dp.aggregate(rnd, self.global_state, states, len(clients))
+            new, dp_metrics = self.dp.aggregate(rnd, ref, states, len(clients))
             metrics.update(dp_metrics)
         else:
-            new = self.strategy(self.global_state, states, weights)
+            new = self.strategy(ref, states, weights)
             if self.dp is not None:
                 self.dp.count_local(ok)
         if self.dp is not None:
@@ -86,10 +125,12 @@ class Server:
             metrics["sample_epsilon"] = largest_reported(
                 [replies[c].meta for c in ok], "sample_epsilon"
             )
-        if not finite(new):  # finite updates can still overflow: keep the last state
+        if not self.adopt(new):
             metrics["rejected_reasons"] = {**rejected, "aggregate": "non-finite result"}
             return metrics
-        self.global_state = new
+        if self.control:
+            n = self.ctx.data.num_clients
+            self.control = server_control(self.control, [controls[c] for c in ok], n)
         losses = [float(replies[c].meta["loss"]) for c in ok]
         return {"train_loss": float(np.average(losses, weights=weights)), **metrics}
 
@@ -99,19 +140,18 @@ class Server:
         fixed-point updates replaces a3's plaintext upload; a4 divides by the summed weight
         (central DP: adds the noise to the sum of clipped updates)."""
         meta = {"clip": self.dp.clip} if self.central else {}
+        ref = self.exchanged()
         replies: dict[int, Message] = yield {
-            cid: Message(PARAMETERS, rnd, SERVER, client_name(cid), self.global_state, meta)
-            for cid in clients
+            cid: Message(PARAMETERS, rnd, SERVER, client_name(cid), ref, meta) for cid in clients
         }
         sizes = {c: float(self.ctx.data.client_sizes[c]) for c in replies}
         new, metrics, metas = yield from secure_aggregate(
-            self.ctx.cfg, self.dp, rnd, self.global_state, replies, sizes, len(clients)
+            self.ctx.cfg, self.dp, rnd, ref, replies, sizes, len(clients)
         )
         if self.ctx.cfg.privacy.dpsgd:
             metrics["sample_epsilon"] = largest_reported(list(metas.values()), "sample_epsilon")
-        if new is None or not finite(new):
+        if new is None or not self.adopt(new):
             return metrics
-        self.global_state = new
         weights = [float(m["num_samples"]) for m in metas.values()]
         losses = [float(m["loss"]) for m in metas.values()]
         return {"train_loss": float(np.average(losses, weights=weights)), **metrics}
@@ -120,16 +160,25 @@ class Server:
         return self.global_state
 
     def params_exchanged(self) -> int:
-        return num_params(self.global_state)
+        return num_params(self.exchanged())
 
     def state_dict(self) -> dict:
         """What a checkpoint must hold to resume (tensors and small JSON-able values)."""
         d = {"global_state": self.global_state, "aggregator": self.strategy.state_dict()}
+        if self.opt is not None:
+            d["server_opt"] = self.opt.state_dict()
+        if self.control:
+            d["control"] = self.control
         return {**d, "dp": self.dp.state_dict()} if self.dp is not None else d
 
     def load_state_dict(self, d: dict) -> None:
-        self.global_state = {k: v.to(self.ctx.device) for k, v in d["global_state"].items()}
+        dev = self.ctx.device
+        self.global_state = {k: v.to(dev) for k, v in d["global_state"].items()}
         self.strategy.load_state_dict(d["aggregator"])
+        if self.opt is not None:
+            self.opt.load_state_dict(d["server_opt"], dev)
+        if self.control:
+            self.control = {k: v.to(dev) for k, v in d["control"].items()}
         if self.dp is not None:
             self.dp.load_state_dict(d["dp"])
 
@@ -142,21 +191,35 @@ class Client:
         self.opt_state: dict | None = None
         self.session: secagg.ClientSession | None = None  # this round's secure sum
         self.rounds_trained = 0  # privacy.dpsgd's accounting
+        self.control: dict[str, torch.Tensor] = {}  # SCAFFOLD's c_i (zeros until round 1)
 
     def state_dict(self) -> dict:
-        return {"opt_state": self.opt_state, "rounds_trained": self.rounds_trained}
+        d = {"opt_state": self.opt_state, "rounds_trained": self.rounds_trained}
+        return {**d, "control": self.control} if self.ctx.cfg.fedopt.scaffold else d
 
     def load_state_dict(self, d: dict) -> None:
         self.opt_state = d["opt_state"]
         self.rounds_trained = int(d.get("rounds_trained", 0))
+        self.control = dict(d.get("control") or {})
 
     def handle(self, msg: Message, link=None) -> Generator[Train, LocalResult, Message | None]:
-        cfg, idx = self.ctx.cfg, self.ctx.data.samples
+        cfg, idx, f = self.ctx.cfg, self.ctx.data.samples, self.ctx.cfg.fedopt
         if msg.kind == SECAGG:  # a later step of this round's secure sum
             return self.session.reply(msg) if self.session else None
+        sent = {n: t for n, t in msg.tensors.items() if not n.startswith(CONTROL)}
+        start, frozen, correction = sent, (), None
+        if f.lora == "ffa":  # A stays at the shared initialization, whatever the server sent
+            frozen = tuple(frozen_names(self.ctx.init_state))
+            start = {**sent, **{n: self.ctx.init_state[n] for n in frozen}}
+        if f.scaffold:
+            c = {n[len(CONTROL) :]: t for n, t in msg.tensors.items() if n.startswith(CONTROL)}
+            if update_problem(c, sent):  # c must match the adapter it came with
+                return None
+            self.control = self.control or {n: torch.zeros_like(t) for n, t in c.items()}
+            correction = {n: c[n] - self.control[n] for n in c}
         # a2: local fine-tuning starting from the received global adapter.
         result = yield Train(
-            msg.tensors,
+            start,
             self.opt_state,
             self.ctx.data.train,
             idx,
@@ -164,6 +227,9 @@ class Client:
             seeds.client(cfg.seed, msg.round, self.cid),
             steps=num_local_steps(len(idx), cfg.train),
             private=True,
+            prox_mu=f.prox_mu,
+            correction=correction,
+            frozen=frozen,
         )
         self.opt_state = result.opt_state
         self.rounds_trained += 1
@@ -171,11 +237,15 @@ class Client:
         meta = {"num_samples": len(idx), "loss": result.loss, "steps": result.steps}
         meta.update(dpsgd.report(cfg, len(idx), self.rounds_trained))
         if cfg.privacy.secagg:  # a3 happens inside the secure sum; first, the keys
-            args = (state, msg.tensors, msg.meta, len(idx), msg.round, self.cid)
+            args = (state, sent, msg.meta, len(idx), msg.round, self.cid)
             self.session = secure_session(cfg, *args)
             return self.session.advertise(meta) if self.session else None
         if cfg.privacy.dp == "local":  # clipped and noised before it leaves the client
-            state, _ = privatize(cfg, state, msg.tensors, msg.round, self.cid)
+            state, _ = privatize(cfg, state, sent, msg.round, self.cid)
+        if f.scaffold:  # c_i moves; its change travels with the adapter
+            args = (sent, state, c, self.control, result.steps, cfg.train.lr)
+            self.control, change = client_control(*args)
+            state = {**state, **{CONTROL + n: d for n, d in change.items()}}
         # a3: the trained adapter with the sample count used as its FedAvg weight.
         return Message(PARAMETERS, msg.round, client_name(self.cid), SERVER, state, meta)
 

@@ -13,6 +13,7 @@ from ...context import ClientContext
 from ...data import batches, join_batches
 from ...errors import MessageError
 from ...execution.train import make_optimizer, optimizer_step, shape_of, to_device
+from ...fedopt import drift_step
 from ...messages import (
     ACTIVATIONS,
     GRADIENTS,
@@ -54,6 +55,7 @@ class Client:
         self.noise: torch.Generator | None = None
         self.uses = np.zeros(len(ctx.data.train), dtype=np.int64)
         self.session: secagg.ClientSession | None = None  # this round's secure sum
+        self.anchor: tuple = ({}, [])  # the round's received LoRA and our tensors of it
 
     def state_dict(self) -> dict:
         opt = self.opt.state_dict() if self.opt is not None else self.saved_opt
@@ -80,6 +82,8 @@ class Client:
         load_trainable_state(ctx.model, msg.tensors)  # cc4: the aggregate replaces its LoRA
         params = dict(ctx.model.named_parameters())
         mine = [params[n] for n in msg.tensors]
+        # fedopt.prox_mu: each step is pulled toward the LoRA this round started from
+        self.anchor = (msg.tensors, [(n, params[n]) for n in msg.tensors])
         if self.opt is None or t.optimizer_state == "reset":
             self.opt = make_optimizer(mine, t)
             if self.saved_opt is not None and t.optimizer_state == "keep":
@@ -174,5 +178,7 @@ class Client:
             lambda: h.backward(grad, retain_graph=True),
             grads=mine,
         )
+        if ctx.cfg.fedopt.prox_mu > 0:
+            drift_step(self.anchor[1], ctx.cfg.fedopt.prox_mu, self.anchor[0])
         optimizer_step(self.opt, mine, ctx.cfg.train)
         return loss_value

@@ -15,6 +15,7 @@ from ...aggregate import build, finite, screen_updates
 from ...context import ServerContext
 from ...errors import ConfigError, MessageError
 from ...execution.train import make_optimizer, optimizer_step
+from ...fedopt import server_optimizer
 from ...messages import (
     ACTIVATIONS,
     GRADIENTS,
@@ -28,9 +29,9 @@ from ...messages import (
 from ...models import load_trainable_state, vocab_size
 from ...privacy import ClientLevelDP, largest_reported, secure_aggregate
 from .config import is_u_shaped
-from .labels import received_labels, take_labels
 from .layers import choose_split_layers, samples_per_round
 from .model import compress, decompress, part_names, server_forward
+from .requests import check_activations, received_labels, take_labels
 
 
 class Server:
@@ -56,6 +57,7 @@ class Server:
         # on the clients' raw activations; no epsilon covers it)
         self.dp = ClientLevelDP(ctx.cfg) if ctx.cfg.privacy.dp != "off" else None
         self.central = self.dp is not None and self.dp.central
+        self.opt = server_optimizer(ctx.cfg)
         self.states: dict = {}  # slot ('shared' or cid) -> server-side tensors
         self.opts: dict = {}  # slot -> optimizer, kept across rounds like the clients' Adam
         self.labels: dict[int, dict] = {}  # cid -> this round's labels not yet used
@@ -80,12 +82,16 @@ class Server:
             "opts": opts,
             "aggregator": self.strategy.state_dict(),
         }
+        if self.opt is not None:
+            d["server_opt"] = self.opt.state_dict()
         return {**d, "dp": self.dp.state_dict()} if self.dp is not None else d
 
     def load_state_dict(self, d: dict) -> None:
         self.global_state = {k: v.to(self.ctx.device) for k, v in d["global_state"].items()}
         self.opts, self.saved_opts = {}, dict(d["opts"])
         self.strategy.load_state_dict(d["aggregator"])
+        if self.opt is not None:
+            self.opt.load_state_dict(d["server_opt"], self.ctx.device)
         if self.dp is not None:
             self.dp.load_state_dict(d["dp"])
 
@@ -152,6 +158,10 @@ class Server:
         before = dict(self.global_state)
         self.global_state.update(new)
         self.aggregate({c: float(meta["num_samples"]) for c, meta in metas.items()}, uploads)
+        if self.opt is not None:  # fedopt.server_opt steps the client-side LoRA
+            names = dict.fromkeys(n for c in metas for n in self.client_keys[c])
+            new = {n: self.global_state[n] for n in names}
+            self.global_state.update(self.opt.step({n: before[n] for n in names}, new))
         if not finite(self.global_state):
             self.global_state = before  # finite inputs can still overflow: keep the last state
             metrics["rejected_reasons"] = {
@@ -334,35 +344,14 @@ class Server:
             raise MessageError(f"split server cannot serve a {msg.kind} message from {msg.sender}")
         return reply
 
-    def _check_activations(self, cid: int, msg: Message) -> None:
-        """What a client's ACTIVATIONS must be before anything is allocated or computed from
-        them: a bool ``mask [B, L]`` with ``B <= train.batch_size``, ``L <= model.max_length``
-        and a token in every row, values ``[B, L, ...]`` (the codec checks the rest), and no
-        more rows this round than the client's samples per round."""
-        cfg, mask = self.ctx.cfg, msg.tensors.get("mask")
-        if mask is None or mask.dtype != torch.bool or mask.dim() != 2:
-            raise MessageError(f"activations from {msg.sender} without a [B, L] bool mask")
-        b, length = mask.shape
-        if not (1 <= b <= cfg.train.batch_size and 1 <= length <= cfg.model.max_length):
-            raise MessageError(
-                f"activations from {msg.sender}: {b} x {length} tokens, over train.batch_size "
-                f"{cfg.train.batch_size} / model.max_length {cfg.model.max_length}"
-            )
-        codec.check_names(msg.tensors, ("mask",))
-        values = msg.tensors.get("values")
-        if values is None or values.dim() != 3 or tuple(values.shape[:2]) != (b, length):
-            raise MessageError(f"activations from {msg.sender} do not match their mask")
-        if not mask.any(1).all():
-            raise MessageError(f"activations from {msg.sender} have a row without tokens")
+    def _forward(self, cid: int, msg: Message) -> Message:
+        ctx, k = self.ctx, self.layers[cid]
+        b = check_activations(ctx.cfg, msg)
         self.rows[cid] = self.rows.get(cid, 0) + b
         if self.rows[cid] > self.budget[cid]:
             raise MessageError(
                 f"{msg.sender} sent over its {self.budget[cid]} samples per round of activations"
             )
-
-    def _forward(self, cid: int, msg: Message) -> Message:
-        ctx, k = self.ctx, self.layers[cid]
-        self._check_activations(cid, msg)
         state = self.states[self.slot(cid)]
         load_trainable_state(ctx.model, {n: state[n] for n in self.server_keys[cid]})
         ctx.model.train()

@@ -1,10 +1,11 @@
-"""The split server's labels (c2): a client's round of labels, checked, then taken batch by
-batch as its activations arrive."""
+"""What the split server accepts from a client before computing anything: its round of labels
+(c2), checked, then taken batch by batch as its activations (c2) arrive, themselves checked."""
 
 from __future__ import annotations
 
 import torch
 
+from ... import codec
 from ...errors import MessageError
 from ...messages import Message
 
@@ -48,3 +49,26 @@ def take_labels(
         raise MessageError(f"response tokens from client {cid} outside the vocabulary or batch")
     r = max(1, int((tgt != -100).sum(1).max()))
     return {k: v[:, :r] for k, v in batch.items()}
+
+
+def check_activations(cfg, msg: Message) -> int:
+    """What a client's ACTIVATIONS must be before anything is allocated or computed from them:
+    a bool ``mask [B, L]`` with ``B <= train.batch_size``, ``L <= model.max_length`` and a
+    token in every row, values ``[B, L, ...]`` (the codec checks the rest). Returns ``B`` (the
+    server also holds each client to its samples per round)."""
+    mask = msg.tensors.get("mask")
+    if mask is None or mask.dtype != torch.bool or mask.dim() != 2:
+        raise MessageError(f"activations from {msg.sender} without a [B, L] bool mask")
+    b, length = mask.shape
+    if not (1 <= b <= cfg.train.batch_size and 1 <= length <= cfg.model.max_length):
+        raise MessageError(
+            f"activations from {msg.sender}: {b} x {length} tokens, over train.batch_size "
+            f"{cfg.train.batch_size} / model.max_length {cfg.model.max_length}"
+        )
+    codec.check_names(msg.tensors, ("mask",))
+    values = msg.tensors.get("values")
+    if values is None or values.dim() != 3 or tuple(values.shape[:2]) != (b, length):
+        raise MessageError(f"activations from {msg.sender} do not match their mask")
+    if not mask.any(1).all():
+        raise MessageError(f"activations from {msg.sender} have a row without tokens")
+    return b

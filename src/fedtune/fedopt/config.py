@@ -1,0 +1,93 @@
+"""The ``[fedopt]`` config section: server optimizers, client drift corrections and the way
+LoRA's factors are shared (the paper's Section IV.A direction for FedLLM)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import check, opt
+
+
+@dataclass(frozen=True)
+class FedOptConfig:
+    """Options of FedLLM's research directions (section ``[fedopt]``); see :mod:`fedtune.fedopt`."""
+
+    server_opt: str = opt(
+        "none",
+        "server optimizer on the round's pseudo-gradient (aggregate - global): 'avgm' (FedAvgM, "
+        "Hsu et al. 2019), 'adam', 'yogi', 'adagrad' (Reddi et al. 2021); FedLLM and "
+        "Split-FedLLM's client LoRA",
+        ("none", "avgm", "adam", "yogi", "adagrad"),
+    )
+    server_lr: float = opt(
+        1.0,
+        "server learning rate eta (avgm: 1 = FedAvg plus momentum; adaptive ones step each "
+        "coordinate by about eta, so give them about train.lr)",
+    )
+    server_momentum: float = opt(0.9, "avgm: momentum beta")
+    server_beta1: float = opt(0.9, "adam / yogi: first-moment decay")
+    server_beta2: float = opt(0.99, "adam / yogi: second-moment decay")
+    server_tau: float = opt(1e-3, "adam / yogi / adagrad: adaptivity tau (added to sqrt(v))")
+    prox_mu: float = opt(
+        0.0,
+        "FedProx (Li et al. 2020): each client's loss gains mu/2 ||w - w_global||^2 over its "
+        "trainable tensors; FedLLM and Split-FedLLM's client LoRA; 0 = off",
+    )
+    scaffold: bool = opt(
+        False,
+        "SCAFFOLD (Karimireddy et al. 2020, option II): control variates correct every local "
+        "gradient by c - c_i; c travels down and each client's change of c_i up (FedLLM, "
+        "train.optimizer=sgd)",
+    )
+    lora: str = opt(
+        "fedit",
+        "which LoRA factors are trained and averaged: 'fedit' (A and B averaged separately) or "
+        "'ffa' (FFA-LoRA: A frozen at the shared initialization, only B and the head trained "
+        "and exchanged, so their average is the average update exactly); FedLLM",
+        ("fedit", "ffa"),
+    )
+
+    def __post_init__(self) -> None:
+        check(self.server_lr > 0, "fedopt.server_lr", f"must be > 0, got {self.server_lr}")
+        check(0 <= self.server_momentum < 1, "fedopt.server_momentum", "must be in [0, 1)")
+        check(0 <= self.server_beta1 < 1, "fedopt.server_beta1", "must be in [0, 1)")
+        check(0 <= self.server_beta2 < 1, "fedopt.server_beta2", "must be in [0, 1)")
+        check(self.server_tau > 0, "fedopt.server_tau", f"must be > 0, got {self.server_tau}")
+        check(self.prox_mu >= 0, "fedopt.prox_mu", f"must be >= 0, got {self.prox_mu}")
+
+    def check_run(self, cfg) -> None:
+        """Checks against the rest of the run's config."""
+        fw = cfg.fed.framework
+        check(
+            self.server_opt == "none" or fw in ("fedllm", "split"),
+            "fedopt.server_opt",
+            f"steps averaged parameters (fedllm, split's client LoRA); {fw} averages none",
+        )
+        check(
+            self.prox_mu == 0 or fw in ("fedllm", "split"),
+            "fedopt.prox_mu",
+            f"pulls a client toward the global adapter (fedllm, split); {fw} has none",
+        )
+        check(not self.scaffold or fw == "fedllm", "fedopt.scaffold", "is built for FedLLM")
+        check(
+            not self.scaffold or cfg.train.optimizer == "sgd",
+            "train.optimizer",
+            "fedopt.scaffold's control variates (option II) are gradients only under plain SGD",
+        )
+        check(self.lora == "fedit" or fw == "fedllm", "fedopt.lora", "ffa is built for FedLLM")
+        drift = self.prox_mu > 0 or self.scaffold or self.lora != "fedit"
+        check(
+            not drift or cfg.fed.engine == "sequential",
+            "fed.engine",
+            "fedopt's prox_mu, scaffold and lora=ffa change each client's step: sequential",
+        )
+        check(
+            not drift or not cfg.privacy.dpsgd,
+            "privacy.dpsgd",
+            "Opacus's step rebuilds the gradients: no prox_mu, scaffold or lora=ffa with DP-SGD",
+        )
+        check(
+            not self.scaffold or (not cfg.privacy.secagg and cfg.privacy.dp == "off"),
+            "fedopt.scaffold",
+            "its control variates are uploaded in the clear: no privacy.secagg or privacy.dp",
+        )
