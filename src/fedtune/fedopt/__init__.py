@@ -14,6 +14,7 @@
 * SCAFFOLD's control variates (option II): :func:`client_control` after local training,
   :func:`server_control` after aggregation.
 * FFA-LoRA: :func:`frozen_names`, the A factors that stay at the shared initialization.
+* Clients of different LoRA ranks (HetLoRA, FlexLoRA): :mod:`.ranks`.
 """
 
 from __future__ import annotations

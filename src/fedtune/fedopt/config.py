@@ -47,6 +47,18 @@ class FedOptConfig:
         ("fedit", "ffa"),
     )
 
+    client_ranks: tuple[int, ...] = opt(
+        (),
+        "per-client LoRA ranks (one per client, the largest = model.lora_r): a client trains and "
+        "exchanges the first r ranks of the global adapter; empty = everyone at model.lora_r",
+    )
+    rank_aggregation: str = opt(
+        "hetlora",
+        "how clients of different ranks are combined: 'hetlora' (zero-pad and average) or "
+        "'flexlora' (average the products B A, SVD back to each rank)",
+        ("hetlora", "flexlora"),
+    )
+
     def __post_init__(self) -> None:
         check(self.server_lr > 0, "fedopt.server_lr", f"must be > 0, got {self.server_lr}")
         check(0 <= self.server_momentum < 1, "fedopt.server_momentum", "must be in [0, 1)")
@@ -86,8 +98,40 @@ class FedOptConfig:
             "privacy.dpsgd",
             "Opacus's step rebuilds the gradients: no prox_mu, scaffold or lora=ffa with DP-SGD",
         )
+        if self.client_ranks:
+            self.check_ranks(cfg)
         check(
             not self.scaffold or (not cfg.privacy.secagg and cfg.privacy.dp == "off"),
             "fedopt.scaffold",
             "its control variates are uploaded in the clear: no privacy.secagg or privacy.dp",
+        )
+
+    def check_ranks(self, cfg) -> None:
+        """``client_ranks``: one rank in ``[1, model.lora_r]`` per client, the largest being
+        ``model.lora_r``; FedLLM with FedIT-style factors, uploads in the clear."""
+        r, n = self.client_ranks, cfg.data.num_clients
+        key = "fedopt.client_ranks"
+        check(len(r) == n, key, f"needs {n} ranks (data.num_clients), got {len(r)}")
+        check(min(r) >= 1, key, "ranks must be >= 1")
+        check(
+            max(r) == cfg.model.lora_r,
+            key,
+            f"the largest rank must be model.lora_r={cfg.model.lora_r}",
+        )
+        check(cfg.fed.framework == "fedllm", key, "is built for FedLLM")
+        check(
+            self.lora == "fedit" and not self.scaffold,
+            key,
+            "needs fedopt.lora=fedit and no scaffold (their tensors would differ per client)",
+        )
+        check(
+            not cfg.privacy.secagg and cfg.privacy.dp == "off",
+            key,
+            "clients of different ranks send different shapes: no secure sum or client-level DP",
+        )
+        check(
+            self.rank_aggregation == "hetlora"
+            or (cfg.fed.aggregator == "fedavg" and self.server_opt == "none"),
+            "fedopt.rank_aggregation",
+            "flexlora averages products and factors them anew: fed.aggregator=fedavg, no server_opt",
         )

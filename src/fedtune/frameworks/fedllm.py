@@ -31,6 +31,7 @@ from ..context import ClientContext, ServerContext
 from ..execution.jobs import Train
 from ..execution.train import LocalResult, num_local_steps
 from ..fedopt import CONTROL, client_control, frozen_names, server_control, server_optimizer
+from ..fedopt.ranks import flexlora, rank_pad, rank_slice
 from ..messages import PARAMETERS, SECAGG, SERVER, Message, client_name
 from ..models import num_params
 from ..privacy import (
@@ -62,10 +63,15 @@ class Server:
         self.control = {n: torch.zeros_like(self.global_state[n]) for n in self.names}
         if not f.scaffold:
             self.control = {}
+        self.ranks = f.client_ranks  # per-client LoRA ranks (HetLoRA, FlexLoRA), or ()
 
     def exchanged(self) -> dict[str, torch.Tensor]:
         """The global tensors a1 sends and a3 returns (all but FFA-LoRA's frozen A)."""
         return {n: self.global_state[n] for n in self.names}
+
+    def sent_to(self, cid: int) -> dict[str, torch.Tensor]:
+        """a1's adapter for client ``cid``: the first ``r`` ranks at its rank ``r``."""
+        return rank_slice(self.exchanged(), self.ranks[cid]) if self.ranks else self.exchanged()
 
     def adopt(self, new: dict[str, torch.Tensor]) -> bool:
         """Make the round's aggregate of the exchanged tensors global, through the server
@@ -80,11 +86,13 @@ class Server:
     def round(self, rnd: int, clients: list[int]) -> Generator[dict, dict, dict]:
         if self.ctx.cfg.privacy.secagg:
             return (yield from self.secure_round(rnd, clients))
-        # a1: broadcast the global adapter (and SCAFFOLD's c).
+        # a1: broadcast the global adapter (and SCAFFOLD's c), at each client's rank.
         ref = self.exchanged()
-        down = {**ref, **{CONTROL + n: c for n, c in self.control.items()}}
+        sent = {cid: self.sent_to(cid) for cid in clients}
+        control = {CONTROL + n: c for n, c in self.control.items()}
         replies: dict[int, Message] = yield {
-            cid: Message(PARAMETERS, rnd, SERVER, client_name(cid), down) for cid in clients
+            cid: Message(PARAMETERS, rnd, SERVER, client_name(cid), {**sent[cid], **control})
+            for cid in clients
         }
         # a4: validate the uploads (a3), then aggregate the accepted ones.
         uploads, controls = {}, {}
@@ -96,7 +104,7 @@ class Server:
         fed = self.ctx.cfg.fed
         ok, rejected = screen_updates(
             uploads,
-            {cid: ref for cid in replies},
+            {cid: sent[cid] for cid in replies},
             0.0 if self.central else fed.max_update_norm,
             {c: m.meta for c, m in replies.items()},
             0.0 if self.central else fed.max_update_ratio,
@@ -111,10 +119,12 @@ class Server:
         if not ok:  # nothing usable: the global state stays as it was
             return {**metrics, **(self.dp.metrics() if self.dp else {})}
         weights = [float(replies[c].meta["num_samples"]) for c in ok]
-        states = [uploads[c] for c in ok]
+        states = [rank_pad(uploads[c], ref) for c in ok] if self.ranks else [uploads[c] for c in ok]
         if self.central:
             new, dp_metrics = self.dp.aggregate(rnd, ref, states, len(clients))
             metrics.update(dp_metrics)
+        elif self.ranks and self.ctx.cfg.fedopt.rank_aggregation == "flexlora":
+            new = flexlora(ref, states, weights)
         else:
             new = self.strategy(ref, states, weights)
             if self.dp is not None:
@@ -160,7 +170,9 @@ class Server:
         return self.global_state
 
     def params_exchanged(self) -> int:
-        return num_params(self.exchanged())
+        """Trainable parameters a client exchanges per round (the mean over client ranks)."""
+        ranks = self.ranks or [0]
+        return int(np.mean([num_params(self.sent_to(c)) for c in range(len(ranks))]))
 
     def state_dict(self) -> dict:
         """What a checkpoint must hold to resume (tensors and small JSON-able values)."""
@@ -211,6 +223,11 @@ class Client:
         if f.lora == "ffa":  # A stays at the shared initialization, whatever the server sent
             frozen = tuple(frozen_names(self.ctx.init_state))
             start = {**sent, **{n: self.ctx.init_state[n] for n in frozen}}
+        if f.client_ranks:  # the first r ranks, trained zero-padded to the global rank
+            like = rank_slice(self.ctx.init_state, f.client_ranks[self.cid])
+            if update_problem(sent, like):
+                return None
+            start = rank_pad(sent, self.ctx.init_state)
         if f.scaffold:
             c = {n[len(CONTROL) :]: t for n, t in msg.tensors.items() if n.startswith(CONTROL)}
             if update_problem(c, sent):  # c must match the adapter it came with
@@ -234,6 +251,8 @@ class Client:
         self.opt_state = result.opt_state
         self.rounds_trained += 1
         state = result.state
+        if f.client_ranks:
+            state = rank_slice(state, f.client_ranks[self.cid])
         meta = {"num_samples": len(idx), "loss": result.loss, "steps": result.steps}
         meta.update(dpsgd.report(cfg, len(idx), self.rounds_trained))
         if cfg.privacy.secagg:  # a3 happens inside the secure sum; first, the keys
