@@ -139,6 +139,27 @@ def test_ffa_keeps_a_at_its_init_and_exchanges_only_b(tmp_path, synth_dir):
     assert ffa["bytes_down_per_client_per_round"] < plain["bytes_down_per_client_per_round"]
 
 
+def test_fedsa_keeps_each_clients_b_and_shares_a(tmp_path, synth_dir):
+    """FedSA-LoRA: B never leaves a client, so the global B stays at its init (zeros) while A
+    trains; client_accuracy tests each client's own B with the global A and head."""
+    from fedtune.context import build_context
+
+    init = build_context(tiny_cfg(synth_dir)).init_state
+    plain, _ = _run(tmp_path, "plain", synth_dir)
+    fedsa, b = _run(tmp_path, "fedsa", synth_dir, lora="fedsa")
+    for n, t in init.items():
+        key = n.replace(".default.", ".")
+        if ".lora_B." in n:
+            assert torch.equal(b[key], t) and not t.any(), n
+        elif ".lora_A." in n:
+            assert not torch.equal(b[key], t), n
+    d = sum(t.numel() for n, t in init.items() if ".lora_B." in n)
+    assert fedsa["trainable_params_exchanged"] == plain["trainable_params_exchanged"] - d
+    rows = [json.loads(x) for x in (tmp_path / "fedsa" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows[-1]["client_accuracies"]) == 3
+    assert rows[-1]["client_accuracy"] == pytest.approx(sum(rows[-1]["client_accuracies"]) / 3)
+
+
 def test_prox_pulls_the_update_toward_the_global_adapter(tmp_path, synth_dir):
     from fedtune.context import build_context
 
@@ -159,9 +180,10 @@ def test_prox_pulls_the_update_toward_the_global_adapter(tmp_path, synth_dir):
         ("fedllm", {"server_opt": "adam", "server_lr": 0.01}),
         ("fedllm", {"scaffold": True}),
         ("fedllm", {"server_opt": "avgm", "prox_mu": 0.1, "lora": "ffa"}),
+        ("fedllm", {"lora": "fedsa"}),
         ("split", {"server_opt": "yogi", "server_lr": 0.01, "prox_mu": 0.1}),
     ],
-    ids=["fedadam", "scaffold", "fedavgm-prox-ffa", "split-fedyogi-prox"],
+    ids=["fedadam", "scaffold", "fedavgm-prox-ffa", "fedsa", "split-fedyogi-prox"],
 )
 def test_fedopt_runs_resume_identically(synth_dir, tmp_path, framework, fedopt):
     """The server optimizer's moments and the control variates are in the checkpoint: 4

@@ -247,3 +247,13 @@ def generate_job(ctx: Context, job) -> list[list[int]]:
 def evaluate(ctx: Context, state: dict[str, torch.Tensor] | None, data: Tokenized) -> dict:
     """The task's test metrics of ``state`` on all of ``data``."""
     return ctx.task.metrics(outputs(ctx, state, data, np.arange(len(data))), data.labels)
+
+
+def clients_mean(evals: list[dict]) -> dict:
+    """Several clients' own models, each tested by :func:`evaluate`: the mean and the list of
+    their accuracies (generation: perplexities)."""
+    key, many = (
+        ("accuracy", "accuracies") if "accuracy" in evals[0] else ("perplexity", "perplexities")
+    )
+    values = [e[key] for e in evals]
+    return {f"client_{key}": float(np.mean(values)), f"client_{many}": values}

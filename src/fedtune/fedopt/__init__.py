@@ -13,7 +13,8 @@
   ``mu (w - w_global)`` and SCAFFOLD's ``c - c_i``.
 * SCAFFOLD's control variates (option II): :func:`client_control` after local training,
   :func:`server_control` after aggregation.
-* FFA-LoRA: :func:`frozen_names`, the A factors that stay at the shared initialization.
+* FFA-LoRA: :func:`frozen_names`, the A factors that stay at the shared initialization;
+  FedSA-LoRA: :func:`personal_names`, the B factors each client keeps.
 * Clients of different LoRA ranks (HetLoRA, FlexLoRA): :mod:`.ranks`.
 """
 
@@ -35,6 +36,7 @@ __all__ = [
     "client_control",
     "drift_step",
     "frozen_names",
+    "personal_names",
     "server_control",
     "server_optimizer",
 ]
@@ -133,3 +135,8 @@ def server_control(c: State, changes: list[State], num_clients: int) -> State:
 def frozen_names(state: State) -> list[str]:
     """FFA-LoRA: the LoRA A factors (``... .lora_A. ...``), frozen at the shared init."""
     return [n for n in state if ".lora_A." in n]
+
+
+def personal_names(state: State) -> list[str]:
+    """FedSA-LoRA: the LoRA B factors (``... .lora_B. ...``), each client's own."""
+    return [n for n in state if ".lora_B." in n]

@@ -41,10 +41,11 @@ class FedOptConfig:
     )
     lora: str = opt(
         "fedit",
-        "which LoRA factors are trained and averaged: 'fedit' (A and B averaged separately) or "
+        "which LoRA factors are trained and averaged: 'fedit' (A and B averaged separately), "
         "'ffa' (FFA-LoRA: A frozen at the shared initialization, only B and the head trained "
-        "and exchanged, so their average is the average update exactly); FedLLM",
-        ("fedit", "ffa"),
+        "and exchanged, so their average is the average update exactly) or 'fedsa' "
+        "(FedSA-LoRA: A and the head shared, each client keeps its own B); FedLLM",
+        ("fedit", "ffa", "fedsa"),
     )
 
     client_ranks: tuple[int, ...] = opt(
@@ -86,8 +87,12 @@ class FedOptConfig:
             "train.optimizer",
             "fedopt.scaffold's control variates (option II) are gradients only under plain SGD",
         )
-        check(self.lora == "fedit" or fw == "fedllm", "fedopt.lora", "ffa is built for FedLLM")
-        drift = self.prox_mu > 0 or self.scaffold or self.lora != "fedit"
+        check(
+            self.lora == "fedit" or fw == "fedllm",
+            "fedopt.lora",
+            f"{self.lora} is built for FedLLM",
+        )
+        drift = self.prox_mu > 0 or self.scaffold or self.lora == "ffa"
         check(
             not drift or cfg.fed.engine == "sequential",
             "fed.engine",

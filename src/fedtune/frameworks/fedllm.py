@@ -29,8 +29,15 @@ from .. import seeds
 from ..aggregate import build, finite, screen_updates, update_problem
 from ..context import ClientContext, ServerContext
 from ..execution.jobs import Train
-from ..execution.train import LocalResult, num_local_steps
-from ..fedopt import CONTROL, client_control, frozen_names, server_control, server_optimizer
+from ..execution.train import LocalResult, clients_mean, evaluate, num_local_steps
+from ..fedopt import (
+    CONTROL,
+    client_control,
+    frozen_names,
+    personal_names,
+    server_control,
+    server_optimizer,
+)
 from ..fedopt.ranks import flexlora, rank_pad, rank_slice
 from ..messages import PARAMETERS, SECAGG, SERVER, Message, client_name
 from ..models import num_params
@@ -57,8 +64,9 @@ class Server:
         self.central = self.dp is not None and self.dp.central
         self.opt = server_optimizer(ctx.cfg)
         f = ctx.cfg.fedopt
-        frozen = set(frozen_names(self.global_state)) if f.lora == "ffa" else set()
-        self.names = [n for n in self.global_state if n not in frozen]  # what a1 and a3 carry
+        # what a1 and a3 carry: not FFA-LoRA's frozen A, not FedSA-LoRA's personal B
+        kept = {"ffa": frozen_names, "fedsa": personal_names}.get(f.lora, lambda s: [])
+        self.names = [n for n in self.global_state if n not in set(kept(self.global_state))]
         # SCAFFOLD's server control variate c (float32, like the exchanged tensors)
         self.control = {n: torch.zeros_like(self.global_state[n]) for n in self.names}
         if not f.scaffold:
@@ -204,15 +212,20 @@ class Client:
         self.session: secagg.ClientSession | None = None  # this round's secure sum
         self.rounds_trained = 0  # privacy.dpsgd's accounting
         self.control: dict[str, torch.Tensor] = {}  # SCAFFOLD's c_i (zeros until round 1)
+        own = personal_names(ctx.init_state) if ctx.cfg.fedopt.lora == "fedsa" else []
+        self.own = {n: ctx.init_state[n].clone() for n in own}  # FedSA-LoRA: this client's B
 
     def state_dict(self) -> dict:
         d = {"opt_state": self.opt_state, "rounds_trained": self.rounds_trained}
+        if self.own:
+            d["own"] = self.own
         return {**d, "control": self.control} if self.ctx.cfg.fedopt.scaffold else d
 
     def load_state_dict(self, d: dict) -> None:
         self.opt_state = d["opt_state"]
         self.rounds_trained = int(d.get("rounds_trained", 0))
         self.control = dict(d.get("control") or {})
+        self.own = dict(d.get("own") or self.own)
 
     def handle(self, msg: Message, link=None) -> Generator[Train, LocalResult, Message | None]:
         cfg, idx, f = self.ctx.cfg, self.ctx.data.samples, self.ctx.cfg.fedopt
@@ -223,6 +236,8 @@ class Client:
         if f.lora == "ffa":  # A stays at the shared initialization, whatever the server sent
             frozen = tuple(frozen_names(self.ctx.init_state))
             start = {**sent, **{n: self.ctx.init_state[n] for n in frozen}}
+        if self.own:  # FedSA-LoRA: the shared A and head, with this client's own B
+            start = {**sent, **self.own}
         if f.client_ranks:  # the first r ranks, trained zero-padded to the global rank
             like = rank_slice(self.ctx.init_state, f.client_ranks[self.cid])
             if update_problem(sent, like):
@@ -251,6 +266,9 @@ class Client:
         self.opt_state = result.opt_state
         self.rounds_trained += 1
         state = result.state
+        if self.own:
+            self.own = {n: state[n] for n in self.own}
+            state = {n: t for n, t in state.items() if n not in self.own}
         if f.client_ranks:
             state = rank_slice(state, f.client_ranks[self.cid])
         meta = {"num_samples": len(idx), "loss": result.loss, "steps": result.steps}
@@ -269,4 +287,16 @@ class Client:
         return Message(PARAMETERS, msg.round, client_name(self.cid), SERVER, state, meta)
 
 
-register("fedllm", Server, Client, title="FedLLM")
+def client_eval(ctx: ServerContext, server: Server, clients: dict[int, Client]) -> dict:
+    """FedSA-LoRA: the mean test accuracy of the clients' own models (the global A and head
+    with each client's B); the headline accuracy is the shared part alone (B at its init)."""
+    if ctx.cfg.fedopt.lora != "fedsa":
+        return {}
+    evals = [
+        evaluate(ctx, {**server.global_state, **cl.own}, ctx.data.test)
+        for _, cl in sorted(clients.items())
+    ]
+    return clients_mean(evals)
+
+
+register("fedllm", Server, Client, title="FedLLM", client_eval=client_eval)

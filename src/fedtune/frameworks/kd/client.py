@@ -12,7 +12,7 @@ from ... import seeds
 from ...context import ClientContext, ServerContext
 from ...errors import MessageError
 from ...execution.jobs import Predict, Train
-from ...execution.train import evaluate, num_local_steps
+from ...execution.train import clients_mean, evaluate, num_local_steps
 from ...messages import LABELS, LOGITS, METADATA, SERVER, Message, client_name
 from ...privacy import dp, dpsgd, outputs
 from .common import distill_batch_size, public_candidates
@@ -123,9 +123,6 @@ def client_eval(ctx: ServerContext, server, clients: dict[int, Client]) -> dict:
     model is the headline)."""
     if not ctx.cfg.kd.client_eval:
         return {}
-    evals = [evaluate(ctx, cl.state, ctx.data.test) for _, cl in sorted(clients.items())]
-    if "accuracy" in evals[0]:
-        accs = [e["accuracy"] for e in evals]
-        return {"client_accuracy": float(np.mean(accs)), "client_accuracies": accs}
-    ppl = [e["perplexity"] for e in evals]
-    return {"client_perplexity": float(np.mean(ppl)), "client_perplexities": ppl}
+    return clients_mean(
+        [evaluate(ctx, cl.state, ctx.data.test) for _, cl in sorted(clients.items())]
+    )
