@@ -101,6 +101,14 @@ def test_ffa_average_of_b_is_the_exact_average_update():
     assert not torch.allclose(avg["B"] @ avg["A"], products, atol=1e-3)
 
 
+def test_fedopt_section_is_saved_with_the_run_config():
+    """[fedopt] survives the resolved config's round trip (saved with every run, sent to
+    Flower nodes) and is part of the resume key."""
+    cfg = config.load(None, ["fedopt.server_opt=adam", "fedopt.prox_mu=0.5"])
+    assert config.from_dict(config.to_dict(cfg)) == cfg
+    assert config.resume_key(cfg)["fedopt"]["prox_mu"] == 0.5
+
+
 def test_fedopt_config_checks():
     with pytest.raises(ConfigError, match="train.optimizer"):
         config.load(None, ["fedopt.scaffold=true"])

@@ -15,7 +15,14 @@ from fedtune.errors import ConfigError
 from fedtune.execution import engine
 from fedtune.execution.jobs import Train
 from fedtune.execution.train import num_local_steps, train
-from fedtune.fedopt.ranks import flexlora, rank_pad, rank_slice, svd_factors
+from fedtune.fedopt.ranks import (
+    choose_ranks,
+    flexlora,
+    rank_bytes,
+    rank_pad,
+    rank_slice,
+    svd_factors,
+)
 from fedtune.runtime import checkpoint, simulate
 from test_checkpoint import Stop, assert_same_run, stop_after
 from test_engine import ATOL, RTOL, no_dropout
@@ -133,3 +140,23 @@ def test_rank_runs_resume_identically_and_bytes_follow_the_ranks(synth_dir, tmp_
     row = json.loads((a / "metrics.jsonl").read_text().splitlines()[0])
     up = [row["per_client"][str(c)]["bytes_up"] for c in range(3)]
     assert up[0] < up[1] < up[2] and row["rejected"] == 0
+
+
+def test_budget_policy_picks_the_largest_rank_that_fits(synth_dir, tmp_path):
+    ctx = build_context(tiny_cfg(synth_dir)).server()
+    n = [int(x) for x in ctx.data.client_sizes]
+    cost = {r: rank_bytes(ctx.init_state, r, n[1]) for r in (1, 2, 4)}
+    assert cost[1] < cost[2] < cost[4]  # lora_r 4: A [r, 32] and B [out, r] per module
+    fedopt = {"rank_policy": "budget", "client_bandwidth_budgets": [1e12, cost[2] + 1, 1e12]}
+    cfg = tiny_cfg(synth_dir, fedopt=fedopt)  # model.lora_r 4
+    assert choose_ranks(build_context(cfg).server()) == (4, 2, 4)
+    simulate(cfg, tmp_path / "run", log=None)
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["client_ranks"] == [4, 2, 4] and row["rejected"] == 0
+    # what was counted on the wire for client 1 is what the policy planned for it
+    assert row["per_client"]["1"]["bytes_up"] + row["per_client"]["1"][
+        "bytes_down"
+    ] == pytest.approx(cost[2], rel=0.01)
+    small = config.with_overrides(cfg, fedopt={"client_bandwidth_budgets": [1e12, 10.0, 1e12]})
+    with pytest.raises(ConfigError, match="fedopt.client_bandwidth_budgets"):
+        choose_ranks(build_context(small).server())

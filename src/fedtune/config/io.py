@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .schema import RunConfig, _fields, section_classes
+from .schema import SHARED_SECTIONS, RunConfig, _fields, section_classes
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -169,7 +169,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     if isinstance(cfg, RunConfig):
         from .. import frameworks
 
-        keep = {*frameworks.builtin_names(), cfg.fed.framework, "privacy"}
+        keep = {*frameworks.builtin_names(), cfg.fed.framework, *SHARED_SECTIONS}
         out.update({n: to_dict(section) for n, section in cfg.sections if n in keep})
     return out
 
@@ -241,7 +241,7 @@ def resume_key(cfg: RunConfig) -> dict[str, Any]:
     d = to_dict(cfg)
     d.pop("progress")
     for name in section_classes():
-        if name not in (cfg.fed.framework, "privacy"):
+        if name not in (cfg.fed.framework, *SHARED_SECTIONS):
             d.pop(name, None)
     return d
 

@@ -270,6 +270,9 @@ class RunConfig:
         raise AttributeError(name)
 
 
+SHARED_SECTIONS = ("privacy", "fedopt")  # sections of every run, whatever its framework
+
+
 def section_classes() -> dict[str, type]:
     """``{section name: config class}``: every registered framework's, then ``privacy`` and
     ``fedopt``."""

@@ -53,6 +53,16 @@ class FedOptConfig:
         "per-client LoRA ranks (one per client, the largest = model.lora_r): a client trains and "
         "exchanges the first r ranks of the global adapter; empty = everyone at model.lora_r",
     )
+    rank_policy: str = opt(
+        "fixed",
+        "'fixed' (fedopt.client_ranks) or 'budget': per client, the largest rank in 1, 2, 4, ... "
+        "up to model.lora_r whose bytes per round (a1 + a3, encoded as on the wire) fit its "
+        "fedopt.client_bandwidth_budgets entry",
+        ("fixed", "budget"),
+    )
+    client_bandwidth_budgets: tuple[float, ...] = opt(
+        (), "rank_policy=budget: bytes per round (down + up), one per client"
+    )
     rank_aggregation: str = opt(
         "hetlora",
         "how clients of different ranks are combined: 'hetlora' (zero-pad and average) or "
@@ -103,7 +113,7 @@ class FedOptConfig:
             "privacy.dpsgd",
             "Opacus's step rebuilds the gradients: no prox_mu, scaffold or lora=ffa with DP-SGD",
         )
-        if self.client_ranks:
+        if self.client_ranks or self.rank_policy == "budget":
             self.check_ranks(cfg)
         check(
             not self.scaffold or (not cfg.privacy.secagg and cfg.privacy.dp == "off"),
@@ -113,16 +123,27 @@ class FedOptConfig:
 
     def check_ranks(self, cfg) -> None:
         """``client_ranks``: one rank in ``[1, model.lora_r]`` per client, the largest being
-        ``model.lora_r``; FedLLM with FedIT-style factors, uploads in the clear."""
+        ``model.lora_r`` (or, rank_policy=budget, one bandwidth budget per client); FedLLM with
+        FedIT-style factors, uploads in the clear."""
         r, n = self.client_ranks, cfg.data.num_clients
         key = "fedopt.client_ranks"
-        check(len(r) == n, key, f"needs {n} ranks (data.num_clients), got {len(r)}")
-        check(min(r) >= 1, key, "ranks must be >= 1")
-        check(
-            max(r) == cfg.model.lora_r,
-            key,
-            f"the largest rank must be model.lora_r={cfg.model.lora_r}",
-        )
+        if self.rank_policy == "budget":
+            b = self.client_bandwidth_budgets
+            key = "fedopt.rank_policy"
+            check(not r, key, "'budget' chooses the ranks itself; leave fedopt.client_ranks empty")
+            check(
+                len(b) == n and min(b) > 0,
+                "fedopt.client_bandwidth_budgets",
+                f"needs {n} positive budgets (data.num_clients), got {len(b)}",
+            )
+        else:
+            check(len(r) == n, key, f"needs {n} ranks (data.num_clients), got {len(r)}")
+            check(min(r) >= 1, key, "ranks must be >= 1")
+            check(
+                max(r) == cfg.model.lora_r,
+                key,
+                f"the largest rank must be model.lora_r={cfg.model.lora_r}",
+            )
         check(cfg.fed.framework == "fedllm", key, "is built for FedLLM")
         check(
             self.lora == "fedit" and not self.scaffold,

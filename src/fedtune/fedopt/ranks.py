@@ -17,6 +17,11 @@ gradient at zero. So every executor (the batched one too) trains a rank-``r`` cl
   the sum of the discarded ``σ²``.
 
 Bytes are counted as sent: a rank-``r`` client moves ``r / R`` of the LoRA bytes.
+
+``rank_policy=budget`` (:func:`choose_ranks`): each client declares the bytes per round it can
+move; the server gives it the largest rank in 1, 2, 4, ... up to ``R`` whose a1 and a3
+messages, encoded as on the wire, fit. Bandwidth is the budget that separates ranks: a rank
+changes a client's FLOPs by the LoRA products alone, about 1% of a SmolLM2 step at rank 16.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..aggregate import weighted_average
+from ..aggregate import update_problem, weighted_average
+from ..errors import ConfigError
+from ..messages import PARAMETERS, SERVER, Message, client_name, encode
 
 State = dict[str, torch.Tensor]
 
@@ -44,6 +51,16 @@ def rank_slice(state: State, r: int) -> State:
     for n, t in state.items():
         out[n] = t[:r] if is_a(n) else t[:, :r] if is_b(n) else t
     return out
+
+
+def received_rank(sent: State, full: State) -> int:
+    """The rank ``r`` of an adapter a client received (its A factors' rows), 0 unless every
+    tensor is exactly ``rank_slice(full, r)``-shaped with ``1 <= r <= R``."""
+    a = [t for n, t in sent.items() if is_a(n)]
+    r = a[0].shape[0] if a and a[0].dim() == 2 else 0
+    top = next((t.shape[0] for n, t in full.items() if is_a(n)), 0)
+    ok = 1 <= r <= top and not update_problem(sent, rank_slice(full, r))
+    return r if ok else 0
 
 
 def rank_pad(state: State, like: State) -> State:
@@ -88,3 +105,33 @@ def flexlora(reference: State, states: Sequence[State], weights: Sequence[float]
         b, a, _ = svd_factors(delta, r)
         out[a_name], out[b_name] = a.to(reference[a_name].dtype), b.to(reference[b_name].dtype)
     return out
+
+
+def rank_bytes(init_state: State, r: int, num_samples: int) -> int:
+    """Bytes a rank-``r`` client moves per round: a1's adapter down and a3's reply up, each
+    encoded as on the wire (the reply's metadata with typical values)."""
+    state, me = rank_slice(init_state, r), client_name(0)
+    meta = {"num_samples": num_samples, "loss": 1 / 3, "steps": num_samples}
+    down = encode(Message(PARAMETERS, 1, SERVER, me, state))
+    return len(down) + len(encode(Message(PARAMETERS, 1, me, SERVER, state, meta)))
+
+
+def choose_ranks(ctx) -> tuple[int, ...]:
+    """Each client's LoRA rank: ``fedopt.client_ranks``, or (rank_policy=budget) the largest
+    of 1, 2, 4, ... up to ``model.lora_r`` whose :func:`rank_bytes` fit its budget."""
+    f, top = ctx.cfg.fedopt, ctx.cfg.model.lora_r
+    if f.rank_policy != "budget":
+        return tuple(f.client_ranks)
+    choices = sorted({2**i for i in range(top.bit_length()) if 2**i <= top} | {top})
+    ranks = []
+    for cid, budget in enumerate(f.client_bandwidth_budgets):
+        n = int(ctx.data.client_sizes[cid])
+        fits = [r for r in choices if rank_bytes(ctx.init_state, r, n) <= budget]
+        if not fits:
+            need = rank_bytes(ctx.init_state, 1, n)
+            raise ConfigError(
+                f"config key fedopt.client_bandwidth_budgets: client {cid} has {budget:.3g} bytes "
+                f"per round; rank 1 needs {need}"
+            )
+        ranks.append(max(fits))
+    return tuple(ranks)

@@ -38,7 +38,7 @@ from ..fedopt import (
     server_control,
     server_optimizer,
 )
-from ..fedopt.ranks import flexlora, rank_pad, rank_slice
+from ..fedopt.ranks import choose_ranks, flexlora, rank_pad, rank_slice, received_rank
 from ..messages import PARAMETERS, SECAGG, SERVER, Message, client_name
 from ..models import num_params
 from ..privacy import (
@@ -71,7 +71,7 @@ class Server:
         self.control = {n: torch.zeros_like(self.global_state[n]) for n in self.names}
         if not f.scaffold:
             self.control = {}
-        self.ranks = f.client_ranks  # per-client LoRA ranks (HetLoRA, FlexLoRA), or ()
+        self.ranks = choose_ranks(ctx)  # per-client LoRA ranks (HetLoRA, FlexLoRA), or ()
 
     def exchanged(self) -> dict[str, torch.Tensor]:
         """The global tensors a1 sends and a3 returns (all but FFA-LoRA's frozen A)."""
@@ -124,6 +124,8 @@ class Server:
                 ok.remove(c)
                 rejected[str(c)] = f"control variates: {why}"
         metrics: dict = {"rejected": len(rejected), "rejected_reasons": rejected}
+        if self.ranks:
+            metrics["client_ranks"] = [self.ranks[c] for c in clients]
         if not ok:  # nothing usable: the global state stays as it was
             return {**metrics, **(self.dp.metrics() if self.dp else {})}
         weights = [float(replies[c].meta["num_samples"]) for c in ok]
@@ -238,11 +240,12 @@ class Client:
             start = {**sent, **{n: self.ctx.init_state[n] for n in frozen}}
         if self.own:  # FedSA-LoRA: the shared A and head, with this client's own B
             start = {**sent, **self.own}
-        if f.client_ranks:  # the first r ranks, trained zero-padded to the global rank
-            like = rank_slice(self.ctx.init_state, f.client_ranks[self.cid])
-            if update_problem(sent, like):
+        rank = 0
+        if f.client_ranks or f.rank_policy == "budget":  # the server's choice: first r ranks
+            rank = received_rank(sent, self.ctx.init_state)
+            if not rank:
                 return None
-            start = rank_pad(sent, self.ctx.init_state)
+            start = rank_pad(sent, self.ctx.init_state)  # trained zero-padded to the top rank
         if f.scaffold:
             c = {n[len(CONTROL) :]: t for n, t in msg.tensors.items() if n.startswith(CONTROL)}
             if update_problem(c, sent):  # c must match the adapter it came with
@@ -269,8 +272,8 @@ class Client:
         if self.own:
             self.own = {n: state[n] for n in self.own}
             state = {n: t for n, t in state.items() if n not in self.own}
-        if f.client_ranks:
-            state = rank_slice(state, f.client_ranks[self.cid])
+        if rank:
+            state = rank_slice(state, rank)
         meta = {"num_samples": len(idx), "loss": result.loss, "steps": result.steps}
         meta.update(dpsgd.report(cfg, len(idx), self.rounds_trained))
         if cfg.privacy.secagg:  # a3 happens inside the secure sum; first, the keys
