@@ -74,7 +74,7 @@ class Server:
         self.ranks = choose_ranks(ctx)  # per-client LoRA ranks (HetLoRA, FlexLoRA), or ()
 
     def exchanged(self) -> dict[str, torch.Tensor]:
-        """The global tensors a1 sends and a3 returns (all but FFA-LoRA's frozen A)."""
+        """The global tensors a1 sends and a3 returns (not FFA-LoRA's A, not FedSA-LoRA's B)."""
         return {n: self.global_state[n] for n in self.names}
 
     def sent_to(self, cid: int) -> dict[str, torch.Tensor]:
