@@ -116,6 +116,8 @@ def test_fedopt_config_checks():
         config.load(None, ["fedopt.prox_mu=0.1", "fed.engine=batched"])
     with pytest.raises(ConfigError, match="fedopt.server_opt"):
         config.load(None, ["fed.framework=kd", "fedopt.server_opt=adam"])
+    with pytest.raises(ConfigError, match="fedopt.scaffold"):
+        config.load(None, ["fed.framework=kd", "fedopt.scaffold=true", "train.optimizer=sgd"])
     with pytest.raises(ConfigError, match="fedopt.lora"):
         config.load(None, ["fed.framework=split", "fedopt.lora=ffa"])
     with pytest.raises(ConfigError, match="fedopt.scaffold"):
@@ -182,6 +184,26 @@ def test_prox_pulls_the_update_toward_the_global_adapter(tmp_path, synth_dir):
     assert moved(prox) < moved(plain)
 
 
+@pytest.mark.parametrize("framework", ["fedllm", "split"])
+def test_scaffold_server_control_is_the_mean_of_the_clients(synth_dir, tmp_path, framework):
+    """Both start at zero and every client takes part: after round 1, c = mean_i c_i (the
+    paper's invariant), and the clients' c_i are not all zero (the round did correct)."""
+    cfg = tiny_cfg(
+        synth_dir,
+        fed={"rounds": 1, "framework": framework},
+        fedopt={"scaffold": True},
+        train={"optimizer": "sgd", "lr": 0.05},
+    )
+    simulate(cfg, tmp_path / "run", log=None)
+    ck = checkpoint.load(tmp_path / "run")
+    c = ck["server"]["control"]
+    mine = [ck["clients"][str(i)]["control"] for i in range(3)]
+    assert c and all(set(m) == set(c) for m in mine)
+    for n, t in c.items():
+        torch.testing.assert_close(t, sum(m[n] for m in mine) / 3, atol=1e-6, rtol=1e-5)
+    assert any(m[n].abs().max() > 0 for m in mine for n in m)
+
+
 @pytest.mark.parametrize(
     ("framework", "fedopt"),
     [
@@ -190,8 +212,16 @@ def test_prox_pulls_the_update_toward_the_global_adapter(tmp_path, synth_dir):
         ("fedllm", {"server_opt": "avgm", "prox_mu": 0.1, "lora": "ffa"}),
         ("fedllm", {"lora": "fedsa"}),
         ("split", {"server_opt": "yogi", "server_lr": 0.01, "prox_mu": 0.1}),
+        ("split", {"scaffold": True}),
     ],
-    ids=["fedadam", "scaffold", "fedavgm-prox-ffa", "fedsa", "split-fedyogi-prox"],
+    ids=[
+        "fedadam",
+        "scaffold",
+        "fedavgm-prox-ffa",
+        "fedsa",
+        "split-fedyogi-prox",
+        "split-scaffold",
+    ],
 )
 def test_fedopt_runs_resume_identically(synth_dir, tmp_path, framework, fedopt):
     """The server optimizer's moments and the control variates are in the checkpoint: 4

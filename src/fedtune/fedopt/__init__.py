@@ -39,6 +39,8 @@ __all__ = [
     "personal_names",
     "server_control",
     "server_optimizer",
+    "split_control",
+    "with_control",
 ]
 
 
@@ -127,9 +129,25 @@ def client_control(
 
 
 @torch.no_grad()
-def server_control(c: State, changes: list[State], num_clients: int) -> State:
-    """SCAFFOLD's server update ``c += (|S| / N) mean_S(Δc_i) = (1 / N) sum_S Δc_i``."""
-    return {n: c[n] + sum(d[n] for d in changes) / num_clients for n in c}
+def server_control(c: State, changes: list[State], num_clients: int | dict[str, int]) -> State:
+    """SCAFFOLD's server update ``c += (|S| / N) mean_S(Δc_i) = (1 / N) sum_S Δc_i``, per
+    tensor over the changes that hold it (split learning: N = the clients owning the tensor)."""
+    out = {}
+    for n, t in c.items():
+        total = num_clients if isinstance(num_clients, int) else num_clients[n]
+        out[n] = t + sum(d[n] for d in changes if n in d) / total
+    return out
+
+
+def with_control(state: State, control: State) -> State:
+    """A message's tensors: the adapter and SCAFFOLD's control variates (``scaffold.*``)."""
+    return {**state, **{CONTROL + n: t for n, t in control.items()}}
+
+
+def split_control(tensors: State) -> tuple[State, State]:
+    """Inverse of :func:`with_control`: the adapter, and the control variates by name."""
+    state = {n: t for n, t in tensors.items() if not n.startswith(CONTROL)}
+    return state, {n[len(CONTROL) :]: t for n, t in tensors.items() if n.startswith(CONTROL)}
 
 
 def frozen_names(state: State) -> list[str]:

@@ -37,7 +37,7 @@ class FedOptConfig:
         False,
         "SCAFFOLD (Karimireddy et al. 2020, option II): control variates correct every local "
         "gradient by c - c_i; c travels down and each client's change of c_i up (FedLLM, "
-        "train.optimizer=sgd)",
+        "Split-FedLLM's client LoRA; train.optimizer=sgd)",
     )
     lora: str = opt(
         "fedit",
@@ -91,7 +91,11 @@ class FedOptConfig:
             "fedopt.prox_mu",
             f"pulls a client toward the global adapter (fedllm, split); {fw} has none",
         )
-        check(not self.scaffold or fw == "fedllm", "fedopt.scaffold", "is built for FedLLM")
+        check(
+            not self.scaffold or fw in ("fedllm", "split"),
+            "fedopt.scaffold",
+            f"corrects averaged parameters (fedllm, split's client LoRA); {fw} averages none",
+        )
         check(
             not self.scaffold or cfg.train.optimizer == "sgd",
             "train.optimizer",

@@ -31,12 +31,13 @@ from ..context import ClientContext, ServerContext
 from ..execution.jobs import Train
 from ..execution.train import LocalResult, clients_mean, evaluate, num_local_steps
 from ..fedopt import (
-    CONTROL,
     client_control,
     frozen_names,
     personal_names,
     server_control,
     server_optimizer,
+    split_control,
+    with_control,
 )
 from ..fedopt.ranks import choose_ranks, flexlora, rank_pad, rank_slice, received_rank
 from ..messages import PARAMETERS, SECAGG, SERVER, Message, client_name
@@ -97,18 +98,16 @@ class Server:
         # a1: broadcast the global adapter (and SCAFFOLD's c), at each client's rank.
         ref = self.exchanged()
         sent = {cid: self.sent_to(cid) for cid in clients}
-        control = {CONTROL + n: c for n, c in self.control.items()}
         replies: dict[int, Message] = yield {
-            cid: Message(PARAMETERS, rnd, SERVER, client_name(cid), {**sent[cid], **control})
+            cid: Message(
+                PARAMETERS, rnd, SERVER, client_name(cid), with_control(sent[cid], self.control)
+            )
             for cid in clients
         }
         # a4: validate the uploads (a3), then aggregate the accepted ones.
         uploads, controls = {}, {}
         for c, m in replies.items():
-            uploads[c] = {n: t for n, t in m.tensors.items() if not n.startswith(CONTROL)}
-            controls[c] = {
-                n[len(CONTROL) :]: t for n, t in m.tensors.items() if n not in uploads[c]
-            }
+            uploads[c], controls[c] = split_control(m.tensors)
         fed = self.ctx.cfg.fed
         ok, rejected = screen_updates(
             uploads,
@@ -233,7 +232,7 @@ class Client:
         cfg, idx, f = self.ctx.cfg, self.ctx.data.samples, self.ctx.cfg.fedopt
         if msg.kind == SECAGG:  # a later step of this round's secure sum
             return self.session.reply(msg) if self.session else None
-        sent = {n: t for n, t in msg.tensors.items() if not n.startswith(CONTROL)}
+        sent, c = split_control(msg.tensors)
         start, frozen, correction = sent, (), None
         if f.lora == "ffa":  # A stays at the shared initialization, whatever the server sent
             frozen = tuple(frozen_names(self.ctx.init_state))
@@ -247,7 +246,6 @@ class Client:
                 return None
             start = rank_pad(sent, self.ctx.init_state)  # trained zero-padded to the top rank
         if f.scaffold:
-            c = {n[len(CONTROL) :]: t for n, t in msg.tensors.items() if n.startswith(CONTROL)}
             if update_problem(c, sent):  # c must match the adapter it came with
                 return None
             self.control = self.control or {n: torch.zeros_like(t) for n, t in c.items()}
@@ -285,7 +283,7 @@ class Client:
         if f.scaffold:  # c_i moves; its change travels with the adapter
             args = (sent, state, c, self.control, result.steps, cfg.train.lr)
             self.control, change = client_control(*args)
-            state = {**state, **{CONTROL + n: d for n, d in change.items()}}
+            state = with_control(state, change)
         # a3: the trained adapter with the sample count used as its FedAvg weight.
         return Message(PARAMETERS, msg.round, client_name(self.cid), SERVER, state, meta)
 

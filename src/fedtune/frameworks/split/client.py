@@ -9,11 +9,12 @@ import numpy as np
 import torch
 
 from ... import compute, seeds
+from ...aggregate import update_problem
 from ...context import ClientContext
 from ...data import batches, join_batches
 from ...errors import MessageError
 from ...execution.train import make_optimizer, optimizer_step, shape_of, to_device
-from ...fedopt import drift_step
+from ...fedopt import client_control, drift_step, split_control, with_control
 from ...messages import (
     ACTIVATIONS,
     GRADIENTS,
@@ -55,16 +56,20 @@ class Client:
         self.noise: torch.Generator | None = None
         self.uses = np.zeros(len(ctx.data.train), dtype=np.int64)
         self.session: secagg.ClientSession | None = None  # this round's secure sum
-        self.anchor: tuple = ({}, [])  # the round's received LoRA and our tensors of it
+        # fedopt: the round's received LoRA, our tensors of it, SCAFFOLD's c - c_i
+        self.drift: tuple = ({}, [], None)
+        self.control: dict[str, torch.Tensor] = {}  # SCAFFOLD's c_i (zeros until round 1)
 
     def state_dict(self) -> dict:
         opt = self.opt.state_dict() if self.opt is not None else self.saved_opt
-        return {"opt": opt, "uses": torch.from_numpy(self.uses)}
+        d = {"opt": opt, "uses": torch.from_numpy(self.uses)}
+        return {**d, "control": self.control} if self.ctx.cfg.fedopt.scaffold else d
 
     def load_state_dict(self, d: dict) -> None:
         self.opt, self.saved_opt = None, d["opt"]
         if "uses" in d:
             self.uses = d["uses"].numpy().astype(np.int64).copy()
+        self.control = dict(d.get("control") or {})
 
     def handle(self, msg: Message, link) -> Message | None:
         ctx, rnd, me = self.ctx, msg.round, client_name(self.cid)
@@ -79,11 +84,18 @@ class Client:
             raise MessageError(f"split layer {k!r} from the server is not in [1, {n})")
         if ctx.owns_model:  # deployed: hold only what this client runs
             keep_client_half(ctx.model, k)
-        load_trainable_state(ctx.model, msg.tensors)  # cc4: the aggregate replaces its LoRA
+        sent, c = split_control(msg.tensors)  # SCAFFOLD's c travels with the LoRA
+        correction = None
+        if ctx.cfg.fedopt.scaffold:
+            if update_problem(c, sent):
+                raise MessageError("the server's control variates do not match its LoRA")
+            self.control = self.control or {n: torch.zeros_like(t) for n, t in c.items()}
+            correction = {n: c[n] - self.control[n] for n in c}
+        load_trainable_state(ctx.model, sent)  # cc4: the aggregate replaces its LoRA
         params = dict(ctx.model.named_parameters())
-        mine = [params[n] for n in msg.tensors]
+        mine = [params[n] for n in sent]
         # fedopt.prox_mu: each step is pulled toward the LoRA this round started from
-        self.anchor = (msg.tensors, [(n, params[n]) for n in msg.tensors])
+        self.drift = (sent, [(n, params[n]) for n in sent], correction)
         if self.opt is None or t.optimizer_state == "reset":
             self.opt = make_optimizer(mine, t)
             if self.saved_opt is not None and t.optimizer_state == "keep":
@@ -109,7 +121,7 @@ class Client:
         compute.hold(self.opt.state)  # held while it trained
         # cc1: upload the client-side LoRA with the number of samples it was trained on
         # (privacy.dp=local: clipped and noised before it leaves the client).
-        upload = {n: params[n].detach().clone() for n in msg.tensors}
+        upload = {n: params[n].detach().clone() for n in sent}
         meta = {
             "num_samples": len(idx),
             "loss": float(np.mean(losses)),
@@ -117,12 +129,14 @@ class Client:
             **self.activation_privacy(),
         }
         if p.secagg:  # cc1 happens inside the secure sum; first, the keys
-            self.session = secure_session(
-                ctx.cfg, upload, msg.tensors, msg.meta, len(idx), rnd, self.cid
-            )
+            self.session = secure_session(ctx.cfg, upload, sent, msg.meta, len(idx), rnd, self.cid)
             return self.session.advertise(meta) if self.session else None
         if p.dp == "local":
-            upload, _ = privatize(ctx.cfg, upload, msg.tensors, rnd, self.cid)
+            upload, _ = privatize(ctx.cfg, upload, sent, rnd, self.cid)
+        if correction is not None:  # c_i moves; its change travels with the LoRA (cc1)
+            args = (sent, upload, c, self.control, len(round_batches), t.lr)
+            self.control, change = client_control(*args)
+            upload = with_control(upload, change)
         return Message(PARAMETERS, rnd, me, SERVER, upload, meta)
 
     def activation_privacy(self) -> dict:
@@ -178,7 +192,8 @@ class Client:
             lambda: h.backward(grad, retain_graph=True),
             grads=mine,
         )
-        if ctx.cfg.fedopt.prox_mu > 0:
-            drift_step(self.anchor[1], ctx.cfg.fedopt.prox_mu, self.anchor[0])
+        anchor, named, correction = self.drift
+        if ctx.cfg.fedopt.prox_mu > 0 or correction is not None:
+            drift_step(named, ctx.cfg.fedopt.prox_mu, anchor, correction)
         optimizer_step(self.opt, mine, ctx.cfg.train)
         return loss_value

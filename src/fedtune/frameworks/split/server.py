@@ -11,11 +11,11 @@ import numpy as np
 import torch
 
 from ... import codec, compute
-from ...aggregate import build, finite, screen_updates
+from ...aggregate import build, finite, screen_updates, update_problem
 from ...context import ServerContext
 from ...errors import ConfigError, MessageError
 from ...execution.train import make_optimizer, optimizer_step
-from ...fedopt import server_optimizer
+from ...fedopt import server_control, server_optimizer, split_control, with_control
 from ...messages import (
     ACTIVATIONS,
     GRADIENTS,
@@ -28,6 +28,7 @@ from ...messages import (
 )
 from ...models import load_trainable_state, vocab_size
 from ...privacy import ClientLevelDP, largest_reported, secure_aggregate
+from .combine import combine
 from .config import is_u_shaped
 from .layers import choose_split_layers, samples_per_round
 from .model import compress, decompress, part_names, server_forward
@@ -58,6 +59,11 @@ class Server:
         self.dp = ClientLevelDP(ctx.cfg) if ctx.cfg.privacy.dp != "off" else None
         self.central = self.dp is not None and self.dp.central
         self.opt = server_optimizer(ctx.cfg)
+        # SCAFFOLD: c for every client-side tensor, and how many clients own each
+        owned = [n for keys in self.client_keys for n in keys]
+        self.owners = {n: owned.count(n) for n in dict.fromkeys(owned)}
+        zeros = {n: torch.zeros_like(self.global_state[n]) for n in self.owners}
+        self.control = zeros if ctx.cfg.fedopt.scaffold else {}
         self.states: dict = {}  # slot ('shared' or cid) -> server-side tensors
         self.opts: dict = {}  # slot -> optimizer, kept across rounds like the clients' Adam
         self.labels: dict[int, dict] = {}  # cid -> this round's labels not yet used
@@ -84,6 +90,8 @@ class Server:
         }
         if self.opt is not None:
             d["server_opt"] = self.opt.state_dict()
+        if self.control:
+            d["control"] = self.control
         return {**d, "dp": self.dp.state_dict()} if self.dp is not None else d
 
     def load_state_dict(self, d: dict) -> None:
@@ -92,6 +100,8 @@ class Server:
         self.strategy.load_state_dict(d["aggregator"])
         if self.opt is not None:
             self.opt.load_state_dict(d["server_opt"], self.ctx.device)
+        if self.control:
+            self.control = {k: v.to(self.ctx.device) for k, v in d["control"].items()}
         if self.dp is not None:
             self.dp.load_state_dict(d["dp"])
 
@@ -127,7 +137,10 @@ class Server:
                 rnd,
                 SERVER,
                 client_name(cid),
-                {n: self.global_state[n] for n in self.client_keys[cid]},
+                with_control(
+                    {n: self.global_state[n] for n in self.client_keys[cid]},
+                    {n: self.control[n] for n in self.client_keys[cid]} if self.control else {},
+                ),
                 {"split_layer": self.layers[cid], **clip},
             )
             for cid in clients
@@ -149,15 +162,21 @@ class Server:
             metrics.update(m)
             if new is None or not finite(new):
                 return metrics
-            uploads = {}
+            uploads, controls = {}, {}
         else:
-            new, m, metas, uploads = self.screen(rnd, clients, replies, sizes)
+            new, m, metas, uploads, controls = self.screen(rnd, clients, replies, sizes)
             metrics.update(m)
             if not metas:  # nothing usable: the global state stays as it was
                 return metrics
         before = dict(self.global_state)
         self.global_state.update(new)
-        self.aggregate({c: float(meta["num_samples"]) for c, meta in metas.items()}, uploads)
+        weights = {c: float(meta["num_samples"]) for c, meta in metas.items()}
+        trained = {
+            c: {n: self.states[self.slot(c)][n] for n in self.server_keys[c]} for c in weights
+        }  # cc2 averages the server half too: per slot, over the clients it served
+        slots = {c: self.slot(c) for c in weights}
+        new = combine(self.strategy, self.global_state, weights, uploads, trained, slots)
+        self.global_state.update(new)
         if self.opt is not None:  # fedopt.server_opt steps the client-side LoRA
             names = dict.fromkeys(n for c in metas for n in self.client_keys[c])
             new = {n: self.global_state[n] for n in names}
@@ -169,45 +188,54 @@ class Server:
                 "aggregate": "non-finite result",
             }
             return metrics
-        weights = [float(meta["num_samples"]) for meta in metas.values()]
+        if self.control:
+            self.control = server_control(self.control, list(controls.values()), self.owners)
         losses = [float(meta["loss"]) for meta in metas.values()]
         if p.split_noise > 0:  # each client's own accounting of its samples
             metrics["activation_epsilon"] = largest_reported(
                 list(metas.values()), "activation_epsilon"
             )
-        return {"train_loss": float(np.average(losses, weights=weights)), **metrics}
+        loss = np.average(losses, weights=list(weights.values()))
+        return {"train_loss": float(loss), **metrics}
 
     def screen(self, rnd: int, clients: list[int], replies: dict, sizes: dict) -> tuple:
         """cc2's first half on plaintext uploads (cc1): validate them; central DP aggregates the
         accepted client-side tensors here. Returns the updated client-side tensors (central
         DP), the metrics, the accepted clients' metadata and the uploads left to
-        :meth:`aggregate`. Clients that did not reply (dropout, deadline) or were rejected
+        :func:`.combine.combine`. Clients that did not reply (dropout, deadline) or were rejected
         contribute no adapter."""
         fed = self.ctx.cfg.fed
         sent = {c: {n: self.global_state[n] for n in self.client_keys[c]} for c in replies}
+        parts = {c: split_control(m.tensors) for c, m in replies.items()}
         ok, rejected = screen_updates(
-            {c: m.tensors for c, m in replies.items()},
+            {c: p[0] for c, p in parts.items()},
             sent,
             0.0 if self.central else fed.max_update_norm,  # central DP: clipping bounds them
             {c: m.meta for c, m in replies.items()},
             0.0 if self.central else fed.max_update_ratio,
             sizes,
         )
+        for c in list(ok) if self.control else []:  # SCAFFOLD: each client's change of c_i
+            why = update_problem(parts[c][1], {n: self.control[n] for n in self.client_keys[c]})
+            if why:
+                ok.remove(c)
+                rejected[str(c)] = f"control variates: {why}"
         metrics: dict = {"rejected": len(rejected), "rejected_reasons": rejected}
-        new, uploads = {}, {c: replies[c].tensors for c in ok}
+        new, uploads = {}, {c: parts[c][0] for c in ok}
         if self.dp is not None and ok:
             new, m = self.dp_aggregate(rnd, clients, replies, ok)
             metrics.update(m)
             uploads = {} if self.central else uploads
         elif self.dp is not None:
             metrics.update(self.dp.metrics())
-        return new, metrics, {c: replies[c].meta for c in ok}, uploads
+        controls = {c: parts[c][1] for c in ok}
+        return new, metrics, {c: replies[c].meta for c in ok}, uploads, controls
 
     def dp_aggregate(self, rnd: int, clients: list[int], replies: dict, ok: list[int]):
         """Client-level DP on cc2 for the client-side tensors: central DP-FedAvg of the
         accepted uploads (each tensor over the sampled clients that own it), or, local DP,
         count the privatized uploads. Returns the new client-side tensors (central) and the
-        metrics; the server-side tensors are left to :meth:`aggregate`."""
+        metrics; the server-side tensors are left to :func:`.combine.combine`."""
         if not self.central:
             self.dp.count_local(ok)
             return {}, self.dp.metrics()
@@ -219,30 +247,6 @@ class Server:
         uploads = [{n: t.to(ref[n].device) for n, t in replies[c].tensors.items()} for c in ok]
         new, metrics = self.dp.aggregate(rnd, ref, uploads, owners)
         return new, {**metrics, **self.dp.metrics()}
-
-    def aggregate(self, weights: dict[int, float], uploads: dict[int, dict]) -> None:
-        """cc2: each tensor over the parties that trained it, weighted by samples
-        (``weights``): the clients' ``uploads`` of their blocks (none when DP or the secure
-        sum already aggregated the client side) and, for server-side tensors, the server
-        model(s); one shared server model counts once, with the samples of all clients it
-        served. The strategy is called once per group of tensors with the same parties and
-        weights."""
-        parties: dict[str, dict[tuple, list]] = {}  # tensor -> party -> [tensor, weight]
-        for cid, w in weights.items():
-            for n, t in uploads.get(cid, {}).items():
-                parties.setdefault(n, {})[("client", cid)] = [t, w]
-            slot = self.slot(cid)
-            for n in self.server_keys[cid]:
-                entry = parties.setdefault(n, {}).setdefault(("server", slot), [None, 0.0])
-                entry[0], entry[1] = self.states[slot][n], entry[1] + w
-        groups: dict[tuple, list[str]] = {}
-        for n, by_party in parties.items():
-            groups.setdefault(tuple((p, w) for p, (_, w) in by_party.items()), []).append(n)
-        for key, names in groups.items():
-            dev = {n: self.global_state[n].device for n in names}  # uploads arrive on the CPU
-            states = [{n: parties[n][p][0].to(dev[n]) for n in names} for p, _ in key]
-            ref = {n: self.global_state[n] for n in names}
-            self.global_state.update(self.strategy(ref, states, [w for _, w in key]))
 
     def serve(self, msg: Message) -> Message:
         """Answer one client request: LABELS (c2), ACTIVATIONS (c3) or, U-shaped, GRADIENTS."""
