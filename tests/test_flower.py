@@ -39,6 +39,17 @@ SETTINGS = {
         "model": {"name": "tiny-llama", "lora_dropout": 0.0},
         "privacy": {"secagg": True},
     },
+    # [fedopt] reaches the nodes: clients of ranks 2, 4, 4 (each takes its rank from what it
+    # receives), FedProx on the clients, FedAdam on the server
+    "fedopt": {
+        "fed": {"framework": "fedllm"},
+        "fedopt": {
+            "client_ranks": [2, 4, 4],
+            "prox_mu": 0.1,
+            "server_opt": "adam",
+            "server_lr": 0.01,
+        },
+    },
 }
 EXACT = (
     "accuracy",
@@ -121,7 +132,7 @@ def test_flower_matches_simulation(tmp_path):
     fed = LocalFederation(tmp_path / "fed", 3)
     try:
         fed.start()
-        run_and_compare(fed, tmp_path, data, ("fedllm", "kd", "split", "secagg"))
+        run_and_compare(fed, tmp_path, data, ("fedllm", "kd", "split", "secagg", "fedopt"))
         for home in ("superlink", "node-0", "node-1", "node-2"):  # FLWR_HOME in the run folder
             assert list((tmp_path / "fed" / "flwr" / home / "apps").glob("fedtune.*")), home
     finally:
