@@ -234,10 +234,12 @@ def test_paper_grid(tmp_path):
     assert specs[3].cfg.fed.framework == "kd" and specs[3].cfg.kd.public_samples == 29
     kd = specs[3].cfg.kd
     assert (kd.temperature, kd.server_epochs) == (1.0, 3) and specs[0].cfg.model.head_init == "zero"
+    assert (kd.client_distill_epochs, kd.sharpen) == (0, 0.5)  # no b8, DS-FL's sharpening
     assert specs[0].cfg.model.lora_init == "default"
     assert "3 server epochs" in notes[-1] and "multiple of 8" in notes[-1]
     full, _ = paper.paper_specs(model="gpt2")
     assert full[3].cfg.kd.server_epochs == 1  # the presets keep their own (assumed) values
+    assert (full[3].cfg.kd.client_distill_epochs, full[3].cfg.kd.sharpen) == (1, 1.0)  # b8
     assert full[0].cfg.model.lora_init == "gaussian"
     assert len(full) == 27 and full[-1].cfg.split.samples_per_round == 1667
     assert full[0].cfg.fed.rounds == 100 and full[0].cfg.model.name == "gpt2"
