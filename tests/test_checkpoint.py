@@ -98,6 +98,19 @@ def stop_after(rnd: int):
     return log
 
 
+def resumed_equals_straight(cfg, tmp_path, after: int = 2):
+    """Run ``cfg`` straight, and again interrupted after round ``after`` then resumed: the two
+    runs must be identical. Returns the straight run's directory."""
+    a, b = tmp_path / "straight", tmp_path / "resumed"
+    simulate(cfg, a, log=None)
+    with pytest.raises(Stop):
+        simulate(cfg, b, log=stop_after(after))
+    assert checkpoint.load(b)["round"] == after
+    simulate(cfg, b, log=None, resume=True)
+    assert_same_run(a, b)
+    return a
+
+
 @pytest.mark.parametrize("framework", ["fedllm", "kd", "split"])
 def test_resume_in_process_matches_an_uninterrupted_run(synth_dir, tmp_path, framework):
     """4 rounds straight vs 2 rounds, interrupted, resumed for 2 more: identical metrics,

@@ -22,7 +22,7 @@ from fedtune.fedopt import (
     server_control,
 )
 from fedtune.runtime import checkpoint, simulate
-from test_checkpoint import Stop, assert_same_run, stop_after
+from test_checkpoint import resumed_equals_straight
 
 X = {"w": torch.tensor([1.0, 2.0])}
 
@@ -228,13 +228,6 @@ def test_fedopt_runs_resume_identically(synth_dir, tmp_path, framework, fedopt):
     rounds straight equal 2, interrupted, and 2 resumed."""
     train = {"optimizer": "sgd", "lr": 0.05} if fedopt.get("scaffold") else {}
     fed = {"rounds": 4, "fraction_fit": 0.67, "framework": framework}
-    cfg = tiny_cfg(synth_dir, fed=fed, fedopt=fedopt, train=train)
-    a, b = tmp_path / "straight", tmp_path / "resumed"
-    simulate(cfg, a, log=None)
-    with pytest.raises(Stop):
-        simulate(cfg, b, log=stop_after(2))
-    assert checkpoint.load(b)["round"] == 2
-    simulate(cfg, b, log=None, resume=True)
-    assert_same_run(a, b)
+    a = resumed_equals_straight(tiny_cfg(synth_dir, fed=fed, fedopt=fedopt, train=train), tmp_path)
     rows = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["rejected"] == 0

@@ -23,8 +23,8 @@ from fedtune.fedopt.ranks import (
     rank_slice,
     svd_factors,
 )
-from fedtune.runtime import checkpoint, simulate
-from test_checkpoint import Stop, assert_same_run, stop_after
+from fedtune.runtime import simulate
+from test_checkpoint import resumed_equals_straight
 from test_engine import ATOL, RTOL, no_dropout
 
 A, B = "m.lora_A.default.weight", "m.lora_B.default.weight"
@@ -129,14 +129,7 @@ def test_batched_equals_sequential_with_mixed_ranks(synth_dir):
 @pytest.mark.parametrize("aggregation", ["hetlora", "flexlora"])
 def test_rank_runs_resume_identically_and_bytes_follow_the_ranks(synth_dir, tmp_path, aggregation):
     fedopt = {"client_ranks": [1, 2, 4], "rank_aggregation": aggregation}
-    cfg = tiny_cfg(synth_dir, fed={"rounds": 3}, fedopt=fedopt)
-    a, b = tmp_path / "straight", tmp_path / "resumed"
-    simulate(cfg, a, log=None)
-    with pytest.raises(Stop):
-        simulate(cfg, b, log=stop_after(2))
-    assert checkpoint.load(b)["round"] == 2
-    simulate(cfg, b, log=None, resume=True)
-    assert_same_run(a, b)
+    a = resumed_equals_straight(tiny_cfg(synth_dir, fed={"rounds": 3}, fedopt=fedopt), tmp_path)
     row = json.loads((a / "metrics.jsonl").read_text().splitlines()[0])
     up = [row["per_client"][str(c)]["bytes_up"] for c in range(3)]
     assert up[0] < up[1] < up[2] and row["rejected"] == 0
