@@ -233,10 +233,10 @@ def test_paper_grid(tmp_path):
     assert all(s.cfg.data.pad_to_max_length for s in full)  # the paper's pad 80
     assert specs[3].cfg.fed.framework == "kd" and specs[3].cfg.kd.public_samples == 29
     kd = specs[3].cfg.kd
-    assert (kd.temperature, kd.server_epochs) == (1.0, 3) and specs[0].cfg.model.head_init == "zero"
+    assert (kd.temperature, kd.server_epochs) == (1.0, 5) and specs[0].cfg.model.head_init == "zero"
     assert kd.client_distill_epochs == 0  # no b8
     assert specs[0].cfg.model.lora_init == "default"
-    assert "3 server epochs" in notes[-1] and "multiple of 8" in notes[-1]
+    assert "5 server epochs" in notes[-1] and "multiple of 8" in notes[-1]
     full, _ = paper.paper_specs(model="gpt2")
     assert full[3].cfg.kd.server_epochs == 1  # the presets keep their own (assumed) values
     assert (full[3].cfg.kd.client_distill_epochs, full[3].cfg.kd.sharpen) == (1, 1.0)  # b8
