@@ -318,8 +318,6 @@ QUICK = {
     "train.autocast": "bf16",
     "train.group_by_length": True,
     # KD's global model learns only in b5: at T=2 and one pass a round it stayed at one class
-    # (3 passes, not the demo's 5: at the base point, 144 public samples, 5 cost 70 s more
-    # and left the global model at chance all the same)
     "kd.temperature": 1.0,
     # 5 server epochs: with 3 (and no b8) the global model collapsed to one class at 72 public
     # samples (0.017; 29 / 144: 0.108 / 0.117); with 5: 0.092 / 0.083 / 0.117
