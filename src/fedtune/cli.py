@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument(
         "--quick",
         action="store_true",
-        help="a CPU-sized grid: 3 rounds, 48 samples per client, seed 0 (12 min on 2 cores)",
+        help="a CPU-sized grid: 3 rounds, 48 samples per client, seed 0 (14 min on 2 cores)",
     )
     rp.add_argument("--seeds", help="comma-separated seeds (default 0,1,42; --quick: 0)")
     rp.add_argument("--model", help="model.name for every run (default: gpt2 if cached)")
