@@ -150,6 +150,9 @@ def train(ctx: Context, job: Train) -> LocalResult:
 def _train(ctx: Context, job: Train, params: list, opt) -> LocalResult:
     model, cfg, device = ctx.model, ctx.cfg.train, ctx.device
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # fedopt's drift terms, moved to the device once per job, not once per step
+    anchor = {n: job.state[n].to(device) for n, _ in named} if job.prox_mu > 0 else None
+    correction = job.correction and {n: t.to(device) for n, t in job.correction.items()}
     loss_fn = job.loss.to(device)
     loss_sum = torch.zeros((), device=device)  # accumulated on device: no sync per step
     steps = samples = 0
@@ -171,8 +174,8 @@ def _train(ctx: Context, job: Train, params: list, opt) -> LocalResult:
             key = (job.loss.name, cfg.autocast, *shape_of(batch))
             key += ("frozen", len(job.frozen)) if job.frozen else ()  # no gradients for them
             loss = compute.step(key, forward_backward, grads=params)
-            if job.prox_mu > 0 or job.correction is not None:
-                drift_step(named, job.prox_mu, job.state, job.correction)
+            if anchor is not None or correction:
+                drift_step(named, job.prox_mu, anchor, correction)
             optimizer_step(step_opt, params, cfg)
             loss_sum += loss.detach()
             steps += 1

@@ -47,10 +47,13 @@ __all__ = [
 class ServerOptimizer:
     """One server optimizer for a run; its moments are saved with the server's checkpoint."""
 
-    def __init__(self, cfg: FedOptConfig) -> None:
+    def __init__(self, cfg: FedOptConfig, like: State | None = None) -> None:
+        """Moments start at zero for the tensors of ``like`` (so that a checkpoint's are
+        checked against their shapes), or for each tensor as it first steps."""
         self.cfg = cfg
-        self.m: State = {}
-        self.v: State = {}
+        like = like or {}
+        self.m: State = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in like.items()}
+        self.v: State = {} if cfg.server_opt == "avgm" else dict(self.m)
 
     @torch.no_grad()
     def step(self, global_state: State, aggregate: State) -> State:
@@ -92,9 +95,9 @@ class ServerOptimizer:
         self.v = {n: t.to(device) for n, t in d["v"].items()}
 
 
-def server_optimizer(cfg) -> ServerOptimizer | None:
-    """The run's server optimizer, or None for plain aggregation."""
-    return ServerOptimizer(cfg.fedopt) if cfg.fedopt.server_opt != "none" else None
+def server_optimizer(cfg, like: State) -> ServerOptimizer | None:
+    """The run's server optimizer over the tensors of ``like``, or None (plain aggregation)."""
+    return ServerOptimizer(cfg.fedopt, like) if cfg.fedopt.server_opt != "none" else None
 
 
 @torch.no_grad()

@@ -123,12 +123,19 @@ def choose_ranks(ctx) -> tuple[int, ...]:
     if f.rank_policy != "budget":
         return tuple(f.client_ranks)
     choices = sorted({2**i for i in range(top.bit_length()) if 2**i <= top} | {top})
+    cost: dict[tuple[int, int], int] = {}  # (rank, samples) -> bytes: clients share sizes
+
+    def bytes_of(r: int, n: int) -> int:
+        if (r, n) not in cost:
+            cost[r, n] = rank_bytes(ctx.init_state, r, n)
+        return cost[r, n]
+
     ranks = []
     for cid, budget in enumerate(f.client_bandwidth_budgets):
         n = int(ctx.data.client_sizes[cid])
-        fits = [r for r in choices if rank_bytes(ctx.init_state, r, n) <= budget]
+        fits = [r for r in choices if bytes_of(r, n) <= budget]
         if not fits:
-            need = rank_bytes(ctx.init_state, 1, n)
+            need = bytes_of(1, n)
             raise ConfigError(
                 f"config key fedopt.client_bandwidth_budgets: client {cid} has {budget:.3g} bytes "
                 f"per round; rank 1 needs {need}"

@@ -63,15 +63,14 @@ class Server:
         self.strategy = build(ctx.cfg.fed)
         self.dp = ClientLevelDP(ctx.cfg) if ctx.cfg.privacy.dp != "off" else None
         self.central = self.dp is not None and self.dp.central
-        self.opt = server_optimizer(ctx.cfg)
         f = ctx.cfg.fedopt
         # what a1 and a3 carry: not FFA-LoRA's frozen A, not FedSA-LoRA's personal B
         kept = {"ffa": frozen_names, "fedsa": personal_names}.get(f.lora, lambda s: [])
         self.names = [n for n in self.global_state if n not in set(kept(self.global_state))]
+        self.opt = server_optimizer(ctx.cfg, self.exchanged())
         # SCAFFOLD's server control variate c (float32, like the exchanged tensors)
-        self.control = {n: torch.zeros_like(self.global_state[n]) for n in self.names}
-        if not f.scaffold:
-            self.control = {}
+        zeros = {n: torch.zeros_like(t) for n, t in self.exchanged().items()}
+        self.control = zeros if f.scaffold else {}
         self.ranks = choose_ranks(ctx)  # per-client LoRA ranks (HetLoRA, FlexLoRA), or ()
 
     def exchanged(self) -> dict[str, torch.Tensor]:
@@ -212,7 +211,9 @@ class Client:
         self.opt_state: dict | None = None
         self.session: secagg.ClientSession | None = None  # this round's secure sum
         self.rounds_trained = 0  # privacy.dpsgd's accounting
-        self.control: dict[str, torch.Tensor] = {}  # SCAFFOLD's c_i (zeros until round 1)
+        # SCAFFOLD's c_i, zero at the start (it needs FedIT's tensors: every trainable one)
+        zeros = {n: torch.zeros_like(t) for n, t in ctx.init_state.items()}
+        self.control = zeros if ctx.cfg.fedopt.scaffold else {}
         own = personal_names(ctx.init_state) if ctx.cfg.fedopt.lora == "fedsa" else []
         self.own = {n: ctx.init_state[n].clone() for n in own}  # FedSA-LoRA: this client's B
 
@@ -225,7 +226,7 @@ class Client:
     def load_state_dict(self, d: dict) -> None:
         self.opt_state = d["opt_state"]
         self.rounds_trained = int(d.get("rounds_trained", 0))
-        self.control = dict(d.get("control") or {})
+        self.control = dict(d.get("control") or self.control)
         self.own = dict(d.get("own") or self.own)
 
     def handle(self, msg: Message, link=None) -> Generator[Train, LocalResult, Message | None]:
@@ -246,9 +247,8 @@ class Client:
                 return None
             start = rank_pad(sent, self.ctx.init_state)  # trained zero-padded to the top rank
         if f.scaffold:
-            if update_problem(c, sent):  # c must match the adapter it came with
-                return None
-            self.control = self.control or {n: torch.zeros_like(t) for n, t in c.items()}
+            if update_problem(c, sent) or update_problem(self.control, sent):
+                return None  # c must match the adapter it came with, and our c_i
             correction = {n: c[n] - self.control[n] for n in c}
         # a2: local fine-tuning starting from the received global adapter.
         result = yield Train(

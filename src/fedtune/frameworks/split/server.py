@@ -58,12 +58,13 @@ class Server:
         # on the clients' raw activations; no epsilon covers it)
         self.dp = ClientLevelDP(ctx.cfg) if ctx.cfg.privacy.dp != "off" else None
         self.central = self.dp is not None and self.dp.central
-        self.opt = server_optimizer(ctx.cfg)
-        # SCAFFOLD: c for every client-side tensor, and how many clients own each
+        # SCAFFOLD: c for every client-side tensor, and how many clients own each; the server
+        # optimizer steps the client-side tensors too
         owned = [n for keys in self.client_keys for n in keys]
         self.owners = {n: owned.count(n) for n in dict.fromkeys(owned)}
         zeros = {n: torch.zeros_like(self.global_state[n]) for n in self.owners}
         self.control = zeros if ctx.cfg.fedopt.scaffold else {}
+        self.opt = server_optimizer(ctx.cfg, zeros)
         self.states: dict = {}  # slot ('shared' or cid) -> server-side tensors
         self.opts: dict = {}  # slot -> optimizer, kept across rounds like the clients' Adam
         self.labels: dict[int, dict] = {}  # cid -> this round's labels not yet used
