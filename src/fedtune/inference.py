@@ -25,8 +25,9 @@ import torch
 from . import config, gendata, tasks
 from .context import resolve_device
 from .errors import ConfigError, ModelError
+from .fedopt.flora import RESIDUAL_FILE, load_residual
 from .generate import generate
-from .models import load_model
+from .models import load_model, set_residual
 
 
 @dataclass
@@ -111,6 +112,8 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> TrainedRun:
         raise ModelError(f"{adapter} does not fit {cfg.model.name!r}: {why}") from None
     if result.unexpected_keys or len(weights) != trainable:
         raise ModelError(f"{adapter} does not hold the {trainable} trained tensors of this model")
+    residual = adapter.parent / RESIDUAL_FILE  # a FLoRA run's merged stacks
+    set_residual(model, load_residual(residual, model) if residual.is_file() else {})
     return TrainedRun(cfg, model, tok, task, labels)
 
 

@@ -293,13 +293,21 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+RESIDUAL = "residual."  # a party's dense additions to frozen weights (FLoRA's merged stacks)
+
+
 @torch.no_grad()
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy ``state`` into the shared model's trainable parameters (in place, no realloc).
+    """Copy ``state`` into the shared model's trainable parameters (in place, no realloc), and
+    make the frozen weights the party's own: ``residual.<weight name>`` entries are added to
+    the pristine weights (:func:`set_residual`), every other weight is pristine.
 
     A key that is not a trainable parameter, or a shape mismatch, raises ModelError."""
     params = dict(model.named_parameters())
+    set_residual(model, {n: t for n, t in state.items() if n.startswith(RESIDUAL)}, params)
     for name, value in state.items():
+        if name.startswith(RESIDUAL):
+            continue
         p = params.get(name)
         if p is None or not p.requires_grad:
             raise ModelError(f"state tensor {name!r} is not a trainable parameter of the model")
@@ -308,6 +316,35 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
                 f"state tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(p.shape)}"
             )
         p.copy_(value)
+
+
+@torch.no_grad()
+def set_residual(model: nn.Module, residual: dict[str, torch.Tensor], params=None) -> None:
+    """Frozen weights ``W = W_pristine + residual[RESIDUAL + name]`` for the names given, and
+    ``W_pristine`` again for those an earlier call changed. The pristine copy of a weight is
+    taken the first time it changes (the backbone is shared by every party of the process)."""
+    pristine: dict = model.__dict__.setdefault("_fedtune_pristine", {})
+    changed: set = model.__dict__.setdefault("_fedtune_changed", set())
+    if not residual and not changed:
+        return
+    params = params or dict(model.named_parameters())
+    names = {k[len(RESIDUAL) :] for k in residual}
+    for name in names | changed:
+        p = params.get(name)
+        if p is None or p.requires_grad:
+            raise ModelError(f"residual {name!r} is not a frozen weight of the model")
+        if name not in pristine:
+            pristine[name] = p.detach().clone()
+        if name in names:
+            r = residual[RESIDUAL + name]
+            if r.shape != p.shape:
+                raise ModelError(
+                    f"residual {name!r} has shape {tuple(r.shape)}, expected {tuple(p.shape)}"
+                )
+            p.copy_(pristine[name].float() + r.to(p.device, torch.float32))
+        else:
+            p.copy_(pristine[name])
+    model.__dict__["_fedtune_changed"] = names
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..data import Tokenized
+from ..models import RESIDUAL
 
 
 class Loss(Protocol):
@@ -82,7 +83,12 @@ class Train:
     @property
     def drifts(self) -> bool:
         """Whether the job needs the sequential loop's per-step drift terms."""
-        return self.prox_mu > 0 or self.correction is not None or bool(self.frozen)
+        return (
+            self.prox_mu > 0
+            or self.correction is not None
+            or bool(self.frozen)
+            or any(n.startswith(RESIDUAL) for n in self.state)  # FLoRA: the party's own weights
+        )
 
 
 @dataclass

@@ -65,9 +65,12 @@ class FedOptConfig:
     )
     rank_aggregation: str = opt(
         "hetlora",
-        "how clients of different ranks are combined: 'hetlora' (zero-pad and average) or "
-        "'flexlora' (average the products B A, SVD back to each rank)",
-        ("hetlora", "flexlora"),
+        "how clients' LoRA factors are combined: 'hetlora' (zero-pad and average), 'flexlora' "
+        "(average the products B A, SVD back to each rank) or 'flora' (FLoRA: stack them, so the "
+        "merged product is the exact weighted mean; every party merges it into its frozen "
+        "weights and starts each round from a fresh LoRA; a1 grows with the clients); flora "
+        "works with equal ranks too",
+        ("hetlora", "flexlora", "flora"),
     )
 
     def __post_init__(self) -> None:
@@ -119,6 +122,8 @@ class FedOptConfig:
         )
         if self.client_ranks or self.rank_policy == "budget":
             self.check_ranks(cfg)
+        if self.rank_aggregation == "flora":
+            self.check_flora(cfg)
         check(
             not self.scaffold or (not cfg.privacy.secagg and cfg.privacy.dp == "off"),
             "fedopt.scaffold",
@@ -164,4 +169,30 @@ class FedOptConfig:
             or (cfg.fed.aggregator == "fedavg" and self.server_opt == "none"),
             "fedopt.rank_aggregation",
             "flexlora averages products and factors them anew: fed.aggregator=fedavg, no server_opt",
+        )
+
+    def check_flora(self, cfg) -> None:
+        """FLoRA's stacks are the weighted sum of plaintext FedIT-style factors, merged by a
+        sequential client into its own frozen weights."""
+        key = "fedopt.rank_aggregation"
+        check(cfg.fed.framework == "fedllm", key, "flora is built for FedLLM")
+        check(
+            self.lora == "fedit" and not self.scaffold and self.server_opt == "none",
+            key,
+            "flora needs fedopt.lora=fedit, no scaffold and no server_opt (it merges every round)",
+        )
+        check(
+            cfg.fed.aggregator == "fedavg",
+            key,
+            "flora stacks the weighted sum: fed.aggregator=fedavg",
+        )
+        check(
+            not cfg.privacy.secagg and cfg.privacy.dp == "off",
+            key,
+            "flora stacks each client's factors: no secure sum or client-level DP",
+        )
+        check(
+            cfg.fed.engine == "sequential",
+            "fed.engine",
+            "flora's clients train on their own merged weights: sequential",
         )

@@ -11,7 +11,9 @@ a4  the server checks every upload (names, shapes, dtypes, NaN/Inf, ``fed.max_up
 ``[fedopt]`` (:mod:`fedtune.fedopt`): a server optimizer steps the global adapter along the
 aggregate's pseudo-gradient; FedProx and SCAFFOLD add drift terms to a2's gradients (SCAFFOLD's
 control variates travel with a1 and a3 as ``scaffold.*`` tensors); FFA-LoRA keeps every A at
-the shared initialization, so a1 and a3 carry only B and the head.
+the shared initialization, so a1 and a3 carry only B and the head; FLoRA
+(``rank_aggregation=flora``, :mod:`fedtune.fedopt.flora`) sends the stacked factors in a1
+instead of the adapter, and every client starts from a fresh LoRA on its merged weights.
 
 With ``privacy.dp=central`` a4 is DP-FedAvg instead (clip, sum, Gaussian noise, divide by the
 sampled count; the norm screens are off: clipping bounds every client); with ``local`` each
@@ -39,6 +41,7 @@ from ..fedopt import (
     split_control,
     with_control,
 )
+from ..fedopt.flora import Merged, Stacking, dense_part, lora_part
 from ..fedopt.ranks import choose_ranks, flexlora, rank_pad, rank_slice, received_rank
 from ..messages import PARAMETERS, SECAGG, SERVER, Message, client_name
 from ..models import num_params
@@ -72,6 +75,8 @@ class Server:
         zeros = {n: torch.zeros_like(t) for n, t in self.exchanged().items()}
         self.control = zeros if f.scaffold else {}
         self.ranks = choose_ranks(ctx)  # per-client LoRA ranks (HetLoRA, FlexLoRA), or ()
+        flora = f.rank_aggregation == "flora"
+        self.stacking = Stacking(ctx.data.num_clients) if flora else None
 
     def exchanged(self) -> dict[str, torch.Tensor]:
         """The global tensors a1 sends and a3 returns (not FFA-LoRA's A, not FedSA-LoRA's B)."""
@@ -80,6 +85,16 @@ class Server:
     def sent_to(self, cid: int) -> dict[str, torch.Tensor]:
         """a1's adapter for client ``cid``: the first ``r`` ranks at its rank ``r``."""
         return rank_slice(self.exchanged(), self.ranks[cid]) if self.ranks else self.exchanged()
+
+    def a1(self, rnd: int, cid: int, sent: dict[str, torch.Tensor]) -> Message:
+        """a1's message: the adapter (and SCAFFOLD's c), or under FLoRA the head and the
+        stacks client ``cid`` has not merged, with its rank."""
+        tensors, meta = with_control(sent, self.control), {}
+        if self.stacking is not None:
+            rank = self.ranks[cid] if self.ranks else self.ctx.cfg.model.lora_r
+            stacks, meta = self.stacking.downlink(cid, rank)
+            tensors = {**dense_part(sent), **stacks}
+        return Message(PARAMETERS, rnd, SERVER, client_name(cid), tensors, meta)
 
     def adopt(self, new: dict[str, torch.Tensor]) -> bool:
         """Make the round's aggregate of the exchanged tensors global, through the server
@@ -97,12 +112,7 @@ class Server:
         # a1: broadcast the global adapter (and SCAFFOLD's c), at each client's rank.
         ref = self.exchanged()
         sent = {cid: self.sent_to(cid) for cid in clients}
-        replies: dict[int, Message] = yield {
-            cid: Message(
-                PARAMETERS, rnd, SERVER, client_name(cid), with_control(sent[cid], self.control)
-            )
-            for cid in clients
-        }
+        replies: dict[int, Message] = yield {cid: self.a1(rnd, cid, sent[cid]) for cid in clients}
         # a4: validate the uploads (a3), then aggregate the accepted ones.
         uploads, controls = {}, {}
         for c, m in replies.items():
@@ -121,6 +131,11 @@ class Server:
             if why:
                 ok.remove(c)
                 rejected[str(c)] = f"control variates: {why}"
+        for c in list(ok) if self.stacking else []:  # FLoRA: trained on this round's weights
+            why = self.stacking.note(c, replies[c].meta)
+            if why:
+                ok.remove(c)
+                rejected[str(c)] = why
         metrics: dict = {"rejected": len(rejected), "rejected_reasons": rejected}
         if self.ranks:
             metrics["client_ranks"] = [self.ranks[c] for c in clients]
@@ -133,6 +148,8 @@ class Server:
             metrics.update(dp_metrics)
         elif self.ranks and self.ctx.cfg.fedopt.rank_aggregation == "flexlora":
             new = flexlora(ref, states, weights)
+        elif self.stacking is not None:  # the head by FedAvg; the LoRA factors stacked below
+            new = self.strategy(dense_part(ref), [dense_part(t) for t in states], weights)
         else:
             new = self.strategy(ref, states, weights)
             if self.dp is not None:
@@ -146,6 +163,8 @@ class Server:
         if not self.adopt(new):
             metrics["rejected_reasons"] = {**rejected, "aggregate": "non-finite result"}
             return metrics
+        if self.stacking is not None:
+            self.stacking.absorb(self.ctx.model, [lora_part(uploads[c]) for c in ok], weights)
         if self.control:
             n = self.ctx.data.num_clients
             self.control = server_control(self.control, [controls[c] for c in ok], n)
@@ -175,7 +194,11 @@ class Server:
         return {"train_loss": float(np.average(losses, weights=weights)), **metrics}
 
     def eval_state(self) -> dict[str, torch.Tensor]:
-        return self.global_state
+        """The global model: the adapter, and under FLoRA the merged weights' residual."""
+        return {**self.global_state, **(self.stacking.residual if self.stacking else {})}
+
+    def max_stack(self) -> int:
+        return max_stack(self.ctx.cfg)
 
     def params_exchanged(self) -> int:
         """Trainable parameters a client exchanges per round (the mean over client ranks)."""
@@ -189,6 +212,8 @@ class Server:
             d["server_opt"] = self.opt.state_dict()
         if self.control:
             d["control"] = self.control
+        if self.stacking is not None:
+            d["flora"] = self.stacking.state_dict()
         return {**d, "dp": self.dp.state_dict()} if self.dp is not None else d
 
     def load_state_dict(self, d: dict) -> None:
@@ -199,6 +224,9 @@ class Server:
             self.opt.load_state_dict(d["server_opt"], dev)
         if self.control:
             self.control = {k: v.to(dev) for k, v in d["control"].items()}
+        if self.stacking is not None:
+            args = (self.ctx.model, lora_part(self.ctx.init_state), self.max_stack())
+            self.stacking.load_state_dict(d["flora"], *args)
         if self.dp is not None:
             self.dp.load_state_dict(d["dp"])
 
@@ -216,11 +244,14 @@ class Client:
         self.control = zeros if ctx.cfg.fedopt.scaffold else {}
         own = personal_names(ctx.init_state) if ctx.cfg.fedopt.lora == "fedsa" else []
         self.own = {n: ctx.init_state[n].clone() for n in own}  # FedSA-LoRA: this client's B
+        self.flora = Merged() if ctx.cfg.fedopt.rank_aggregation == "flora" else None
 
     def state_dict(self) -> dict:
         d = {"opt_state": self.opt_state, "rounds_trained": self.rounds_trained}
         if self.own:
             d["own"] = self.own
+        if self.flora is not None:
+            d["flora"] = self.flora.state_dict()
         return {**d, "control": self.control} if self.ctx.cfg.fedopt.scaffold else d
 
     def load_state_dict(self, d: dict) -> None:
@@ -228,6 +259,8 @@ class Client:
         self.rounds_trained = int(d.get("rounds_trained", 0))
         self.control = dict(d.get("control") or self.control)
         self.own = dict(d.get("own") or self.own)
+        if self.flora is not None:
+            self.flora.load_state_dict(d["flora"], self.ctx.model)
 
     def handle(self, msg: Message, link=None) -> Generator[Train, LocalResult, Message | None]:
         cfg, idx, f = self.ctx.cfg, self.ctx.data.samples, self.ctx.cfg.fedopt
@@ -240,8 +273,14 @@ class Client:
             start = {**sent, **{n: self.ctx.init_state[n] for n in frozen}}
         if self.own:  # FedSA-LoRA: the shared A and head, with this client's own B
             start = {**sent, **self.own}
-        rank = 0
-        if f.client_ranks or f.rank_policy == "budget":  # the server's choice: first r ranks
+        rank, opt_state = 0, self.opt_state
+        if self.flora is not None:  # merge the stacks; a fresh LoRA and optimizer each round
+            args = (msg.tensors, msg.meta, self.ctx.init_state, max_stack(cfg))
+            got = self.flora.receive(self.ctx.model, *args)
+            if got is None:
+                return None
+            (start, rank), opt_state = got, None
+        elif f.client_ranks or f.rank_policy == "budget":  # the server's choice: first r ranks
             rank = received_rank(sent, self.ctx.init_state)
             if not rank:
                 return None
@@ -253,7 +292,7 @@ class Client:
         # a2: local fine-tuning starting from the received global adapter.
         result = yield Train(
             start,
-            self.opt_state,
+            opt_state,
             self.ctx.data.train,
             idx,
             self.ctx.task.loss(),
@@ -264,7 +303,7 @@ class Client:
             correction=correction,
             frozen=frozen,
         )
-        self.opt_state = result.opt_state
+        self.opt_state = result.opt_state if self.flora is None else None  # FLoRA: fresh
         self.rounds_trained += 1
         state = result.state
         if self.own:
@@ -273,6 +312,8 @@ class Client:
         if rank:
             state = rank_slice(state, rank)
         meta = {"num_samples": len(idx), "loss": result.loss, "steps": result.steps}
+        if self.flora is not None:
+            meta["merged"] = self.flora.merged
         meta.update(dpsgd.report(cfg, len(idx), self.rounds_trained))
         if cfg.privacy.secagg:  # a3 happens inside the secure sum; first, the keys
             args = (state, sent, msg.meta, len(idx), msg.round, self.cid)
@@ -286,6 +327,11 @@ class Client:
             state = with_control(state, change)
         # a3: the trained adapter with the sample count used as its FedAvg weight.
         return Message(PARAMETERS, msg.round, client_name(self.cid), SERVER, state, meta)
+
+
+def max_stack(cfg) -> int:
+    """The most ranks one FLoRA stack can hold: every client at ``model.lora_r``."""
+    return cfg.data.num_clients * cfg.model.lora_r
 
 
 def client_eval(ctx: ServerContext, server: Server, clients: dict[int, Client]) -> dict:

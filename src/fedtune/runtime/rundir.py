@@ -25,8 +25,9 @@ import torch
 from ..config import RunConfig, to_toml
 from ..data import default_data_dir
 from ..errors import ConfigError
+from ..fedopt.flora import RESIDUAL_FILE, save_residual
 from ..messages import DOWN, UP, Ledger
-from ..models import hub_name, load_trainable_state
+from ..models import RESIDUAL, hub_name, load_trainable_state
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -141,6 +142,9 @@ def save_adapter(path: Path, ctx, state: dict[str, torch.Tensor]) -> None:
     finally:
         peft_cfg.base_model_name_or_path = local
     ctx.tokenizer.save_pretrained(path)
+    residual = {n: t for n, t in state.items() if n.startswith(RESIDUAL)}
+    if residual:  # FLoRA's merged stacks: dense additions to the base model's weights
+        save_residual(path / RESIDUAL_FILE, residual)
     config = model.get_base_model().config
     if ctx.task.model_kind == "classify":
         config.id2label = dict(enumerate(ctx.data.label_names))
