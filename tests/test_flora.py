@@ -24,7 +24,7 @@ from fedtune.fedopt.flora import (
 )
 from fedtune.inference import load_run
 from fedtune.models import RESIDUAL, load_trainable_state
-from fedtune.runtime import checkpoint
+from fedtune.runtime import checkpoint, simulate
 from test_checkpoint import resumed_equals_straight
 
 A, B = "m.lora_A.default.weight", "m.lora_B.default.weight"
@@ -119,8 +119,6 @@ def test_flora_run_keeps_every_party_on_the_global_weights(synth_dir, tmp_path):
         fed={"rounds": 3},
         fedopt={"client_ranks": [1, 2, 4], "rank_aggregation": "flora"},
     )
-    from fedtune.runtime import simulate
-
     simulate(cfg, tmp_path / "run", log=None)
     ck = checkpoint.load(tmp_path / "run")
     flora = ck["server"]["flora"]
@@ -162,3 +160,16 @@ def test_flora_resumes_identically_and_late_clients_catch_up(synth_dir, tmp_path
     assert all(r["rejected"] == 0 for r in rows)
     sizes = sorted({v["bytes_down"] for r in rows[1:] for v in r["per_client"].values()})
     assert len(sizes) >= 2  # one stack or two, by how long a client sat out
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
+def test_one_client_round_merges_into_exactly_its_trained_model(synth_dir, tmp_path, model):
+    """With one client a round, FLoRA's global model after round 1 (W + s B1 A1, its head) is
+    that client's trained model, which FedIT's average of one also is: same test loss."""
+    losses = []
+    for agg in ("hetlora", "flora"):
+        fed, fedopt = {"rounds": 1, "fraction_fit": 0.34}, {"rank_aggregation": agg}
+        simulate(tiny_cfg(synth_dir, model, fed=fed, fedopt=fedopt), tmp_path / agg, log=None)
+        row = json.loads((tmp_path / agg / "metrics.jsonl").read_text().splitlines()[0])
+        losses.append(row["test_loss"])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)

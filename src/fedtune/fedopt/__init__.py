@@ -15,7 +15,8 @@
   :func:`server_control` after aggregation.
 * FFA-LoRA: :func:`frozen_names`, the A factors that stay at the shared initialization;
   FedSA-LoRA: :func:`personal_names`, the B factors each client keeps.
-* Clients of different LoRA ranks (HetLoRA, FlexLoRA): :mod:`.ranks`.
+* Clients of different LoRA ranks (HetLoRA, FlexLoRA): :mod:`.ranks`; FLoRA's stacking, exact
+  for equal ranks too: :mod:`.flora`.
 """
 
 from __future__ import annotations
