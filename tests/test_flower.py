@@ -50,6 +50,11 @@ SETTINGS = {
             "server_lr": 0.01,
         },
     },
+    # FLoRA: a1 carries the stacks, each node merges them into its own frozen weights
+    "flora": {
+        "fed": {"framework": "fedllm"},
+        "fedopt": {"client_ranks": [2, 4, 4], "rank_aggregation": "flora"},
+    },
 }
 EXACT = (
     "accuracy",
@@ -132,7 +137,7 @@ def test_flower_matches_simulation(tmp_path):
     fed = LocalFederation(tmp_path / "fed", 3)
     try:
         fed.start()
-        run_and_compare(fed, tmp_path, data, ("fedllm", "kd", "split", "secagg", "fedopt"))
+        run_and_compare(fed, tmp_path, data, ("fedllm", "kd", "split", "secagg", "fedopt", "flora"))
         for home in ("superlink", "node-0", "node-1", "node-2"):  # FLWR_HOME in the run folder
             assert list((tmp_path / "fed" / "flwr" / home / "apps").glob("fedtune.*")), home
     finally:
