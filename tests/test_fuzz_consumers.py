@@ -280,7 +280,9 @@ GOOD = {
 
 @FUZZ
 @given(
-    st.sampled_from(["none", "stats", "counted", "reply", "flops", "seconds", "up", "whole"]),
+    st.sampled_from(
+        ["none", "stats", "counted", "reply", "flops", "seconds", "up", "carried_seconds", "whole"]
+    ),
     JSON,
 )
 def test_flower_reply_header(field, value):
@@ -300,9 +302,9 @@ def test_flower_reply_header(field, value):
         h[field] = value
     got = consume("flower reply header", reply_header, ConfigRecord({"header": json.dumps(h)}))
     if got is not None:
-        stats, counted, has_reply = got
+        stats, counted, has_reply, carried = got
         assert stats.flops >= 0 and stats.seconds >= 0 and min(counted.values()) >= 0
-        assert isinstance(has_reply, bool)
+        assert isinstance(has_reply, bool) and 0 <= carried <= stats.seconds
 
 
 ROUTES = st.fixed_dictionaries(

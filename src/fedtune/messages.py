@@ -174,6 +174,13 @@ def check_routing(msg: Message, sender: str, receiver: str, rnd: int) -> None:
         raise MessageError(f"{sender} sent a message marked {said} in round {rnd}")
 
 
+class Notices(dict):
+    """Messages that need no reply (KD-FedLLM's b7), by client id: a framework's round yields
+    them like an exchange and gets ``{}`` back. A transport may deliver each with the next
+    message to the same client instead of a round trip of its own (Flower: one exchange per
+    round); the client handles them in the order sent, before that message."""
+
+
 class Ledger:
     """Bytes on the wire, keyed by (round, client, direction, kind)."""
 
@@ -181,8 +188,10 @@ class Ledger:
         self.bytes: dict[tuple[int, str, str, str], int] = defaultdict(int)
         self.count: dict[tuple[int, str, str, str], int] = defaultdict(int)
 
-    def record(self, msg: Message, nbytes: int) -> None:
-        key = (msg.round, msg.client, msg.direction, msg.kind)
+    def record(self, msg: Message, nbytes: int, rnd: int | None = None) -> None:
+        """Count ``msg`` in round ``rnd`` (default: its own; a notice carried with a later
+        round's message counts in the round it travels in)."""
+        key = (msg.round if rnd is None else rnd, msg.client, msg.direction, msg.kind)
         self.bytes[key] += nbytes
         self.count[key] += 1
 
@@ -212,11 +221,11 @@ class Wire:
         self.ledger = ledger if ledger is not None else Ledger()
         self.max_bytes = max_bytes
 
-    def send(self, msg: Message) -> bytes:
+    def send(self, msg: Message, rnd: int | None = None) -> bytes:
         data = encode(msg)
         if len(data) > self.max_bytes:
             raise MessageError(f"message of {len(data)} bytes exceeds the limit {self.max_bytes}")
-        self.ledger.record(msg, len(data))
+        self.ledger.record(msg, len(data), rnd)
         return data
 
     def receive(self, data: bytes) -> Message:

@@ -80,6 +80,20 @@ def own_data(cfg: config.RunConfig, data_dir: Path, labels: list[str], tok) -> C
     )
 
 
+def carried_parts(header: dict, blob: bytes) -> list[bytes]:
+    """A Flower message's blob split into the carried notices (``header["carried"]``: their
+    byte lengths, in order) and the message itself, last."""
+    sizes = header.get("carried") or []
+    ok = isinstance(sizes, list) and all(isinstance(n, int) and n > 0 for n in sizes)
+    if not ok or sum(sizes) >= len(blob):
+        raise MessageError(f"carried notice sizes {str(sizes)[:40]} do not fit the message")
+    parts, at = [], 0
+    for n in sizes:
+        parts.append(blob[at : at + n])
+        at += n
+    return [*parts, blob[at:]]
+
+
 class ClientRun:
     """This node's client of one run, with snapshots of its state for a resumed server.
 
@@ -155,11 +169,16 @@ class NodeWorker:
         # OpenMP keeps the thread count per OS thread and gRPC serves from a pool: set it here
         torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
         wire = Wire(max_bytes=cfg.fed.max_message_bytes)
-        msg = receive_counted(wire, blob)
-        if msg.receiver != client_name(self.cid):
-            raise MessageError(f"node {client_name(self.cid)} got a message for {msg.receiver}")
-        client = self.client_for(header, ctx, msg.round)
+        *notices, msg = [receive_counted(wire, b) for b in carried_parts(header, blob)]
+        for m in (*notices, msg):
+            if m.receiver != client_name(self.cid):
+                raise MessageError(f"node {client_name(self.cid)} got a message for {m.receiver}")
+        client = self.client_for(header, ctx, msg.round)  # its state before the notices
         meter = ComputeMeter(ctx.device, cfg.flops, ctx.flop_cache)
+        executor = Sequential(ctx)  # one client per node: nothing to fuse
+        for notice in notices:  # e.g. KD's b7 of the last round: handled first, no reply
+            executor.run({self.cid: partial(client.handle, notice, None)}, {self.cid: meter})
+        carried_seconds = meter.stats.seconds
         split, stream, reply = header.get("split"), None, None
         try:
             if split:
@@ -172,18 +191,15 @@ class NodeWorker:
                 )
             link = RemoteLink(stream, wire, meter) if stream else None
             if not header.get("drop"):  # fault simulation: got the message, never answers
-                executor = Sequential(ctx)  # one client per node: nothing to fuse
                 work = {self.cid: partial(client.handle, msg, link)}
                 reply = executor.run(work, {self.cid: meter})[self.cid]
         finally:
             if stream is not None:
                 stream.close()
         out = wire.send(reply) if reply is not None else b""
-        totals = wire.ledger.round_totals(msg.round).get(client_name(self.cid), {})
-        counted = {d: sum(totals.get(d, {}).values()) for d in (UP, DOWN)}
-        return rpc.pack(
-            {"stats": meter.stats.as_dict(), "counted": counted, "reply": reply is not None}, out
-        )
+        counted = {d: wire.ledger.total(d) for d in (UP, DOWN)}  # this message's, all of it
+        head = {"stats": meter.stats.as_dict(), "counted": counted, "reply": reply is not None}
+        return rpc.pack({**head, "carried_seconds": carried_seconds}, out)
 
     def client_for(self, header: dict, ctx: ClientContext, rnd: int):
         """This node's client of the run ``header`` names (its state kept across rounds and

@@ -20,6 +20,7 @@ import secrets
 import time
 from dataclasses import replace
 
+import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
@@ -29,8 +30,9 @@ from ..context import Context, ServerContext, build_context
 from ..data import prepare_server
 from ..errors import ConfigError, FedtuneError, MessageError
 from ..frameworks import Framework, Server, Serving
-from ..messages import DOWN, SERVER, UP, Wire, client_name
+from ..messages import DOWN, SERVER, UP, Wire, client_name, decode, encode
 from ..messages import Message as FedMessage
+from ..messages import Notices as FedNotices
 from ..models import load_tokenizer
 from ..runtime import faults
 from ..runtime.records import RoundState
@@ -107,17 +109,20 @@ def count(d: dict, key: str) -> int:
     return v
 
 
-def reply_header(rec: ConfigRecord) -> tuple[ComputeStats, dict[str, int], bool]:
-    """A node's reply header: its compute, the bytes it counted, whether a reply follows.
-    Anything malformed is a :class:`MessageError` (the client is then lost for the round)."""
+def reply_header(rec: ConfigRecord) -> tuple[ComputeStats, dict[str, int], bool, float]:
+    """A node's reply header: its compute, the bytes it counted, whether a reply follows, and
+    the seconds of that compute spent on carried notices. Anything malformed is a
+    :class:`MessageError` (the client is then lost for the round)."""
     try:
         h = json.loads(str(rec["header"]))
         s, counted = h["stats"], h["counted"]
-        seconds = float(s["seconds"])
-        if not math.isfinite(seconds) or seconds < 0 or not isinstance(h["reply"], bool):
-            raise ValueError("seconds or reply out of range")
+        seconds, carried = float(s["seconds"]), float(h.get("carried_seconds", 0.0))
+        if not (math.isfinite(seconds) and 0 <= carried <= seconds):
+            raise ValueError("seconds out of range")
+        if not isinstance(h["reply"], bool):
+            raise ValueError("reply is not a bool")
         stats = ComputeStats(count(s, "flops"), seconds, count(s, "peak_memory_bytes"))
-        return stats, {d: count(counted, d) for d in (UP, DOWN)}, h["reply"]
+        return stats, {d: count(counted, d) for d in (UP, DOWN)}, h["reply"], carried
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise MessageError(f"reply header is malformed: {e!r}") from None
 
@@ -136,6 +141,7 @@ class FlowerTransport:
         self.service = self.grpc_server = None
         self.tokens: dict[int, str] = {}
         self.counted: dict[int, dict[str, int]] = {}
+        self.pending: dict[int, list[FedMessage]] = {}  # notices to carry with the next message
 
     def prepare(self, cfg: config.RunConfig, ctx: Context | None) -> ServerContext:
         """The server's context, with each client's sample count as its SuperNode reports it
@@ -197,12 +203,15 @@ class FlowerTransport:
         # requests when it ends); later ones (secure aggregation's steps) open no stream
         tokens, self.tokens = self.tokens, {}
         for cid, msg in outgoing.items():
+            # notices waiting for this client travel first, counted in this round
+            carried = [self.wire.send(m, rs.rnd) for m in self.pending.pop(cid, [])]
             h = dict(
                 self.header,
                 run_key=self.run_key,
                 resumed_after=self.resumed_after,
                 keep_after=self.keep_after(rs.rnd),
                 drop=cid in rs.dropping_now(self.fed.dropout_exchange),
+                carried=[len(b) for b in carried],
             )
             if cid in tokens:
                 h["split"] = {
@@ -210,7 +219,8 @@ class FlowerTransport:
                     "token": tokens[cid],
                     "timeout": self.timeout,
                 }
-            rec = ConfigRecord({"header": json.dumps(h), "blob": self.wire.send(msg)})
+            blob = b"".join([*carried, self.wire.send(msg)])
+            rec = ConfigRecord({"header": json.dumps(h), "blob": blob})
             out.append(
                 Message(
                     RecordDict({RECORD: rec}),
@@ -231,7 +241,7 @@ class FlowerTransport:
                 continue
             try:
                 rec = m.content[RECORD]
-                stats, counted, has_reply = reply_header(rec)
+                stats, counted, has_reply, carried_s = reply_header(rec)
             except (KeyError, MessageError) as e:
                 rs.lost[cid] = f"unreadable reply: {e}"
                 continue
@@ -248,7 +258,7 @@ class FlowerTransport:
                 continue
             if (mine := self._mine(rs.rnd, cid)) != self.counted[cid]:
                 rs.lost[cid] = f"it counted {self.counted[cid]} bytes, the server {mine}"
-            elif faults.misses_deadline(rs.meters[cid].stats.seconds, cid, self.fed):
+            elif faults.misses_deadline(rs.meters[cid].stats.seconds - carried_s, cid, self.fed):
                 rs.lost[cid] = "deadline"  # it was sent (and counted); the server discards it
         for cid in outgoing:
             if cid not in answered or cid in rs.dropping_now(self.fed.dropout_exchange):
@@ -260,6 +270,18 @@ class FlowerTransport:
                     rs.lost[cid] = f"refused by the server: {why}"
         # in the sending order, like the in-process transport (float sums depend on it)
         return {c: got[c] for c in outgoing if got.get(c) is not None and c not in rs.lost}
+
+    def notify(self, rs: RoundState, notices: FedNotices) -> None:
+        """Carried with each client's next message when every client takes part in every
+        round (so that is the next round's first exchange) and this is not the last round; a
+        round trip of its own otherwise. The client handles a notice before that message, as
+        it would have at the end of this round; its bytes and compute count in the round it
+        travels in."""
+        if self.fed.fraction_fit < 1 or rs.rnd >= self.fed.rounds:
+            self.exchange(rs, notices)
+            return
+        for cid, msg in notices.items():
+            self.pending.setdefault(cid, []).append(msg)
 
     def keep_after(self, rnd: int) -> int | None:
         """The last round a checkpoint was (or will have been) written after before ``rnd``:
@@ -290,7 +312,12 @@ class FlowerTransport:
         return None  # the clients' models live on the SuperNodes
 
     def state_dict(self) -> dict:
-        return {"run_key": self.run_key}
+        """The run key, and the notices not delivered yet (encoded, as uint8 tensors)."""
+        pending = {
+            str(c): [torch.frombuffer(bytearray(encode(m)), dtype=torch.uint8) for m in ms]
+            for c, ms in self.pending.items()
+        }
+        return {"run_key": self.run_key, "pending": pending}
 
     def load_state_dict(self, d: dict, after_round: int) -> None:
         if "run_key" not in d:
@@ -299,6 +326,13 @@ class FlowerTransport:
                 "resume it with `fedtune run --resume`"
             )
         self.run_key, self.resumed_after = str(d["run_key"]), after_round
+        try:
+            self.pending = {
+                int(c): [decode(t.numpy().tobytes()) for t in ms]
+                for c, ms in d.get("pending", {}).items()
+            }
+        except (MessageError, ValueError, AttributeError) as e:
+            raise ConfigError(f"checkpoint transport.pending: {e}") from None
 
     def summary(self) -> dict:
         return {"nodes": {str(c): str(v) for c, v in self.nodes.items()}}

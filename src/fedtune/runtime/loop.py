@@ -25,7 +25,7 @@ from .. import frameworks
 from ..compute import ComputeMeter
 from ..config import RunConfig
 from ..context import Context, ServerContext
-from ..messages import Message, Wire
+from ..messages import Message, Notices, Wire
 from . import checkpoint, faults
 from .records import (
     RoundResult,
@@ -61,6 +61,10 @@ class Transport(Protocol):
         """Deliver ``outgoing`` and return the replies received. A client that does not
         answer (or answers too late, or unreadably) is recorded in ``rs.lost`` with the
         reason; its compute goes to ``rs.meters``."""
+        ...
+
+    def notify(self, rs: RoundState, notices: Notices) -> None:
+        """Deliver messages that need no reply, now or with the client's next message."""
         ...
 
     def end_round(self, rs: RoundState) -> None: ...
@@ -230,9 +234,14 @@ def run_round(
     with rs.server_meter.measure():
         outgoing = next(gen)
     while True:
+        notices = isinstance(outgoing, Notices)
         outgoing = {cid: m for cid, m in outgoing.items() if cid not in rs.lost}
         rs.exchange += 1
-        replies = transport.exchange(rs, outgoing)
+        if notices:  # no replies to wait for
+            transport.notify(rs, Notices(outgoing))
+            replies: dict[int, Message] = {}
+        else:
+            replies = transport.exchange(rs, outgoing)
         for cid in replies.keys() & set(fed.poison_clients):  # attack simulation, off by default
             replies[cid] = faults.poison(replies[cid], outgoing[cid], fed.poison_scale)
         if faults.too_few(len(sampled) - len(rs.lost), fed.min_clients):

@@ -16,7 +16,7 @@ from ...errors import MessageError
 from ...execution.executors import execute
 from ...execution.jobs import Train
 from ...execution.train import train
-from ...messages import LOGITS, METADATA, SERVER, Message, client_name
+from ...messages import LOGITS, METADATA, SERVER, Message, Notices, client_name
 from ...privacy import largest_reported, outputs
 from .common import (
     distill_batch_size,
@@ -163,7 +163,10 @@ class Server:
         self.global_logits = self.public_outputs()
         # b7: broadcast them on this round's selection; b8 happens in Client.handle.
         down = self.knowledge.pack(pick(self.global_logits, sel), self.candidates[sel])
-        yield {cid: Message(LOGITS, rnd, SERVER, client_name(cid), down) for cid in replies}
+        # No reply: a transport may carry them with each client's next message.
+        yield Notices(
+            {cid: Message(LOGITS, rnd, SERVER, client_name(cid), down) for cid in replies}
+        )
         return metrics
 
     def public_outputs(self):
