@@ -18,7 +18,9 @@ What goes on the wire, per sampled client and round:
                   public samples (N/8 bytes), since the selection changes every round;
   up    LOGITS    the client's packed logits [S, C] + its sample count and training loss;
   down  LOGITS    the global model's packed logits [S, C];
-  b8 sends no reply: nothing the server needs, and the next upload acknowledges it.
+  b8 sends no reply: nothing the server needs, and the next upload acknowledges it. So b7 is
+  a :class:`~fedtune.messages.Notices`: on Flower it travels with the client's next message
+  (one exchange per round), and the client runs b8 before that message's b1.
 With ``kd.align`` a client answers a METADATA request once, with its label histogram (LABELS,
 [C] int32): private data does not change, so resending it every round would only cost bytes.
 The public texts themselves are not counted: like the backbone, every party has them before
