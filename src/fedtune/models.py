@@ -296,6 +296,14 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 RESIDUAL = "residual."  # a party's dense additions to frozen weights (FLoRA's merged stacks)
 
 
+def parameter(model: nn.Module, name: str) -> nn.Parameter | None:
+    """``model``'s parameter ``name`` by its path (no walk over every module), or None."""
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return None
+
+
 @torch.no_grad()
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy ``state`` into the shared model's trainable parameters (in place, no realloc), and
@@ -303,12 +311,11 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     the pristine weights (:func:`set_residual`), every other weight is pristine.
 
     A key that is not a trainable parameter, or a shape mismatch, raises ModelError."""
-    params = dict(model.named_parameters())
-    set_residual(model, {n: t for n, t in state.items() if n.startswith(RESIDUAL)}, params)
+    set_residual(model, {n: t for n, t in state.items() if n.startswith(RESIDUAL)})
     for name, value in state.items():
         if name.startswith(RESIDUAL):
             continue
-        p = params.get(name)
+        p = parameter(model, name)
         if p is None or not p.requires_grad:
             raise ModelError(f"state tensor {name!r} is not a trainable parameter of the model")
         if p.shape != value.shape:
@@ -319,7 +326,7 @@ def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
 
 @torch.no_grad()
-def set_residual(model: nn.Module, residual: dict[str, torch.Tensor], params=None) -> None:
+def set_residual(model: nn.Module, residual: dict[str, torch.Tensor]) -> None:
     """Frozen weights ``W = W_pristine + residual[RESIDUAL + name]`` for the names given, and
     ``W_pristine`` again for those an earlier call changed. The pristine copy of a weight is
     taken the first time it changes (the backbone is shared by every party of the process)."""
@@ -327,10 +334,9 @@ def set_residual(model: nn.Module, residual: dict[str, torch.Tensor], params=Non
     changed: set = model.__dict__.setdefault("_fedtune_changed", set())
     if not residual and not changed:
         return
-    params = params or dict(model.named_parameters())
     names = {k[len(RESIDUAL) :] for k in residual}
     for name in names | changed:
-        p = params.get(name)
+        p = parameter(model, name)
         if p is None or p.requires_grad:
             raise ModelError(f"residual {name!r} is not a frozen weight of the model")
         if name not in pristine:

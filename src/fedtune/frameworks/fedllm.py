@@ -131,9 +131,9 @@ class Server:
             if why:
                 ok.remove(c)
                 rejected[str(c)] = f"control variates: {why}"
-        for c in list(ok) if self.stacking else []:  # FLoRA: trained on this round's weights
-            why = self.stacking.note(c, replies[c].meta)
-            if why:
+        for c in replies if self.stacking else []:  # FLoRA: trained on this round's weights
+            why = self.stacking.note(c, replies[c].meta)  # (and what each client has merged)
+            if why and c in ok:
                 ok.remove(c)
                 rejected[str(c)] = why
         metrics: dict = {"rejected": len(rejected), "rejected_reasons": rejected}

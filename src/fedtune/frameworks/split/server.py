@@ -359,7 +359,8 @@ class Server:
             )
         state = self.states[self.slot(cid)]
         load_trainable_state(ctx.model, {n: state[n] for n in self.server_keys[cid]})
-        ctx.model.train()
+        if not ctx.model.training:  # whole-model switches only: train() walks every module
+            ctx.model.train()
         h = self._decompress(msg).to(ctx.device).requires_grad_()
         mask = msg.tensors["mask"].to(ctx.device).long()
         # c3: the remaining blocks, final norm and pooling (and, unless U-shaped, the head).
