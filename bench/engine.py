@@ -170,7 +170,7 @@ def markdown(res: dict) -> str:
                 er = ea.get(n, {}).get("round_seconds") if task == "classification" else None
                 vs_eager = f"{er / r['round_seconds']:.1f}x" if er else "n/a"
                 lines.append(
-                    f"| fedtune {fw} {eng} | {n} | {step} | {r[key]:.0f} | "
+                    f"| fedtune {fw} {eng} | {n} | {step} | {r[key]:.3g} | "
                     f"{r['round_seconds']:.3f} | {ratio:.2f}x | {r[key] / c[key]:.2f}x | "
                     f"{r['flops_per_s'] / c['flops_per_s']:.2f}x | {vs_flower} | {vs_eager} |"
                 )
@@ -179,14 +179,14 @@ def markdown(res: dict) -> str:
         c = cen[str(m["batch"])]
         for n in ea:
             lines.append(
-                f"| eager HF+PEFT loop (d) | {n} | {m['batch']} | {ea[n]['samples_per_s']:.0f} | "
+                f"| eager HF+PEFT loop (d) | {n} | {m['batch']} | {ea[n]['samples_per_s']:.3g} | "
                 f"{ea[n]['round_seconds']:.3f} | 1.00x | "
                 f"{ea[n]['samples_per_s'] / c['samples_per_s']:.2f}x | | | |"
             )
             f = fl.get(n, {})
             if "round_seconds" in f:
                 lines.append(
-                    f"| Flower sim, Ray (c) | {n} | {m['batch']} | {f['samples_per_s']:.0f} | "
+                    f"| Flower sim, Ray (c) | {n} | {m['batch']} | {f['samples_per_s']:.3g} | "
                     f"{f['round_seconds']:.3f} | 1.00x | "
                     f"{f['samples_per_s'] / c['samples_per_s']:.2f}x | | | |"
                 )
@@ -195,7 +195,7 @@ def markdown(res: dict) -> str:
         lines += [
             "",
             "Centralized (a) by per-step batch: "
-            + ", ".join(f"{b}: {v['samples_per_s']:.0f} samples/s" for b, v in cen.items()),
+            + ", ".join(f"{b}: {v['samples_per_s']:.3g} samples/s" for b, v in cen.items()),
         ]
     lines += [
         "",

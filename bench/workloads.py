@@ -54,6 +54,8 @@ MODES = {
         threads=0,
         passes=2,
         tasks=("classification", "generation"),
+        gen_per_client=8,  # E2E rows are ~100 tokens, banking77's ~16: half the samples
+        gen_public=8,
     ),
     "gpu": dict(
         _CPU_TINY,
@@ -91,7 +93,9 @@ E2E = {  # E2E NLG as the causal-LM task (configs/demo-compare-gen.toml's prompt
 
 def run_config(m: dict, n: int, task: str = "classification", **sections) -> config.RunConfig:
     gen = task == "generation"
-    data = {"num_clients": n, "samples_per_client": m["per_client"], "test_size": 8 if gen else 64}
+    per_client = m.get("gen_per_client", m["per_client"]) if gen else m["per_client"]
+    public = m.get("gen_public", m["public"]) if gen else m["public"]
+    data = {"num_clients": n, "samples_per_client": per_client, "test_size": 8 if gen else 64}
     if gen:
         found = default_data_dir()
         data.update(E2E, path=str((found.parent if found else Path("data")) / "e2e"))
@@ -104,12 +108,12 @@ def run_config(m: dict, n: int, task: str = "classification", **sections) -> con
         "model": {
             "name": m["model"],
             "dtype": m["dtype"],
-            "max_length": m["max_length"] * (2 if gen else 1),  # prompt and response
+            "max_length": m["max_length"] * (2 if gen else 1),  # prompt and response: ~100
         },
         "data": data,
         "train": {"batch_size": m["batch"], "eval_batch_size": 256, "group_by_length": True},
         "fed": {"rounds": m["rounds"], "eval_every": m["rounds"]},
-        "kd": {"public_samples": m["public"], "client_eval": False},
+        "kd": {"public_samples": public, "client_eval": False},
         "eval": {"generate_samples": 1, "max_new_tokens": 1, "at_start": False},
     }
     for k, v in sections.items():
