@@ -138,11 +138,13 @@ def markdown(res: dict) -> str:
         f"Machine: {res['machine']}",
         "",
         f"Model {m['model']} ({m['dtype']}), batch {m['batch']} per client, "
-        f"{m['per_client']} samples per client, 1 local epoch. All measurements ran interleaved "
-        f"for {m['passes']} passes of 2 rounds each; each keeps its fastest round (the first "
-        f"round overall warms up); centralized = best pass; Flower = fastest of rounds "
-        f"2-{m['rounds']} of one run. Equal work: the round's FLOP/s (every party's counted "
-        "passes) over centralized training's at the same per-step batch.",
+        f"{m['per_client']} samples per client ({m.get('gen_per_client', m['per_client'])} for "
+        f"generation), 1 local epoch. All measurements ran interleaved for {m['passes']} "
+        f"pass(es) of 2 rounds (centralized: 2 passes over the pooled data) each, after an "
+        f"untimed round that counted the work and warmed every cache; each keeps its fastest "
+        f"round; Flower = fastest of rounds 2-{m['rounds']} of one run. Equal work: the "
+        "round's FLOP/s (every party's counted passes) over centralized training's at the same "
+        "per-step batch.",
     ]
     fl, ea = res["flower"], res["eager"]
     for task, frameworks in res["fedtune"].items():

@@ -48,11 +48,11 @@ MODES = {
         model="smollm2-135m",
         per_client=16,
         max_length=64,
-        rounds=3,
+        rounds=2,
         clients=(3,),
         public=16,
         threads=0,
-        passes=2,
+        passes=1,
         tasks=("classification", "generation"),
         gen_per_client=8,  # E2E rows are ~100 tokens, banking77's ~16: half the samples
         gen_public=8,
@@ -133,8 +133,8 @@ def tokens(data, idx) -> int:
 
 def centralized(m: dict, n: int, batch: int, task: str = "classification"):
     """One party training over the pooled data of ``n`` clients at ``batch`` per step.
-    Returns ``(sample, work)``: ``sample()`` times one pass and returns its seconds; ``work``
-    is one pass's samples, tokens and FLOPs (counted once, untimed)."""
+    Returns ``(sample, work)``: ``sample()`` times two passes and returns their seconds;
+    ``work`` is one pass's samples, tokens and FLOPs (counted once, untimed: the warm-up)."""
     cfg = run_config(m, n, task, train={"batch_size": batch})
     ctx = build_context(cfg)
     pooled = np.concatenate(ctx.data.client_idx)
@@ -149,12 +149,15 @@ def centralized(m: dict, n: int, batch: int, task: str = "classification"):
         "flops": meter.stats.flops,
     }
 
-    def sample() -> float:
-        sync(m["device"])
-        t0 = time.perf_counter()
-        train(ctx, job)
-        sync(m["device"])
-        return time.perf_counter() - t0
+    def sample() -> list[float]:
+        times = []
+        for _ in range(2):  # two passes, like fedtune's two rounds
+            sync(m["device"])
+            t0 = time.perf_counter()
+            train(ctx, job)
+            sync(m["device"])
+            times.append(time.perf_counter() - t0)
+        return times
 
     return sample, work
 
@@ -162,8 +165,8 @@ def centralized(m: dict, n: int, batch: int, task: str = "classification"):
 def fedtune_run(m: dict, framework: str, engine: str, n: int, task: str = "classification"):
     """fedtune's rounds of one framework and engine. Returns ``(sample, work)``:
     ``sample()`` runs 2 simulated rounds (the context built once) and returns their round
-    seconds (the very first round, which builds caches, is dropped); ``work`` is one round's
-    private training samples and tokens and every party's FLOPs (counted on a separate run)."""
+    seconds; ``work`` is one round's private training samples and tokens and every party's
+    FLOPs, counted on a separate, untimed round that also warms every cache up."""
     fed = {"framework": framework, "engine": engine, "rounds": 2, "eval_every": 2}
     cfg = run_config(m, n, task, fed=fed)
     ctx = build_context(cfg)
@@ -178,14 +181,9 @@ def fedtune_run(m: dict, framework: str, engine: str, n: int, task: str = "class
         "client_flops": sum(p["flops"] for p in row["per_client"].values()),
         "server_flops": row["server_flops"],
     }
-    first = [True]
 
-    def sample() -> list[float]:
+    def sample() -> list[float]:  # warm: the counting run met every cache first
         history = run(cfg, InProcess(), ctx=ctx, log=None).history
-        times = [r["round_seconds"] for r in history if r["round"] > 0]
-        if first[0]:
-            first[0] = False
-            return times[1:]
-        return times
+        return [r["round_seconds"] for r in history if r["round"] > 0]
 
     return sample, work
