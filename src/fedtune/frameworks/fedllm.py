@@ -197,9 +197,6 @@ class Server:
         """The global model: the adapter, and under FLoRA the merged weights' residual."""
         return {**self.global_state, **(self.stacking.residual if self.stacking else {})}
 
-    def max_stack(self) -> int:
-        return max_stack(self.ctx.cfg)
-
     def params_exchanged(self) -> int:
         """Trainable parameters a client exchanges per round (the mean over client ranks)."""
         ranks = self.ranks or [0]
@@ -225,7 +222,7 @@ class Server:
         if self.control:
             self.control = {k: v.to(dev) for k, v in d["control"].items()}
         if self.stacking is not None:
-            args = (self.ctx.model, lora_part(self.ctx.init_state), self.max_stack())
+            args = (self.ctx.model, lora_part(self.ctx.init_state), max_stack(self.ctx.cfg))
             self.stacking.load_state_dict(d["flora"], *args)
         if self.dp is not None:
             self.dp.load_state_dict(d["dp"])
