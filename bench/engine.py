@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -241,7 +242,7 @@ def main() -> None:
     t_all = time.perf_counter()
     # Every measurement is a callable; they run interleaved for several passes and each keeps
     # its best (the CPU is shared: slow passes are other workers' load, not ours).
-    jobs: dict[tuple, object] = {}
+    jobs: dict[tuple, Callable[[], list[float]]] = {}
     works: dict[tuple, dict] = {}
     for task in m["tasks"]:
         pairs = FRAMEWORKS[task]
@@ -262,9 +263,7 @@ def main() -> None:
     for p in range(m["passes"]):
         for key, job in jobs.items():
             got = job()
-            best[key] = min(
-                [best.get(key, float("inf")), *(got if isinstance(got, list) else [got])]
-            )
+            best[key] = min([best.get(key, float("inf")), *got])  # each returns its rounds
         print(
             f"pass {p + 1}/{m['passes']}",
             {"/".join(k): round(v, 3) for k, v in best.items()},

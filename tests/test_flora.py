@@ -99,6 +99,8 @@ def test_client_takes_only_a_consistent_a1(synth_dir):
     once = merge(ctx.model, before, piece)
     assert all(torch.equal(client.residual[n], once[n]) for n in once)
     assert all(not torch.equal(once[n], before[n]) for n in once)
+    with pytest.raises(ConfigError, match="not a count"):  # a checkpoint's merge count
+        Merged().load_state_dict({"residual": {}, "merged": -1}, ctx.model)
 
 
 def test_flora_config_checks():

@@ -164,6 +164,11 @@ def load_residual(path, model: nn.Module) -> State:
     return out
 
 
+def count(x) -> bool:
+    """Whether ``x`` (from a message or a checkpoint) is a non-negative int."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 class Stacking:
     """The server's FLoRA state: the global model's residual, the stacks that not every client
     has merged yet (``flora.<k>.<LoRA name>``), each client's merge count, and the number of
@@ -183,7 +188,7 @@ class Stacking:
         """A reply's merge count; the reason to reject it when the client did not train on the
         global backbone of this round."""
         got = meta.get("merged")
-        if not isinstance(got, int) or isinstance(got, bool) or got != self.merges:
+        if not count(got) or got != self.merges:
             return f"merged {got!r:.20} of the {self.merges} stacks sent"
         self.synced[cid] = got
         return None
@@ -208,15 +213,16 @@ class Stacking:
     def load_state_dict(self, d: dict, model: nn.Module, lora: State, max_rank: int) -> None:
         check_residual(model, d["residual"], "checkpoint server.flora.residual")
         found = pieces(d["history"], lora, max_rank)
-        synced = [int(x) for x in d["synced"]]
-        if isinstance(found, str) or not all(0 <= s <= int(d["merges"]) for s in synced):
+        synced, merges = d["synced"], d["merges"]
+        counts = all(count(s) and s <= merges for s in synced) and count(merges)
+        if isinstance(found, str) or not counts:
             raise ConfigError(
                 f"checkpoint server.flora: {found if isinstance(found, str) else 'merge counts'}"
             )
         dev = next(model.parameters()).device
         self.residual = {n: t.to(dev) for n, t in d["residual"].items()}
         self.history = {n: t.to(dev) for n, t in d["history"].items()}
-        self.synced, self.merges = synced, int(d["merges"])
+        self.synced, self.merges = list(synced), merges
 
 
 class Merged:
@@ -238,8 +244,7 @@ class Merged:
         found = pieces({n: t for n, t in tensors.items() if n.startswith(PIECE)}, lora, max_rank)
         rank, target = meta.get("rank"), meta.get("merges")
         dense = {n: t for n, t in tensors.items() if not n.startswith(PIECE)}
-        ints = all(isinstance(x, int) and not isinstance(x, bool) for x in (rank, target))
-        if isinstance(found, str) or not ints or not 1 <= rank <= top:
+        if isinstance(found, str) or not (count(rank) and count(target)) or not 1 <= rank <= top:
             return None
         if update_problem(dense, dense_part(init)):
             return None
@@ -259,6 +264,8 @@ class Merged:
 
     def load_state_dict(self, d: dict, model: nn.Module) -> None:
         check_residual(model, d["residual"], "checkpoint client flora residual")
+        if not count(d["merged"]):
+            raise ConfigError(f"checkpoint client flora: merged {d['merged']!r:.20} is not a count")
         dev = next(model.parameters()).device
         self.residual = {n: t.to(dev) for n, t in d["residual"].items()}
-        self.merged = int(d["merged"])
+        self.merged = d["merged"]
